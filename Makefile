@@ -1,0 +1,52 @@
+# The two commands a newcomer needs: `make demo` (set up, start Kafka and Redis, run the main job)
+# and `make test` (set up, start the services, run the tests). Both are idempotent and quick the
+# second time: the virtualenv, the Kafka artifacts and Redis are installed only when missing.
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export PYTHONUNBUFFERED := 1
+
+.PHONY: help venv up down status topics demo test lint eval bench-streams bench-scorer clean-data
+
+help:
+	@echo "make demo    set up everything, start Kafka and Redis, replay the Best Buy data, show results"
+	@echo "make test    set up everything, start Kafka and Redis, run the test suite"
+	@echo "make up / down / status    start, stop, inspect the local Kafka and Redis"
+	@echo "make lint    ruff"
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	@touch $(STAMP)
+
+up: venv
+	@infra/redis.sh start
+	@infra/kafka.sh start
+	@$(BIN)/shoprank topics
+
+down:
+	@infra/kafka.sh stop
+	@infra/redis.sh stop
+
+status:
+	@infra/kafka.sh status || true
+	@infra/redis.sh status || true
+
+topics: venv
+	$(BIN)/shoprank topics
+
+demo: up
+	$(BIN)/shoprank demo
+
+test: up
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+lint: venv
+	$(BIN)/ruff check .

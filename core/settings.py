@@ -1,0 +1,99 @@
+"""One frozen settings object, read from the environment (prefix ``SHOPRANK_``).
+
+Each group has its own prefix so a variable names its group: ``SHOPRANK_KAFKA_BOOTSTRAP_SERVERS``,
+``SHOPRANK_REDIS_URL``, ``SHOPRANK_TOPIC_QUERIES``. The README lists them all. Build it with
+:func:`load_settings` at an entry point and pass it down; nothing reads the environment elsewhere.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _group(prefix: str) -> SettingsConfigDict:
+    return SettingsConfigDict(env_prefix=prefix, frozen=True, extra="ignore")
+
+
+class KafkaSettings(BaseSettings):
+    """Broker connection, including SASL/SSL for managed clusters."""
+
+    model_config = _group("SHOPRANK_KAFKA_")
+
+    bootstrap_servers: str = "127.0.0.1:9092"
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
+    sasl_username: str | None = None
+    sasl_password: SecretStr | None = None
+    ssl_ca_location: str | None = None
+    ssl_certificate_location: str | None = None
+    ssl_key_location: str | None = None
+    client_id: str = "shoprank"
+
+    def librdkafka(self) -> dict[str, Any]:
+        """Connection settings in librdkafka's vocabulary (confluent-kafka)."""
+        conf: dict[str, Any] = {
+            "bootstrap.servers": self.bootstrap_servers,
+            "security.protocol": self.security_protocol,
+            "client.id": self.client_id,
+        }
+        optional = {
+            "sasl.mechanism": self.sasl_mechanism,
+            "sasl.username": self.sasl_username,
+            "sasl.password": self.sasl_password.get_secret_value() if self.sasl_password else None,
+            "ssl.ca.location": self.ssl_ca_location,
+            "ssl.certificate.location": self.ssl_certificate_location,
+            "ssl.key.location": self.ssl_key_location,
+        }
+        conf.update({k: v for k, v in optional.items() if v is not None})
+        return conf
+
+
+class RedisSettings(BaseSettings):
+    """Feature store connection. ``rediss://`` in the URL turns TLS on."""
+
+    model_config = _group("SHOPRANK_REDIS_")
+
+    url: str = "redis://127.0.0.1:6379/0"
+    password: SecretStr | None = None
+    tls_ca_certs: str | None = None
+    socket_timeout_s: float = 5.0
+
+
+class TopicSettings(BaseSettings):
+    """Topic names; partition counts and configs live in :mod:`core.topics`."""
+
+    model_config = _group("SHOPRANK_TOPIC_")
+
+    queries: str = "shoprank.queries"
+    results: str = "shoprank.results"
+    interactions: str = "shoprank.interactions"
+    catalog: str = "shoprank.catalog"
+    model_updates: str = "shoprank.model-updates"
+    dead_letter: str = "shoprank.dead-letter"
+    partitions: int = Field(default=4, ge=1)
+
+
+class Settings(BaseSettings):
+    """Everything configurable, grouped; frozen so no part can change another's view."""
+
+    model_config = _group("SHOPRANK_")
+
+    kafka: KafkaSettings = Field(default_factory=KafkaSettings)
+    redis: RedisSettings = Field(default_factory=RedisSettings)
+    topics: TopicSettings = Field(default_factory=TopicSettings)
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    data_dir: Path = ROOT / "data"
+    var_dir: Path = ROOT / "var"
+
+
+@lru_cache(maxsize=1)
+def load_settings() -> Settings:
+    """Read the environment once per process."""
+    return Settings()

@@ -1,0 +1,70 @@
+"""Every topic the engine uses, with explicit partition counts and configs, created by the project.
+
+Keys: queries, results and interactions are keyed by user id (one shopper's events stay in order
+on one partition, so a worker owns a shopper); the catalog by product id on a compacted topic
+(the latest version of each product is kept forever); model updates on one partition, in order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import structlog
+from confluent_kafka import KafkaException
+from confluent_kafka.admin import AdminClient, NewTopic
+
+from core.settings import Settings
+
+log = structlog.get_logger(__name__)
+
+RETAIN_FOREVER = {"retention.ms": "-1"}
+
+
+@dataclass(frozen=True)
+class TopicSpec:
+    """A topic as the project wants it to exist."""
+
+    name: str
+    partitions: int
+    config: dict[str, str] = field(default_factory=dict)
+
+
+def topic_specs(settings: Settings) -> list[TopicSpec]:
+    """The topics this deployment needs, named by the settings."""
+    t = settings.topics
+    return [
+        TopicSpec(t.queries, t.partitions, {"retention.ms": str(7 * 24 * 3600 * 1000)}),
+        TopicSpec(t.results, t.partitions, RETAIN_FOREVER),
+        # The feature rebuild replays interactions from the start: keep them all.
+        TopicSpec(t.interactions, t.partitions, RETAIN_FOREVER),
+        TopicSpec(
+            t.catalog,
+            t.partitions,
+            {"cleanup.policy": "compact", "min.compaction.lag.ms": "60000"},
+        ),
+        TopicSpec(t.model_updates, 1, RETAIN_FOREVER),
+        TopicSpec(t.dead_letter, 1, RETAIN_FOREVER),
+    ]
+
+
+def ensure_topics(admin: AdminClient, specs: list[TopicSpec], timeout_s: float = 30.0) -> list[str]:
+    """Create the topics that do not exist yet; return the names created. Idempotent."""
+    existing = set(admin.list_topics(timeout=timeout_s).topics)
+    missing = [s for s in specs if s.name not in existing]
+    if not missing:
+        return []
+    futures = admin.create_topics(
+        [NewTopic(s.name, num_partitions=s.partitions, replication_factor=1, config=s.config)
+         for s in missing],
+        operation_timeout=timeout_s,
+    )
+    created = []
+    for name, fut in futures.items():
+        try:
+            fut.result()
+            created.append(name)
+            log.info("topic_created", topic=name)
+        except KafkaException as exc:
+            if exc.args[0].name() != "TOPIC_ALREADY_EXISTS":
+                raise
+    return created

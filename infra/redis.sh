@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# Redis from Debian's redis-server, installed when missing, AOF on, data in the project's var/ folder.
+#   infra/redis.sh install|start|stop|status
+set -euo pipefail
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+root="$(dirname "$here")"
+
+REDIS_HOST="${SHOPRANK_REDIS_HOST:-127.0.0.1}"
+REDIS_PORT="${SHOPRANK_REDIS_PORT:-6379}"
+VAR="${SHOPRANK_VAR:-$root/var}"
+DATA="$VAR/redis"
+PIDFILE="$DATA/redis.pid"
+
+die() { echo "redis: $*" >&2; exit 1; }
+ping() { redis-cli -h "$REDIS_HOST" -p "$REDIS_PORT" ping 2>/dev/null | grep -q PONG; }
+running() { [[ -f "$PIDFILE" ]] && kill -0 "$(cat "$PIDFILE")" 2>/dev/null; }
+
+install() {
+  command -v redis-server >/dev/null && command -v redis-cli >/dev/null && return 0
+  [[ "$(id -u)" == 0 ]] || die "redis-server is missing and installing it needs root: apt-get install redis-server"
+  echo "redis: installing Debian's redis-server"
+  # Keep the package from starting its own system-wide server on 6379: the project runs its own.
+  printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d; chmod +x /usr/sbin/policy-rc.d
+  trap 'rm -f /usr/sbin/policy-rc.d' RETURN
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null) \
+    || die "apt-get install redis-server failed"
+}
+
+start() {
+  install
+  if running && ping; then echo "redis: already running (pid $(cat "$PIDFILE")) on $REDIS_HOST:$REDIS_PORT"; return 0; fi
+  ping && die "port $REDIS_HOST:$REDIS_PORT answers but is not ours: stop that server or set SHOPRANK_REDIS_PORT"
+  mkdir -p "$DATA"
+  redis-server --bind "$REDIS_HOST" --port "$REDIS_PORT" --dir "$DATA" \
+    --appendonly yes --appendfsync everysec --save "" \
+    --daemonize yes --pidfile "$PIDFILE" --logfile "$DATA/redis.log" \
+    || die "redis-server failed to start; see $DATA/redis.log"
+  for _ in $(seq 1 50); do ping && { echo "redis: ready on $REDIS_HOST:$REDIS_PORT (AOF in $DATA)"; return 0; }; sleep 0.2; done
+  die "no answer on $REDIS_HOST:$REDIS_PORT after 10 s; last lines of $DATA/redis.log:
+$(tail -5 "$DATA/redis.log" 2>/dev/null)"
+}
+
+stop() {
+  if ! running; then echo "redis: not running"; rm -f "$PIDFILE"; return 0; fi
+  redis-cli -h "$REDIS_HOST" -p "$REDIS_PORT" shutdown >/dev/null 2>&1 || kill "$(cat "$PIDFILE")" 2>/dev/null || true
+  for _ in $(seq 1 50); do running || { echo "redis: stopped"; return 0; }; sleep 0.2; done
+  die "did not stop in 10 s (pid $(cat "$PIDFILE"))"
+}
+
+status() { if running; then echo "redis: running (pid $(cat "$PIDFILE")) on $REDIS_HOST:$REDIS_PORT"; else echo "redis: stopped"; return 1; fi; }
+
+case "${1:-}" in
+  install) install ;; start) start ;; stop) stop ;; status) status ;;
+  *) echo "usage: $0 install|start|stop|status" >&2; exit 2 ;;
+esac

@@ -1,0 +1,3 @@
+from shoprank.cli import main
+
+raise SystemExit(main())
