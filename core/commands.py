@@ -40,7 +40,8 @@ def count_messages(settings: Settings, topics: list[str]) -> list[TopicCount]:
 def cmd_topics(args: argparse.Namespace, settings: Settings) -> int:
     specs = topic_specs(settings)
     created = ensure_topics(kafka.admin_client(settings), specs)
-    print(f"topics: {len(specs)} ensured, {len(created)} created" + (f": {', '.join(created)}" if created else ""))
+    detail = f": {', '.join(created)}" if created else ""
+    print(f"topics: {len(specs)} ensured, {len(created)} created{detail}")
     return 0
 
 
