@@ -80,6 +80,37 @@ class TopicSettings(BaseSettings):
     partitions: int = Field(default=4, ge=1)
 
 
+class ModelSettings(BaseSettings):
+    """Where model versions live and how the trainer builds them."""
+
+    model_config = _group("SHOPRANK_MODEL_")
+
+    registry_dir: Path = ROOT / "models"
+    seed: int = 13
+    epochs: int = Field(default=4, ge=1)
+    batch_size: int = Field(default=128, ge=1)
+    negatives: int = Field(default=63, ge=1)
+    learning_rate: float = 2e-4
+    encoder_learning_rate: float = 2e-5
+    patience: int = Field(default=1, ge=0)
+    max_minutes: float = 20.0
+
+
+class ScorerSettings(BaseSettings):
+    """The ranking service: micro-batching, device, retrieval, HTTP."""
+
+    model_config = _group("SHOPRANK_SCORER_")
+
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    max_batch: int = Field(default=32, ge=1)
+    max_wait_ms: float = Field(default=5.0, ge=0.0)
+    retrieve_k: int = Field(default=100, ge=1)
+    max_candidates: int = Field(default=1000, ge=1)
+    http_host: str = "127.0.0.1"
+    http_port: int = 8080
+    group_id: str = "shoprank-scorer"
+
+
 class Settings(BaseSettings):
     """Everything configurable, grouped; frozen so no part can change another's view."""
 
@@ -88,6 +119,8 @@ class Settings(BaseSettings):
     kafka: KafkaSettings = Field(default_factory=KafkaSettings)
     redis: RedisSettings = Field(default_factory=RedisSettings)
     topics: TopicSettings = Field(default_factory=TopicSettings)
+    model: ModelSettings = Field(default_factory=ModelSettings)
+    scorer: ScorerSettings = Field(default_factory=ScorerSettings)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     data_dir: Path = ROOT / "data"
     var_dir: Path = ROOT / "var"
