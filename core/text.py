@@ -1,0 +1,21 @@
+"""Text normalization shared by every package, so the same query always meets the same key."""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+
+_APOSTROPHES = re.compile(r"['\u2019\u2018`]")
+_NON_WORD = re.compile(r"[\W_]+")
+
+
+def normalize_query(text: str) -> str:
+    """Lowercase, drop punctuation, collapse whitespace: ``" Call of Duty: MW3!"`` -> ``"call of duty mw3"``.
+
+    Apostrophes are deleted (``"assassin's"`` -> ``"assassins"``) rather than split, so the
+    possessive and the plain spelling that shoppers type meet; every other punctuation mark
+    becomes a space (``"spider-man"`` -> ``"spider man"``). Unicode is NFKC-folded first, so
+    full-width and compatibility characters match their plain forms.
+    """
+    folded = unicodedata.normalize("NFKC", text).casefold()
+    return " ".join(_NON_WORD.sub(" ", _APOSTROPHES.sub("", folded)).split())

@@ -1,0 +1,130 @@
+"""Best Buy rows -> the contract's events (core.events), ordered as they happened.
+
+- The catalog becomes one :class:`CatalogProduct` per sku (keyed by product id), stamped with the
+  time of the dataset's first search: the catalog as the shop knew it when the log starts.
+  ``price`` is the sale price (else the regular price); ``brand`` the manufacturer; release
+  date, reviews and prices go in ``attributes``.
+- Every search (click rows and unlabeled searches) becomes one :class:`Query` at its query time;
+  rows of the same search share a query id and yield one Query.
+- Every click row becomes one :class:`Click` at its click time, with the query id of its search,
+  a stable ``event_id`` and the catalog price (``None`` for the 0.7% of clicks on skus the
+  catalog lacks; those clicks are still published).
+
+The dataset has no sessions: ``session_id`` is the user id. Queries carry no candidates: for Best
+Buy the candidate set is the whole catalog.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+from core.events import CatalogProduct, Click, Event, Query
+from replay import bestbuy
+from replay.bestbuy import ClickRow, Product, Search
+
+
+class Stream(enum.Enum):
+    """Which of the engine's topics an event belongs on (names come from the settings)."""
+
+    CATALOG = "catalog"
+    QUERIES = "queries"
+    INTERACTIONS = "interactions"
+
+
+@dataclass(frozen=True, slots=True)
+class TimedEvent:
+    """An event, when it happened, the topic it goes to and its Kafka key."""
+
+    timestamp: datetime
+    stream: Stream
+    key: str
+    event_id: str
+    event: Event
+
+
+@dataclass(frozen=True, slots=True)
+class Replay:
+    """What a replay publishes: the catalog first, then ``events`` in timestamp order."""
+
+    catalog: list[TimedEvent]
+    events: list[TimedEvent]
+
+
+def bestbuy_replay(data_dir: Path) -> Replay:
+    """Load the Best Buy files and turn them into the ordered events of a replay."""
+    products = bestbuy.load_catalog(data_dir)
+    clicks = bestbuy.load_clicks(data_dir)
+    searches = bestbuy.load_searches(data_dir)
+    start = min(r.query_time for r in [*clicks, *searches])
+    catalog = [catalog_event(p, start) for p in products.values()]
+    return Replay(catalog=catalog, events=timeline(products, clicks, searches))
+
+
+def timeline(
+    products: Mapping[str, Product], clicks: Iterable[ClickRow], searches: Iterable[Search]
+) -> list[TimedEvent]:
+    """One Query per distinct search, one Click per click row, sorted by (time, queries first, id)."""
+    clicks = list(clicks)
+    queries: dict[str, TimedEvent] = {}
+    for row in [*clicks, *searches]:
+        queries.setdefault(row.query_id, query_event(row))
+    events = [*queries.values(), *(click_event(c, products.get(c.sku)) for c in clicks)]
+    order = {Stream.QUERIES: 0, Stream.INTERACTIONS: 1}
+    return sorted(events, key=lambda e: (e.timestamp, order[e.stream], e.event_id))
+
+
+def catalog_event(p: Product, updated_at: datetime) -> TimedEvent:
+    event = CatalogProduct(
+        product_id=p.sku,
+        title=p.name,
+        description=p.long_description or p.short_description,
+        brand=p.manufacturer,
+        category_path=list(p.category_path),
+        price=p.price,
+        attributes=_attributes(p),
+        updated_at=updated_at,
+    )
+    return TimedEvent(updated_at, Stream.CATALOG, p.sku, p.sku, event)
+
+
+def _attributes(p: Product) -> dict[str, str]:
+    values = {
+        "type": p.type,
+        "short_description": p.short_description,
+        "category_ids": "|".join(p.category_ids),
+        "regular_price": p.regular_price,
+        "sale_price": p.sale_price,
+        "release_date": p.release_date,
+        "start_date": p.start_date,
+        "customer_review_count": p.review_count,
+        "customer_review_average": p.review_average,
+    }
+    return {k: str(v)[:2000] for k, v in values.items() if v not in (None, "")}
+
+
+def query_event(row: ClickRow | Search) -> TimedEvent:
+    event = Query(
+        query_id=row.query_id,
+        user_id=row.user_id,
+        session_id=row.user_id,
+        text=row.query,
+        timestamp=row.query_time,
+    )
+    return TimedEvent(row.query_time, Stream.QUERIES, row.user_id, row.query_id, event)
+
+
+def click_event(row: ClickRow, product: Product | None) -> TimedEvent:
+    event = Click(
+        event_id=row.click_id,
+        user_id=row.user_id,
+        session_id=row.user_id,
+        product_id=row.sku,
+        query_id=row.query_id,
+        price=product.price if product else None,
+        timestamp=row.click_time,
+    )
+    return TimedEvent(row.click_time, Stream.INTERACTIONS, row.user_id, row.click_id, event)
