@@ -1,0 +1,119 @@
+"""A loaded model version served with onnxruntime: tokenizer, graph, product embeddings.
+
+CUDA provider on a GPU, CPU provider elsewhere, chosen by ``Settings.scorer.device``. Loading
+verifies the version's files against its manifest (core.registry) and warms the session, so a
+version that cannot score never replaces one that can.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import structlog
+from tokenizers import Tokenizer
+
+from core.registry import ModelVersion, load_version
+
+log = structlog.get_logger(__name__)
+
+MODEL_FILE = "model.onnx"
+TOKENIZER_FILE = "tokenizer.json"
+PRODUCT_EMB_FILE = "product_emb.npy"
+PRODUCT_IDS_FILE = "product_ids.json"
+
+
+def choose_providers(device: str) -> list[str]:
+    """``cuda`` demands the CUDA provider; ``auto`` takes it when onnxruntime can use a GPU."""
+    available = ort.get_available_providers()
+    # onnxruntime-gpu lists its CUDA provider even on machines without a GPU: look for the device.
+    gpu_present = Path("/dev/nvidiactl").exists()
+    wants_gpu = device == "cuda" or (device == "auto" and gpu_present)
+    if wants_gpu and "CUDAExecutionProvider" in available:
+        try:
+            ort.preload_dlls()  # the CUDA/cuDNN libraries that torch's wheels bring
+        except Exception as exc:  # any failure here means: no usable GPU
+            if device == "cuda":
+                raise RuntimeError(f"CUDA requested but its libraries do not load: {exc}") from exc
+            return ["CPUExecutionProvider"]
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    if device == "cuda":
+        raise RuntimeError(f"CUDA requested but onnxruntime offers only {available}")
+    return ["CPUExecutionProvider"]
+
+
+@dataclass
+class Batch:
+    """Inputs for a batch of queries, padded to one shape. ``n_candidates`` un-pads the scores."""
+
+    texts: list[str]
+    cand_idx: np.ndarray  # [B, N] rows of the embedding table (the last row is all zeros)
+    hist_idx: np.ndarray  # [B, R]
+    hist_w: np.ndarray  # [B, R]
+    dense: np.ndarray  # [B, N, F]
+    n_candidates: list[int]
+
+
+class ServedModel:
+    """One model version, ready to score. Thread-compatible: one ``score`` call at a time."""
+
+    def __init__(self, version: ModelVersion, device: str = "auto", threads: int = 0) -> None:
+        self.version = version.version
+        self.manifest = version.manifest
+        cfg = version.manifest["config"]
+        self.feature_names: tuple[str, ...] = tuple(cfg["feature_names"])
+        self.max_query_len: int = cfg["max_query_len"]
+        self.history_len: int = cfg["history_len"]
+        self.providers = choose_providers(device)
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if threads:
+            opts.intra_op_num_threads = threads
+        self.session = ort.InferenceSession(str(version.path / MODEL_FILE), opts, providers=self.providers)
+        self.tokenizer = Tokenizer.from_file(str(version.path / TOKENIZER_FILE))
+        self.tokenizer.enable_truncation(self.max_query_len)
+        self.tokenizer.enable_padding(pad_id=0, pad_token="[PAD]")
+        emb = np.load(version.path / PRODUCT_EMB_FILE).astype(np.float32)
+        self.product_emb = np.vstack([emb, np.zeros((1, emb.shape[1]), np.float32)])
+        self.product_ids: list[str] = json.loads((version.path / PRODUCT_IDS_FILE).read_text())
+        self.product_index = {pid: i for i, pid in enumerate(self.product_ids)}
+        self.unknown_row = len(self.product_ids)
+
+    @property
+    def device(self) -> str:
+        return "cuda" if self.session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
+
+    def rows(self, product_ids: list[str]) -> np.ndarray:
+        """Embedding-table rows of ``product_ids``; unknown products map to the zero row."""
+        return np.fromiter((self.product_index.get(p, self.unknown_row) for p in product_ids),
+                           dtype=np.int64, count=len(product_ids))
+
+    def score(self, batch: Batch) -> list[np.ndarray]:
+        """Scores per query, each the length of that query's candidates."""
+        enc = self.tokenizer.encode_batch(batch.texts)
+        feeds = {
+            "input_ids": np.array([e.ids for e in enc], dtype=np.int64),
+            "attention_mask": np.array([e.attention_mask for e in enc], dtype=np.int64),
+            "cand_emb": self.product_emb[batch.cand_idx],
+            "hist_emb": self.product_emb[batch.hist_idx],
+            "hist_w": batch.hist_w.astype(np.float32),
+            "dense": batch.dense.astype(np.float32),
+        }
+        scores = self.session.run(["scores"], feeds)[0]
+        return [scores[i, :n] for i, n in enumerate(batch.n_candidates)]
+
+
+def load_served_model(registry: Path, version: str, device: str = "auto", threads: int = 0) -> ServedModel:
+    """Verify, load and warm a version; raises when any of that fails."""
+    model = ServedModel(load_version(registry, version), device=device, threads=threads)
+    warm = Batch(texts=["warm up"], cand_idx=np.zeros((1, 2), np.int64),
+                 hist_idx=np.full((1, 1), model.unknown_row, np.int64), hist_w=np.zeros((1, 1), np.float32),
+                 dense=np.zeros((1, 2, len(model.feature_names)), np.float32), n_candidates=[2])
+    scores = model.score(warm)[0]
+    if not np.all(np.isfinite(scores)):
+        raise RuntimeError(f"model {version} produced non-finite scores on warm-up")
+    log.info("model_loaded", model_version=version, device=model.device, providers=model.providers)
+    return model

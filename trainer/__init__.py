@@ -1,0 +1,1 @@
+"""Builds, fine-tunes, validates, exports and publishes the personalized BERT ranker."""

@@ -1,0 +1,179 @@
+"""The training loop: listwise fine-tuning of encoder and head, early stopping on a plateau.
+
+Examples are built point-in-time by :mod:`trainer.examples`. Each step encodes only the batch's
+distinct query texts (dynamic padding), looks candidates up in the version's product embedding
+table, and scores them with the head. Validation ranks every candidate of the held-out
+examples and reports MAP@5; the best epoch's weights are kept.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import structlog
+import torch
+from tokenizers import Tokenizer
+from tqdm import tqdm
+
+from trainer.losses import listwise_softmax_loss
+from trainer.model import PersonalRanker
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass
+class Examples:
+    """Ranking lists as arrays. Row e: one query, its K candidates, their gains and features."""
+
+    texts: list[str]  # distinct query texts
+    text_id: np.ndarray  # [E] index into texts
+    cand_idx: np.ndarray  # [E, K] rows of the product embedding table
+    gains: np.ndarray  # [E, K] float32, 0 for not chosen
+    dense: np.ndarray  # [E, K, F] float32
+    hist_idx: np.ndarray  # [E, R]
+    hist_w: np.ndarray  # [E, R] float32
+    valid: np.ndarray  # [E, K] bool, False for padding
+
+    def __len__(self) -> int:
+        return len(self.text_id)
+
+    def subset(self, rows: np.ndarray) -> Examples:
+        return Examples(self.texts, self.text_id[rows], self.cand_idx[rows], self.gains[rows],
+                        self.dense[rows], self.hist_idx[rows], self.hist_w[rows], self.valid[rows])
+
+
+@dataclass(frozen=True)
+class FitConfig:
+    epochs: int = 4
+    batch_size: int = 128
+    learning_rate: float = 2e-4
+    encoder_learning_rate: float = 2e-5
+    patience: int = 1
+    max_minutes: float = 20.0
+    seed: int = 13
+
+
+@dataclass
+class FitResult:
+    best_epoch: int
+    best_metric: float
+    history: list[dict[str, float]] = field(default_factory=list)
+    seconds: float = 0.0
+    stopped: str = "epochs"
+
+
+class TextBatcher:
+    """Tokenizes each distinct text once; pads a batch to its longest member (dynamic padding)."""
+
+    def __init__(self, tokenizer: Tokenizer, texts: list[str], max_len: int) -> None:
+        tokenizer = copy.deepcopy(tokenizer)
+        tokenizer.enable_truncation(max_len)
+        tokenizer.no_padding()
+        self.ids = [e.ids for e in tokenizer.encode_batch(texts)]
+
+    def __call__(self, text_ids: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+        """Padded ids and mask of the distinct texts, and each row's index into them."""
+        distinct, inverse = np.unique(text_ids, return_inverse=True)
+        seqs = [self.ids[i] for i in distinct]
+        length = max(len(s) for s in seqs)
+        ids = np.zeros((len(seqs), length), dtype=np.int64)
+        mask = np.zeros((len(seqs), length), dtype=np.int64)
+        for i, s in enumerate(seqs):
+            ids[i, : len(s)] = s
+            mask[i, : len(s)] = 1
+        return torch.from_numpy(ids), torch.from_numpy(mask), inverse
+
+
+def forward(model: PersonalRanker, batcher: TextBatcher, product_emb: torch.Tensor,
+            ex: Examples) -> torch.Tensor:
+    """Scores [E, K]: each distinct query is encoded once, then shared by its rows."""
+    ids, mask, inverse = batcher(ex.text_id)
+    q = model.query(ids, mask)[torch.from_numpy(inverse)]
+    cand = product_emb[torch.from_numpy(ex.cand_idx)]
+    hist = product_emb[torch.from_numpy(ex.hist_idx)]
+    return model.rank(q, cand, hist, torch.from_numpy(ex.hist_w), torch.from_numpy(ex.dense))
+
+
+def set_feature_scaling(model: PersonalRanker, train: Examples) -> None:
+    """Standardize dense features with the training set's statistics (stored in the graph)."""
+    values = train.dense[train.valid]
+    model.head.mean.copy_(torch.from_numpy(values.mean(0)))
+    model.head.std.copy_(torch.from_numpy(values.std(0).clip(min=1e-3)))
+
+
+def predict(model: PersonalRanker, batcher: TextBatcher, product_emb: torch.Tensor, ex: Examples,
+            batch_size: int = 256) -> np.ndarray:
+    model.eval()
+    out = []
+    with torch.no_grad():
+        for start in range(0, len(ex), batch_size):
+            rows = np.arange(start, min(start + batch_size, len(ex)))
+            scores = forward(model, batcher, product_emb, ex.subset(rows))
+            out.append(scores.masked_fill(~torch.from_numpy(ex.valid[rows]), float("-inf")).numpy())
+    return np.concatenate(out) if out else np.zeros((0, ex.cand_idx.shape[1]), np.float32)
+
+
+def fit(model: PersonalRanker, tokenizer: Tokenizer, product_emb: np.ndarray, train: Examples,
+        val: Examples, cfg: FitConfig, metric: Callable[[np.ndarray, np.ndarray], float]) -> FitResult:
+    """Train ``model`` in place; leaves it holding the best validation epoch's weights."""
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    started = time.monotonic()
+    table = torch.from_numpy(product_emb.astype(np.float32))
+    batcher = TextBatcher(tokenizer, train.texts, model.cfg.max_query_len)
+    set_feature_scaling(model, train)
+    model.freeze_lower_layers()
+    encoder_params = [p for p in model.query.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW([
+        {"params": model.head.parameters(), "lr": cfg.learning_rate},
+        {"params": encoder_params, "lr": cfg.encoder_learning_rate},
+    ], weight_decay=0.01)
+
+    def validate() -> float:
+        return metric(predict(model, batcher, table, val), val.gains)
+
+    best = validate()
+    result = FitResult(best_epoch=0, best_metric=best, history=[{"epoch": 0, "val_map5": best}])
+    log.info("train_epoch", epoch=0, val_map5=round(best, 4), examples=len(train))
+    best_state = copy.deepcopy(model.state_dict())
+    stale = 0
+    for epoch in range(1, cfg.epochs + 1):
+        model.train()
+        order = rng.permutation(len(train))
+        losses = []
+        bar = tqdm(range(0, len(order), cfg.batch_size), desc=f"epoch {epoch}/{cfg.epochs}", unit="batch",
+                   leave=False)
+        for start in bar:
+            batch = train.subset(order[start : start + cfg.batch_size])
+            scores = forward(model, batcher, table, batch)
+            loss = listwise_softmax_loss(scores, torch.from_numpy(batch.gains), torch.from_numpy(batch.valid))
+            optimizer.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            losses.append(float(loss))
+            bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
+        current = validate()
+        elapsed = (time.monotonic() - started) / 60
+        result.history.append({"epoch": epoch, "loss": float(np.mean(losses)), "val_map5": current})
+        log.info("train_epoch", epoch=epoch, loss=round(float(np.mean(losses)), 4),
+                 val_map5=round(current, 4), minutes=round(elapsed, 2))
+        if current > best + 1e-4:
+            best, stale = current, 0
+            result.best_epoch, result.best_metric = epoch, best
+            best_state = copy.deepcopy(model.state_dict())
+        else:
+            stale += 1
+        if stale > cfg.patience:
+            result.stopped = "plateau"
+            break
+        if elapsed > cfg.max_minutes:
+            result.stopped = "time budget"
+            break
+    model.load_state_dict(best_state)
+    result.seconds = time.monotonic() - started
+    return result
