@@ -84,7 +84,8 @@ class ClickRow:
     @property
     def click_id(self) -> str:
         """A stable id for this click (the same on every load and every replay)."""
-        return stable_id("click", self.user_id, self.sku, self.query, _iso(self.query_time), _iso(self.click_time))
+        times = _iso(self.query_time), _iso(self.click_time)
+        return stable_id("click", self.user_id, self.sku, self.query, *times)
 
 
 def stable_id(*parts: str) -> str:
@@ -111,8 +112,8 @@ def _iso(ts: datetime) -> str:
 
 def load_catalog(data_dir: Path) -> dict[str, Product]:
     """The catalog keyed by sku, in the XML's order (first occurrence of each sku)."""
-    with zipfile.ZipFile(data_dir / FOLDER / CATALOG_ZIP) as archive, archive.open(archive.namelist()[0]) as f:
-        root = ET.parse(f).getroot()
+    with zipfile.ZipFile(data_dir / FOLDER / CATALOG_ZIP) as archive:
+        root = ET.fromstring(archive.read(archive.namelist()[0]))
     products: dict[str, Product] = {}
     for element in root.iter("product"):
         product = _product(element)

@@ -17,6 +17,7 @@ from core.settings import load_settings
 # Each module defines ``register(subparsers)``; a subcommand sets ``func(args, settings) -> int``.
 COMMAND_MODULES = (
     "core.commands",
+    "replay.commands",
 )
 
 
