@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from trainer.losses import listwise_softmax_loss
 from trainer.model import PersonalRanker
+from trainer.tokens import pad, token_ids
 
 log = structlog.get_logger(__name__)
 
@@ -70,22 +71,13 @@ class TextBatcher:
     """Tokenizes each distinct text once; pads a batch to its longest member (dynamic padding)."""
 
     def __init__(self, tokenizer: Tokenizer, texts: list[str], max_len: int) -> None:
-        tokenizer = copy.deepcopy(tokenizer)
-        tokenizer.enable_truncation(max_len)
-        tokenizer.no_padding()
-        self.ids = [e.ids for e in tokenizer.encode_batch(texts)]
+        self.ids = token_ids(tokenizer, texts, max_len)
 
     def __call__(self, text_ids: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
         """Padded ids and mask of the distinct texts, and each row's index into them."""
         distinct, inverse = np.unique(text_ids, return_inverse=True)
-        seqs = [self.ids[i] for i in distinct]
-        length = max(len(s) for s in seqs)
-        ids = np.zeros((len(seqs), length), dtype=np.int64)
-        mask = np.zeros((len(seqs), length), dtype=np.int64)
-        for i, s in enumerate(seqs):
-            ids[i, : len(s)] = s
-            mask[i, : len(s)] = 1
-        return torch.from_numpy(ids), torch.from_numpy(mask), inverse
+        ids, mask = pad([self.ids[i] for i in distinct])
+        return ids, mask, inverse
 
 
 def forward(model: PersonalRanker, batcher: TextBatcher, product_emb: torch.Tensor,

@@ -1,0 +1,47 @@
+"""Product text and product embeddings for one model version.
+
+Products are embedded once per version by the pretrained encoder (the product tower stays as
+pretrained, so the catalog never has to be re-encoded on every training step); the table and
+its product ids ship inside the version folder and the scorer looks candidates up in it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from tokenizers import Tokenizer
+from tqdm import tqdm
+
+from core.events import CatalogProduct
+from trainer.model import QueryTower
+from trainer.tokens import pad, token_ids
+
+PRODUCT_MAX_LEN = 64
+
+
+def product_text(p: CatalogProduct) -> str:
+    """What the encoder reads of a product: title, brand, deepest categories, start of description."""
+    parts = [p.title]
+    if p.brand:
+        parts.append(p.brand)
+    parts.extend(p.category_path[-2:])
+    if p.description:
+        parts.append(p.description[:300])
+    return " | ".join(parts)
+
+
+def embed_texts(tower: QueryTower, tokenizer: Tokenizer, texts: Sequence[str], max_len: int = PRODUCT_MAX_LEN,
+                batch_size: int = 64, progress: bool = True) -> np.ndarray:
+    """L2-normalized embeddings [len(texts), D], batched by similar length to pad little."""
+    encoded = token_ids(tokenizer, texts, max_len)
+    order = np.argsort([len(ids) for ids in encoded])
+    out = np.zeros((len(texts), tower.encoder.config.hidden_size), dtype=np.float32)
+    tower.eval()
+    batches = range(0, len(order), batch_size)
+    with torch.no_grad():
+        for start in tqdm(batches, desc="embedding", unit="batch", disable=not progress, leave=False):
+            rows = order[start : start + batch_size]
+            out[rows] = tower(*pad([encoded[i] for i in rows])).numpy()
+    return out
