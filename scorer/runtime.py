@@ -20,7 +20,8 @@ from core.registry import ModelVersion, load_version
 
 log = structlog.get_logger(__name__)
 
-MODEL_FILE = "model.onnx"
+ENCODER_FILE = "query_encoder.onnx"
+HEAD_FILE = "ranker_head.onnx"
 TOKENIZER_FILE = "tokenizer.json"
 PRODUCT_EMB_FILE = "product_emb.npy"
 PRODUCT_IDS_FILE = "product_ids.json"
@@ -49,7 +50,7 @@ def choose_providers(device: str) -> list[str]:
 class Batch:
     """Inputs for a batch of queries, padded to one shape. ``n_candidates`` un-pads the scores."""
 
-    texts: list[str]
+    query_emb: np.ndarray  # [B, D] from ``ServedModel.encode``
     cand_idx: np.ndarray  # [B, N] rows of the embedding table (the last row is all zeros)
     hist_idx: np.ndarray  # [B, R]
     hist_w: np.ndarray  # [B, R]
@@ -72,7 +73,8 @@ class ServedModel:
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads:
             opts.intra_op_num_threads = threads
-        self.session = ort.InferenceSession(str(version.path / MODEL_FILE), opts, providers=self.providers)
+        self.encoder = ort.InferenceSession(str(version.path / ENCODER_FILE), opts, providers=self.providers)
+        self.head = ort.InferenceSession(str(version.path / HEAD_FILE), opts, providers=self.providers)
         self.tokenizer = Tokenizer.from_file(str(version.path / TOKENIZER_FILE))
         self.tokenizer.enable_truncation(self.max_query_len)
         self.tokenizer.enable_padding(pad_id=0, pad_token="[PAD]")
@@ -84,32 +86,45 @@ class ServedModel:
 
     @property
     def device(self) -> str:
-        return "cuda" if self.session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
+        return "cuda" if self.head.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
 
     def rows(self, product_ids: list[str]) -> np.ndarray:
         """Embedding-table rows of ``product_ids``; unknown products map to the zero row."""
         return np.fromiter((self.product_index.get(p, self.unknown_row) for p in product_ids),
                            dtype=np.int64, count=len(product_ids))
 
+    def encode(self, texts: list[str]) -> np.ndarray:
+        """L2-normalized query embeddings [B, D]."""
+        enc = self.tokenizer.encode_batch(texts)
+        ids = np.array([e.ids for e in enc], dtype=np.int64)
+        mask = np.array([e.attention_mask for e in enc], dtype=np.int64)
+        return self.encoder.run(None, {"input_ids": ids, "attention_mask": mask})[0]
+
+    def retrieve(self, query_emb: np.ndarray, k: int) -> np.ndarray:
+        """Rows [B, k] of the k catalog products closest to each query (cosine)."""
+        sims = query_emb @ self.product_emb[:-1].T
+        k = min(k, sims.shape[1])
+        top = np.argpartition(-sims, k - 1, axis=1)[:, :k]
+        order = np.take_along_axis(sims, top, axis=1).argsort(axis=1)[:, ::-1]
+        return np.take_along_axis(top, order, axis=1)
+
     def score(self, batch: Batch) -> list[np.ndarray]:
         """Scores per query, each the length of that query's candidates."""
-        enc = self.tokenizer.encode_batch(batch.texts)
         feeds = {
-            "input_ids": np.array([e.ids for e in enc], dtype=np.int64),
-            "attention_mask": np.array([e.attention_mask for e in enc], dtype=np.int64),
+            "query_emb": batch.query_emb.astype(np.float32),
             "cand_emb": self.product_emb[batch.cand_idx],
             "hist_emb": self.product_emb[batch.hist_idx],
             "hist_w": batch.hist_w.astype(np.float32),
             "dense": batch.dense.astype(np.float32),
         }
-        scores = self.session.run(["scores"], feeds)[0]
+        scores = self.head.run(None, feeds)[0]
         return [scores[i, :n] for i, n in enumerate(batch.n_candidates)]
 
 
 def load_served_model(registry: Path, version: str, device: str = "auto", threads: int = 0) -> ServedModel:
     """Verify, load and warm a version; raises when any of that fails."""
     model = ServedModel(load_version(registry, version), device=device, threads=threads)
-    warm = Batch(texts=["warm up"], cand_idx=np.zeros((1, 2), np.int64),
+    warm = Batch(query_emb=model.encode(["warm up"]), cand_idx=np.zeros((1, 2), np.int64),
                  hist_idx=np.full((1, 1), model.unknown_row, np.int64), hist_w=np.zeros((1, 1), np.float32),
                  dense=np.zeros((1, 2, len(model.feature_names)), np.float32), n_candidates=[2])
     scores = model.score(warm)[0]
