@@ -17,6 +17,7 @@ help:
 	@echo "make test    set up everything, start Kafka and Redis, run the test suite"
 	@echo "make up / down / status    start, stop, inspect the local Kafka and Redis"
 	@echo "make lint    ruff"
+	@echo "make eval    measure ranking quality on the real data, write bench/results/quality.json"
 
 venv: $(STAMP)
 
@@ -50,3 +51,6 @@ test: up
 
 lint: venv
 	$(BIN)/ruff check .
+
+eval: venv
+	$(BIN)/shoprank eval

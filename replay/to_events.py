@@ -78,7 +78,12 @@ def timeline(
 
 
 def catalog_event(p: Product, updated_at: datetime) -> TimedEvent:
-    event = CatalogProduct(
+    return TimedEvent(updated_at, Stream.CATALOG, p.sku, p.sku, catalog_product(p, updated_at))
+
+
+def catalog_product(p: Product, updated_at: datetime) -> CatalogProduct:
+    """The catalog's view of a product, as of ``updated_at``."""
+    return CatalogProduct(
         product_id=p.sku,
         title=p.name,
         description=p.long_description or p.short_description,
@@ -88,7 +93,6 @@ def catalog_event(p: Product, updated_at: datetime) -> TimedEvent:
         attributes=_attributes(p),
         updated_at=updated_at,
     )
-    return TimedEvent(updated_at, Stream.CATALOG, p.sku, p.sku, event)
 
 
 def _attributes(p: Product) -> dict[str, str]:

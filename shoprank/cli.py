@@ -18,6 +18,7 @@ from core.settings import load_settings
 COMMAND_MODULES = (
     "core.commands",
     "replay.commands",
+    "evaluation.commands",
     "shoprank.demo",
 )
 
