@@ -19,11 +19,19 @@ import torch
 from tokenizers import Tokenizer
 from tqdm import tqdm
 
+from evaluation import metrics
 from trainer.losses import listwise_softmax_loss
 from trainer.model import PersonalRanker
 from trainer.tokens import pad, token_ids
 
 log = structlog.get_logger(__name__)
+
+Metric = Callable[[np.ndarray, np.ndarray, np.ndarray], float]
+
+
+def map_at_5(scores: np.ndarray, grades: np.ndarray, valid: np.ndarray) -> float:
+    """Mean MAP@5 (evaluation.metrics), the validation figure for early stopping."""
+    return float(metrics.per_query(scores, grades, valid)["map@5"].mean())
 
 
 @dataclass
@@ -33,7 +41,7 @@ class Examples:
     texts: list[str]  # distinct query texts
     text_id: np.ndarray  # [E] index into texts
     cand_idx: np.ndarray  # [E, K] rows of the product embedding table
-    gains: np.ndarray  # [E, K] float32, 0 for not chosen
+    grades: np.ndarray  # [E, K] int, 0 = not chosen; gain 2**grade - 1
     dense: np.ndarray  # [E, K, F] float32
     hist_idx: np.ndarray  # [E, R]
     hist_w: np.ndarray  # [E, R] float32
@@ -43,7 +51,7 @@ class Examples:
         return len(self.text_id)
 
     def subset(self, rows: np.ndarray) -> Examples:
-        return Examples(self.texts, self.text_id[rows], self.cand_idx[rows], self.gains[rows],
+        return Examples(self.texts, self.text_id[rows], self.cand_idx[rows], self.grades[rows],
                         self.dense[rows], self.hist_idx[rows], self.hist_w[rows], self.valid[rows])
 
 
@@ -110,8 +118,11 @@ def predict(model: PersonalRanker, batcher: TextBatcher, product_emb: torch.Tens
 
 
 def fit(model: PersonalRanker, tokenizer: Tokenizer, product_emb: np.ndarray, train: Examples,
-        val: Examples, cfg: FitConfig, metric: Callable[[np.ndarray, np.ndarray], float]) -> FitResult:
-    """Train ``model`` in place; leaves it holding the best validation epoch's weights."""
+        val: Examples | None, cfg: FitConfig, metric: Metric = map_at_5) -> FitResult:
+    """Train ``model`` in place; leaves it holding the best validation epoch's weights.
+
+    Without ``val`` it trains for ``cfg.epochs`` and keeps the last weights.
+    """
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     started = time.monotonic()
@@ -125,12 +136,18 @@ def fit(model: PersonalRanker, tokenizer: Tokenizer, product_emb: np.ndarray, tr
         {"params": encoder_params, "lr": cfg.encoder_learning_rate},
     ], weight_decay=0.01)
 
+    texts = train.texts if val is None else val.texts
+    if texts is not train.texts:
+        raise ValueError("train and val examples must share one list of texts")
+
     def validate() -> float:
-        return metric(predict(model, batcher, table, val), val.gains)
+        if val is None:
+            return 0.0
+        return metric(predict(model, batcher, table, val), val.grades, val.valid)
 
     best = validate()
-    result = FitResult(best_epoch=0, best_metric=best, history=[{"epoch": 0, "val_map5": best}])
-    log.info("train_epoch", epoch=0, val_map5=round(best, 4), examples=len(train))
+    result = FitResult(best_epoch=0, best_metric=best, history=[{"epoch": 0, "val_metric": best}])
+    log.info("train_epoch", epoch=0, val_metric=round(best, 4), examples=len(train))
     best_state = copy.deepcopy(model.state_dict())
     stale = 0
     for epoch in range(1, cfg.epochs + 1):
@@ -142,19 +159,20 @@ def fit(model: PersonalRanker, tokenizer: Tokenizer, product_emb: np.ndarray, tr
         for start in bar:
             batch = train.subset(order[start : start + cfg.batch_size])
             scores = forward(model, batcher, table, batch)
-            loss = listwise_softmax_loss(scores, torch.from_numpy(batch.gains), torch.from_numpy(batch.valid))
+            gains = torch.exp2(torch.from_numpy(batch.grades).float()) - 1
+            loss = listwise_softmax_loss(scores, gains, torch.from_numpy(batch.valid))
             optimizer.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
-            losses.append(float(loss))
+            losses.append(loss.item())
             bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
         current = validate()
         elapsed = (time.monotonic() - started) / 60
-        result.history.append({"epoch": epoch, "loss": float(np.mean(losses)), "val_map5": current})
+        result.history.append({"epoch": epoch, "loss": float(np.mean(losses)), "val_metric": current})
         log.info("train_epoch", epoch=epoch, loss=round(float(np.mean(losses)), 4),
-                 val_map5=round(current, 4), minutes=round(elapsed, 2))
-        if current > best + 1e-4:
+                 val_metric=round(current, 4), minutes=round(elapsed, 2))
+        if current > best + 1e-4 or val is None:
             best, stale = current, 0
             result.best_epoch, result.best_metric = epoch, best
             best_state = copy.deepcopy(model.state_dict())

@@ -1,0 +1,31 @@
+"""Prometheus metrics of the scorer (served on the HTTP API's /metrics)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+
+class ScorerMetrics:
+    """One registry per scorer, so tests can run several scorers in one process."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.latency = Histogram(
+            "shoprank_query_latency_seconds", "Query publish to ranked result produced", registry=r,
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.015, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
+        )
+        self.batch_size = Histogram(
+            "shoprank_batch_size", "Queries per scoring batch", registry=r,
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128),
+        )
+        self.queries = Counter("shoprank_queries", "Queries answered, by outcome", ["outcome"], registry=r)
+        self.queue_depth = Gauge("shoprank_queue_depth", "Queries waiting in the scorer", registry=r)
+        self.consumer_lag = Gauge("shoprank_consumer_lag", "Query messages not yet consumed", registry=r)
+        self.model_version = Gauge("shoprank_model_version_info", "Model version served", ["version"],
+                                   registry=r)
+        self.swaps = Counter("shoprank_model_swaps", "Model swaps, by outcome", ["outcome"], registry=r)
+
+    def serving(self, version: str) -> None:
+        self.model_version.clear()
+        self.model_version.labels(version=version).set(1)
