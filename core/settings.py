@@ -111,6 +111,49 @@ class ScorerSettings(BaseSettings):
     group_id: str = "shoprank-scorer"
 
 
+class FeatureSettings(BaseSettings):
+    """How shopper, product and query features are computed. Workers and trainer must agree on them.
+
+    Half-lives are in event time (seconds): decay never reads the wall clock, so a replay gives the
+    same values. ``user_ttl_s`` is applied in event time too (a shopper idle longer starts afresh)
+    and, as a Redis TTL refreshed on activity, to free memory.
+    """
+
+    model_config = _group("SHOPRANK_FEATURES_")
+
+    user_half_life_s: float = Field(default=14 * 86400.0, gt=0)
+    item_half_life_s: float = Field(default=7 * 86400.0, gt=0)
+    query_half_life_s: float = Field(default=30 * 86400.0, gt=0)
+    recent_half_life_s: float = Field(default=2 * 86400.0, gt=0)
+    recent_n: int = Field(default=16, ge=1, le=64)
+    affinity_top_k: int = Field(default=8, ge=1, le=32)
+    click_weight: float = 1.0
+    cart_weight: float = 3.0
+    purchase_weight: float = 5.0
+    ctr_prior: float = Field(default=0.05, ge=0.0, le=1.0)
+    ctr_prior_strength: float = Field(default=20.0, gt=0)
+    user_ttl_s: int = Field(default=90 * 86400, ge=60)
+    query_item_ttl_s: int = Field(default=180 * 86400, ge=60)
+
+
+class StreamsSettings(BaseSettings):
+    """The feature workers (faust): consumer group, batching, dedup window, ports."""
+
+    model_config = _group("SHOPRANK_STREAMS_")
+
+    group_id: str = "shoprank-streams"
+    # Static membership: a restarted worker with the same id takes its partitions back at once.
+    instance_id: str | None = None
+    batch_size: int = Field(default=2000, ge=1)
+    batch_within_s: float = Field(default=0.005, gt=0)
+    dedup_ttl_s: int = Field(default=86400, ge=60)
+    query_text_ttl_s: int = Field(default=86400, ge=60)
+    session_timeout_s: float = Field(default=10.0, ge=6.0)
+    web_port: int | None = None
+    metrics_port: int | None = None
+    event_loop: Literal["aio", "uvloop"] = "uvloop"
+
+
 class Settings(BaseSettings):
     """Everything configurable, grouped; frozen so no part can change another's view."""
 
@@ -121,6 +164,8 @@ class Settings(BaseSettings):
     topics: TopicSettings = Field(default_factory=TopicSettings)
     model: ModelSettings = Field(default_factory=ModelSettings)
     scorer: ScorerSettings = Field(default_factory=ScorerSettings)
+    features: FeatureSettings = Field(default_factory=FeatureSettings)
+    streams: StreamsSettings = Field(default_factory=StreamsSettings)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     data_dir: Path = ROOT / "data"
     var_dir: Path = ROOT / "var"

@@ -1,0 +1,48 @@
+"""Per-product features: decayed clicks, add-to-carts, purchases and impressions (so a smoothed
+click-through rate), plain counters and the last interaction.
+
+Products are shared by every shopper, so every worker updates them: the update is commutative
+(decayed sums with one reference time, counters, a max), applied inside Redis by the commit
+script, never read-modify-written by a worker. Layout: 10 little-endian doubles.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Final
+
+from features import decay
+
+CLICK: Final = 1
+CART: Final = 2
+PURCHASE: Final = 3
+IMPRESSION: Final = 4
+
+T, CLICKS, CARTS, PURCHASES, IMPRESSIONS = 0, 1, 2, 3, 4
+N_CLICKS, N_CARTS, N_PURCHASES, N_IMPRESSIONS, LAST = 5, 6, 7, 8, 9
+N_DECAYED: Final = 4
+SIZE: Final = 10
+EMPTY: Final = (0.0,) * SIZE
+_layout = struct.Struct(f"<{SIZE}d")
+
+
+def apply(state: tuple[float, ...], kind: int, t: float, half_life: float) -> tuple[float, ...]:
+    """One interaction (``kind`` 1-3) or impression (4) at event time ``t``."""
+    out = decay.bump(state, N_DECAYED, kind, t, half_life)
+    out[kind + N_DECAYED] = out[kind + N_DECAYED] + 1
+    if kind != IMPRESSION and t > out[LAST]:
+        out[LAST] = t
+    return tuple(out)
+
+
+def encode(state: tuple[float, ...]) -> bytes:
+    return _layout.pack(*state)
+
+
+def decode(data: bytes | None) -> tuple[float, ...]:
+    return EMPTY if data is None else _layout.unpack(data)
+
+
+def ctr(state: tuple[float, ...], prior: float, strength: float) -> float:
+    """Decayed clicks over decayed impressions, pulled toward ``prior`` (both decay alike)."""
+    return min(1.0, (state[CLICKS] + prior * strength) / (state[IMPRESSIONS] + strength))

@@ -1,0 +1,122 @@
+"""The in-memory feature store: the trainer replays history through it in event-time order.
+
+It commits a :class:`features.plan.Plan` exactly as the Redis commit script does, section by
+section, so both stores hold bit-identical states after the same batches. TTLs are not applied
+here (the shopper TTL is applied in event time by the update rules and the read path anyway).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+from core.settings import FeatureSettings
+from features import item, query_item
+from features.catalog import ProductAttrs
+from features.plan import FeatureEvent, Plan, Record, View, categories_needed, needs, plan
+from features.store import Outcome, Snapshot
+from features.user import UserState
+
+
+class MemoryStore:
+    def __init__(self, config: FeatureSettings | None = None) -> None:
+        self.config = config or FeatureSettings()
+        self._users: dict[str, UserState] = {}
+        self._tombstones: dict[str, float] = {}
+        self._products: dict[str, ProductAttrs] = {}
+        self.product_docs: dict[str, bytes] = {}
+        self._prices: dict[str, tuple[int, int]] = {}
+        self._items: dict[str, tuple[float, ...]] = {}
+        self._query_items: dict[tuple[str, str], tuple[float, ...]] = {}
+        self._query_totals: dict[str, tuple[float, ...]] = {}
+        self._query_texts: dict[str, str] = {}
+        self._pending: dict[str, list[tuple[str, int, float]]] = {}
+        self._applied: set[str] = set()
+        self._offsets: dict[tuple[str, int], int] = {}
+
+    # --- writing ----------------------------------------------------------------------------
+
+    def apply(self, event: FeatureEvent) -> Outcome:
+        return self.apply_batch([Record(event)])
+
+    def apply_batch(self, records: Sequence[Record]) -> Outcome:
+        batch = list(records)
+        p = plan(batch, self._view(batch), self.config)
+        self._commit(p)
+        return Outcome(p.n_applied, p.duplicates, p.rejected)
+
+    def _view(self, records: list[Record]) -> View:
+        n = needs(records)
+        products = {p: self._products[p] for p in n.products if p in self._products}
+        cats = categories_needed(records, products)
+        return View(
+            users={u: self._users[u] for u in n.users if u in self._users},
+            tombstones={u: self._tombstones[u] for u in n.users if u in self._tombstones},
+            products=products,
+            category_prices={c: self._prices[c] for c in cats if c in self._prices},
+            applied={m for m in n.markers if m in self._applied},
+            offsets={tp: self._offsets[tp] for tp in n.partitions if tp in self._offsets},
+        )
+
+    def _commit(self, p: Plan) -> None:
+        self._users.update(p.users)
+        self._products.update(p.products)
+        self.product_docs.update(p.product_docs)
+        for cat, (dn, dc) in p.price_deltas.items():
+            n0, c0 = self._prices.get(cat, (0, 0))
+            self._prices[cat] = (n0 + dn, c0 + dc)
+        h_item = self.config.item_half_life_s
+        for pid, kind, t in p.items:
+            self._items[pid] = item.apply(self._items.get(pid, item.EMPTY), kind, t, h_item)
+        for query_id, text in p.queries:
+            self._query_texts[query_id] = text
+            for pid, kind, t in self._pending.pop(query_id, []):
+                self._query_item(text, pid, kind, t)
+        for query_id, pid, kind, t in p.query_items:
+            text = self._query_texts.get(query_id)
+            if text is None:
+                self._pending.setdefault(query_id, []).append((pid, kind, t))
+            else:
+                self._query_item(text, pid, kind, t)
+        self._applied.update(p.applied)
+        self._offsets.update(p.offsets)
+
+    def _query_item(self, text: str, pid: str, kind: int, t: float) -> None:
+        h = self.config.query_half_life_s
+        key = (text, pid)
+        self._query_items[key] = query_item.apply(self._query_items.get(key, query_item.EMPTY), kind, t, h)
+        self._query_totals[text] = query_item.apply(
+            self._query_totals.get(text, query_item.EMPTY), kind, t, h
+        )
+
+    def forget(self, user_id: str, at: float) -> None:
+        self._tombstones[user_id] = max(at, self._tombstones.get(user_id, at))
+        self._users.pop(user_id, None)
+
+    # --- reading ----------------------------------------------------------------------------
+
+    def snapshot(
+        self, users: Iterable[str], products: Iterable[str], pairs: Iterable[tuple[str, str]]
+    ) -> Snapshot:
+        pids = set(products)
+        pair_set = set(pairs)
+        texts = {text for text, _ in pair_set}
+        return Snapshot(
+            users={u: self._users[u] for u in set(users) if u in self._users},
+            products={p: self._products[p] for p in pids if p in self._products},
+            items={p: self._items[p] for p in pids if p in self._items},
+            query_items={k: self._query_items[k] for k in pair_set if k in self._query_items},
+            query_totals={t: self._query_totals[t] for t in texts if t in self._query_totals},
+            category_prices=dict(self._prices),
+        )
+
+    def user(self, user_id: str) -> UserState | None:
+        return self._users.get(user_id)
+
+    def users(self) -> dict[str, UserState]:
+        return dict(self._users)
+
+    def item(self, product_id: str) -> tuple[float, ...]:
+        return self._items.get(product_id, item.EMPTY)
+
+    def product(self, product_id: str) -> ProductAttrs | None:
+        return self._products.get(product_id)

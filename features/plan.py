@@ -1,0 +1,230 @@
+"""From a batch of events to the writes they cause: the one place where events meet feature rules.
+
+A store reads what the batch needs (:func:`needs`, then :func:`categories_needed`) into a
+:class:`View`, calls :func:`plan`, and commits the :class:`Plan` atomically. The memory store and
+the Redis store share this code; they differ only in how they read and commit.
+
+Idempotency: a record whose Kafka offset is not above the last offset committed for its partition
+is a redelivery; an event whose id already has an "applied" marker is a duplicate. Both are
+skipped. Shopper and product states are read-modify-written (each is owned by one partition);
+product, query-product and category statistics are commutative operations the store applies.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from core.events import CatalogProduct, Query, RankedResult
+from core.events import Interaction as InteractionT
+from core.events import encode as encode_event
+from core.settings import FeatureSettings
+from core.text import normalize_query
+from features import catalog, keys, user
+from features.catalog import ProductAttrs
+from features.item import IMPRESSION
+from features.user import KIND_OF, UserState
+
+FeatureEvent = Query | RankedResult | CatalogProduct | InteractionT
+INTERACTIONS = tuple(KIND_OF)
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where a record was read from; None for events applied offline."""
+
+    topic: str
+    partition: int
+    offset: int
+
+
+@dataclass(frozen=True)
+class Record:
+    event: FeatureEvent
+    source: Source | None = None
+
+
+@dataclass
+class Needs:
+    users: set[str] = field(default_factory=set)
+    products: set[str] = field(default_factory=set)
+    markers: set[str] = field(default_factory=set)
+    partitions: set[tuple[str, int]] = field(default_factory=set)
+
+
+@dataclass
+class View:
+    """The stored state a batch depends on (absent keys simply missing)."""
+
+    users: dict[str, UserState] = field(default_factory=dict)
+    tombstones: dict[str, float] = field(default_factory=dict)
+    products: dict[str, ProductAttrs] = field(default_factory=dict)
+    category_prices: dict[str, tuple[int, int]] = field(default_factory=dict)
+    applied: set[str] = field(default_factory=set)
+    offsets: dict[tuple[str, int], int] = field(default_factory=dict)
+
+
+@dataclass
+class Plan:
+    users: dict[str, UserState] = field(default_factory=dict)
+    products: dict[str, ProductAttrs] = field(default_factory=dict)
+    product_docs: dict[str, bytes] = field(default_factory=dict)
+    price_deltas: dict[str, tuple[int, int]] = field(default_factory=dict)
+    items: list[tuple[str, int, float]] = field(default_factory=list)
+    queries: list[tuple[str, str]] = field(default_factory=list)
+    query_items: list[tuple[str, str, int, float]] = field(default_factory=list)
+    applied: list[str] = field(default_factory=list)
+    offsets: dict[tuple[str, int], int] = field(default_factory=dict)
+    rejected: list[tuple[int, str]] = field(default_factory=list)
+    duplicates: int = 0
+
+    @property
+    def n_applied(self) -> int:
+        return len(self.applied)
+
+
+def marker(event: FeatureEvent) -> str | None:
+    """The "applied" marker key of an event; catalog updates are idempotent by themselves."""
+    if isinstance(event, INTERACTIONS):
+        return keys.applied("e", event.event_id)
+    if isinstance(event, Query):
+        return keys.applied("q", event.query_id)
+    if isinstance(event, RankedResult):
+        return keys.applied("r", event.query_id)
+    return None
+
+
+def needs(records: list[Record]) -> Needs:
+    n = Needs()
+    for r in records:
+        ev = r.event
+        if r.source is not None:
+            n.partitions.add((r.source.topic, r.source.partition))
+        m = marker(ev)
+        if m is not None:
+            n.markers.add(m)
+        if isinstance(ev, CatalogProduct):
+            n.products.add(ev.product_id)
+        elif isinstance(ev, Query):
+            n.users.add(ev.user_id)
+        elif isinstance(ev, RankedResult):
+            n.products.update(p.product_id for p in ev.products)
+        else:
+            n.users.add(ev.user_id)
+            n.products.add(ev.product_id)
+    return n
+
+
+def categories_needed(records: list[Record], products: dict[str, ProductAttrs]) -> set[str]:
+    """Categories whose typical price the batch reads or changes (known once products are read)."""
+    cats: set[str | None] = set()
+    for r in records:
+        ev = r.event
+        if isinstance(ev, CatalogProduct):
+            cats.add(catalog.category_of(ev))
+            old = products.get(ev.product_id)
+            cats.add(old.category if old else None)
+        elif isinstance(ev, INTERACTIONS) and ev.product_id in products:
+            cats.add(products[ev.product_id].category)
+    cats.discard(None)
+    return {c for c in cats if c is not None}
+
+
+class _Planner:
+    def __init__(self, view: View, cfg: FeatureSettings) -> None:
+        self.view, self.cfg, self.plan = view, cfg, Plan()
+        self.users = dict(view.users)
+        self.products = dict(view.products)
+        self.prices = dict(view.category_prices)
+        self.seen: set[str] = set()
+
+    def run(self, records: list[Record]) -> Plan:
+        for i, r in enumerate(records):
+            if self._is_redelivery(r):
+                self.plan.duplicates += 1
+                continue
+            m = marker(r.event)
+            if m is not None and (m in self.view.applied or m in self.seen):
+                self.plan.duplicates += 1
+                continue
+            reason = self._apply(r.event)
+            if reason is not None:
+                self.plan.rejected.append((i, reason))
+            elif m is not None:
+                self.seen.add(m)
+                self.plan.applied.append(m)
+        return self.plan
+
+    def _is_redelivery(self, r: Record) -> bool:
+        if r.source is None:
+            return False
+        tp = (r.source.topic, r.source.partition)
+        if r.source.offset <= self.view.offsets.get(tp, -1):
+            return True
+        self.plan.offsets[tp] = max(r.source.offset, self.plan.offsets.get(tp, -1))
+        return False
+
+    def _apply(self, ev: FeatureEvent) -> str | None:
+        if isinstance(ev, CatalogProduct):
+            self._product(ev)
+        elif isinstance(ev, Query):
+            self.plan.queries.append((ev.query_id, normalize_query(ev.text)))
+            if self._tracks(ev.user_id, ev.timestamp.timestamp()):
+                self._set_user(ev.user_id, user.on_query(self.users.get(ev.user_id), ev, self.cfg))
+        elif isinstance(ev, RankedResult):
+            return self._impressions(ev)
+        else:
+            return self._interaction(ev)
+        return None
+
+    def _tracks(self, user_id: str, t: float) -> bool:
+        """False for a forgotten shopper's events up to the moment they were forgotten."""
+        forgotten_at = self.view.tombstones.get(user_id)
+        return forgotten_at is None or t > forgotten_at
+
+    def _set_user(self, user_id: str, state: UserState) -> None:
+        self.users[user_id] = state
+        self.plan.users[user_id] = state
+
+    def _product(self, ev: CatalogProduct) -> None:
+        old = self.products.get(ev.product_id)
+        new = catalog.on_product(old, ev)
+        if new is None:
+            return
+        self.products[ev.product_id] = new
+        self.plan.products[ev.product_id] = new
+        self.plan.product_docs[ev.product_id] = encode_event(ev)
+        for cat, (dn, dc) in catalog.price_deltas(old, new).items():
+            n0, c0 = self.prices.get(cat, (0, 0))
+            self.prices[cat] = (n0 + dn, c0 + dc)
+            pn, pc = self.plan.price_deltas.get(cat, (0, 0))
+            self.plan.price_deltas[cat] = (pn + dn, pc + dc)
+
+    def _impressions(self, ev: RankedResult) -> str | None:
+        unknown = next((p.product_id for p in ev.products if p.product_id not in self.products), None)
+        if unknown is not None:
+            return f"unknown product_id {unknown!r} - at `$.products`"
+        t = ev.timestamp.timestamp()
+        self.plan.items.extend((p.product_id, IMPRESSION, t) for p in ev.products)
+        return None
+
+    def _interaction(self, ev: InteractionT) -> str | None:
+        attrs = self.products.get(ev.product_id)
+        if attrs is None:
+            return f"unknown product_id {ev.product_id!r} - at `$.product_id`"
+        t = ev.timestamp.timestamp()
+        kind = KIND_OF[type(ev)]
+        self.plan.items.append((ev.product_id, kind, t))
+        if ev.query_id is not None:
+            self.plan.query_items.append((ev.query_id, ev.product_id, kind, t))
+        if self._tracks(ev.user_id, t):
+            typical = None
+            if attrs.category is not None and attrs.category in self.prices:
+                typical = catalog.typical_price(*self.prices[attrs.category])
+            state = user.on_interaction(self.users.get(ev.user_id), ev, attrs, typical, self.cfg)
+            self._set_user(ev.user_id, state)
+        return None
+
+
+def plan(records: list[Record], view: View, cfg: FeatureSettings) -> Plan:
+    """The writes ``records`` cause on top of ``view``, in record order. Pure."""
+    return _Planner(view, cfg).run(records)

@@ -1,0 +1,165 @@
+"""The one read path: scorer (online, Redis) and trainer (offline, memory) call the same function.
+
+    store = MemoryStore(settings.features)          # or RedisStore(connect(settings.redis), ...)
+    for event in history_in_time_order: store.apply(event)
+    results = read_batch(store, [Request(user_id, normalize_query(text), candidates)], now)
+    results[0].features            # float32 [len(candidates), len(FEATURE_NAMES)]
+    results[0].recent_products     # the shopper's recent products, strongest first
+    results[0].recent_weights      # float32 weights (kind x recency as of ``now``)
+
+Decayed values are read as of ``now`` (event-time seconds). Unknown shoppers, products and queries
+read as cold-start defaults (zeros, ``user_has_history`` 0), never as errors. A shopper whose last
+activity is older than ``user_ttl_s`` reads as unknown, offline exactly as online.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Final
+
+import numpy as np
+
+from core.settings import FeatureSettings
+from features import catalog, decay, item, query_item, user
+from features.catalog import ProductAttrs
+from features.store import FeatureStore, Snapshot
+from features.user import UserState
+
+FEATURE_NAMES: Final[tuple[str, ...]] = (
+    "user_category_affinity",  # share of the shopper's decayed attention on the candidate's category
+    "user_brand_affinity",  # same for its brand
+    "price_ratio_log",  # log(price / category typical) - the shopper's mean log(paid / typical)
+    "user_activity_log",  # log1p(clicks + add-to-carts + purchases)
+    "user_searches_log",  # log1p(searches)
+    "hours_since_seen_log",  # log1p(hours since the shopper's last event)
+    "user_has_history",  # 1 when the shopper is known
+    "user_item_interest",  # the shopper's own decayed, kind-weighted interactions with the candidate
+    "item_clicks_log",  # log1p(decayed clicks)
+    "item_carts_log",  # log1p(decayed add-to-carts)
+    "item_purchases_log",  # log1p(decayed purchases)
+    "item_impressions_log",  # log1p(decayed impressions)
+    "item_ctr",  # decayed clicks / decayed impressions, smoothed toward ctr_prior
+    "item_age_days_log",  # log1p(days since the catalog first listed it)
+    "item_idle_hours_log",  # log1p(hours since its last interaction)
+    "item_price_log",  # log1p(catalog price)
+    "query_item_clicks_log",  # log1p(decayed clicks on the candidate after this query text)
+    "query_item_purchases_log",  # log1p(decayed purchases after this query text)
+    "query_item_click_share",  # the candidate's share of this query's decayed clicks
+    "position",  # the candidate's original position when given, else 0
+)
+INDEX: Final = {name: i for i, name in enumerate(FEATURE_NAMES)}
+
+
+@dataclass(frozen=True)
+class Request:
+    """One query to featurize: ``query`` is normalized text (core.text.normalize_query), "" if none."""
+
+    user_id: str
+    query: str
+    candidates: Sequence[str]
+    positions: Sequence[int] | None = None
+
+
+@dataclass(frozen=True)
+class Result:
+    features: np.ndarray  # float32 [n_candidates, len(FEATURE_NAMES)]
+    recent_products: tuple[str, ...]
+    recent_weights: np.ndarray  # float32 [len(recent_products)]
+
+
+def read_batch(store: FeatureStore, requests: Sequence[Request], now: float) -> list[Result]:
+    """Features for many requests from one snapshot (one Redis round trip)."""
+    pairs = {(r.query, pid) for r in requests if r.query for pid in r.candidates}
+    snap = store.snapshot(
+        (r.user_id for r in requests), (pid for r in requests for pid in r.candidates), pairs
+    )
+    return [_featurize(r, snap, now, store.config) for r in requests]
+
+
+def _featurize(req: Request, snap: Snapshot, now: float, cfg: FeatureSettings) -> Result:
+    state = snap.users.get(req.user_id)
+    if state is not None and not user.is_live(state, now, cfg):
+        state = None
+    out = np.zeros((len(req.candidates), len(FEATURE_NAMES)), dtype=np.float32)
+    interest = user.interest(state, now, cfg) if state is not None else {}
+    if state is not None:
+        _user_columns(out, state, now)
+    q_clicks = _query_clicks(snap, req.query, now, cfg)
+    for row, pid in enumerate(req.candidates):
+        attrs = snap.products.get(pid)
+        if state is not None:
+            _user_item_columns(out[row], state, attrs, snap, interest.get(pid, 0.0))
+        _item_columns(out[row], snap.items.get(pid), attrs, now, cfg)
+        if req.query:
+            _query_columns(out[row], snap.query_items.get((req.query, pid)), q_clicks, now, cfg)
+    if req.positions is not None:
+        out[:, INDEX["position"]] = np.asarray(req.positions, dtype=np.float32)
+    ranked = sorted(interest.items(), key=lambda kv: (-kv[1], kv[0]))
+    return Result(
+        out,
+        tuple(pid for pid, _ in ranked),
+        np.asarray([w for _, w in ranked], dtype=np.float32),
+    )
+
+
+def _user_columns(out: np.ndarray, s: UserState, now: float) -> None:
+    out[:, INDEX["user_activity_log"]] = math.log1p(s.n_clicks + s.n_carts + s.n_purchases)
+    out[:, INDEX["user_searches_log"]] = math.log1p(s.n_searches)
+    out[:, INDEX["hours_since_seen_log"]] = math.log1p(max(0.0, now - s.last_seen) / 3600.0)
+    out[:, INDEX["user_has_history"]] = 1.0
+
+
+def _user_item_columns(
+    row: np.ndarray, s: UserState, attrs: ProductAttrs | None, snap: Snapshot, interest: float
+) -> None:
+    row[INDEX["user_item_interest"]] = interest
+    if attrs is None:
+        return
+    row[INDEX["user_category_affinity"]] = user.affinity_share(s.categories, attrs.category)
+    row[INDEX["user_brand_affinity"]] = user.affinity_share(s.brands, attrs.brand)
+    paid = user.paid_log_ratio(s)
+    typical = None
+    if attrs.category is not None and attrs.category in snap.category_prices:
+        typical = catalog.typical_price(*snap.category_prices[attrs.category])
+    if paid is not None and typical and attrs.price and attrs.price > 0:
+        row[INDEX["price_ratio_log"]] = math.log(attrs.price / typical) - paid
+
+
+def _item_columns(
+    row: np.ndarray, st: tuple[float, ...] | None, attrs: ProductAttrs | None, now: float,
+    cfg: FeatureSettings,
+) -> None:
+    if attrs is not None:
+        row[INDEX["item_age_days_log"]] = math.log1p(max(0.0, now - attrs.first_seen) / 86400.0)
+        row[INDEX["item_price_log"]] = math.log1p(attrs.price or 0.0)
+    st = st or item.EMPTY
+    h, t_ref = cfg.item_half_life_s, st[item.T]
+    for name, slot in (("item_clicks_log", item.CLICKS), ("item_carts_log", item.CARTS),
+                       ("item_purchases_log", item.PURCHASES),
+                       ("item_impressions_log", item.IMPRESSIONS)):
+        row[INDEX[name]] = math.log1p(decay.value_at(st[slot], t_ref, now, h))
+    row[INDEX["item_ctr"]] = item.ctr(st, cfg.ctr_prior, cfg.ctr_prior_strength)
+    if st[item.LAST] > 0:
+        row[INDEX["item_idle_hours_log"]] = math.log1p(max(0.0, now - st[item.LAST]) / 3600.0)
+
+
+def _query_clicks(snap: Snapshot, text: str, now: float, cfg: FeatureSettings) -> float:
+    st = snap.query_totals.get(text)
+    if not text or st is None:
+        return 0.0
+    return decay.value_at(st[query_item.CLICKS], st[query_item.T], now, cfg.query_half_life_s)
+
+
+def _query_columns(
+    row: np.ndarray, st: tuple[float, ...] | None, q_clicks: float, now: float, cfg: FeatureSettings
+) -> None:
+    if st is None:
+        return
+    h, t_ref = cfg.query_half_life_s, st[query_item.T]
+    clicks = decay.value_at(st[query_item.CLICKS], t_ref, now, h)
+    row[INDEX["query_item_clicks_log"]] = math.log1p(clicks)
+    purchases = decay.value_at(st[query_item.PURCHASES], t_ref, now, h)
+    row[INDEX["query_item_purchases_log"]] = math.log1p(purchases)
+    row[INDEX["query_item_click_share"]] = clicks / q_clicks if q_clicks > 0 else 0.0
