@@ -50,6 +50,11 @@ class Examples:
     def __len__(self) -> int:
         return len(self.text_id)
 
+    def narrowed(self, width: int) -> Examples:
+        """The first ``width`` candidates of each list (lists are left-aligned, padding last)."""
+        return Examples(self.texts, self.text_id, self.cand_idx[:, :width], self.grades[:, :width],
+                        self.dense[:, :width], self.hist_idx, self.hist_w, self.valid[:, :width])
+
     def subset(self, rows: np.ndarray) -> Examples:
         return Examples(self.texts, self.text_id[rows], self.cand_idx[rows], self.grades[rows],
                         self.dense[rows], self.hist_idx[rows], self.hist_w[rows], self.valid[rows])

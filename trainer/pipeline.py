@@ -1,0 +1,127 @@
+"""One training run on Best Buy: point-in-time lists, fine-tuning, ONNX export, a model version.
+
+``train_run`` builds everything in memory and returns it; ``write_version`` writes a version
+folder (atomically, via core.registry) whose graphs, product embeddings and tokenizer are what
+the scorer serves.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import shutil
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import structlog
+import torch
+from tokenizers import Tokenizer
+
+from core.events import CatalogProduct
+from core.pretrained import minilm_path
+from core.registry import ModelVersion, publish_version
+from core.settings import Settings
+from core.text import normalize_query
+from evaluation.ranker import SearchRow
+from features.memory import MemoryStore
+from features.read import FEATURE_NAMES
+from trainer.examples import Catalog, ListBuilder, build_lists
+from trainer.export import export_onnx, max_abs_difference
+from trainer.fit import FitConfig, FitResult, fit
+from trainer.model import PersonalRanker, RankerConfig, encoder_config_of, load_encoder
+from trainer.products import embed_texts, product_text
+
+log = structlog.get_logger(__name__)
+
+USER_FEATURES = (
+    "user_category_affinity", "user_brand_affinity", "price_ratio_log", "user_activity_log",
+    "user_searches_log", "hours_since_seen_log", "user_has_history", "user_item_interest",
+)
+VALIDATION_FRACTION = 0.1
+EXPORT_TOLERANCE = 1e-3
+
+
+@dataclass
+class TrainRun:
+    model: PersonalRanker
+    tokenizer: Tokenizer
+    catalog: Catalog
+    store: MemoryStore  # the features as of the end of the training rows
+    result: FitResult
+    window: tuple[datetime, datetime]
+    n_rows: int
+
+
+def fit_config(settings: Settings) -> FitConfig:
+    m = settings.model
+    return FitConfig(epochs=m.epochs, batch_size=m.batch_size, learning_rate=m.learning_rate,
+                     encoder_learning_rate=m.encoder_learning_rate, patience=m.patience,
+                     max_minutes=m.max_minutes, seed=m.seed)
+
+
+def train_run(settings: Settings, rows: Sequence[SearchRow], products: Mapping[str, CatalogProduct],
+              personalized: bool = True, progress: bool = True) -> TrainRun:
+    """Fine-tune a ranker on ``rows`` (time ordered); the last 10% of searches validate it."""
+    torch.manual_seed(settings.model.seed)
+    path = minilm_path()
+    tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
+    cfg = RankerConfig(feature_names=FEATURE_NAMES, user_feature_names=USER_FEATURES,
+                       personalized=personalized, encoder=encoder_config_of(path))
+    model = PersonalRanker(cfg, load_encoder(path))
+    ids = list(products)
+    catalog = Catalog(ids, embed_texts(model.query, tokenizer, [product_text(products[p]) for p in ids],
+                                       progress=progress))
+    texts = sorted({normalize_query(r.query) for r in rows})
+    vectors = dict(zip(texts, embed_texts(model.query, tokenizer, texts, max_len=cfg.max_query_len,
+                                          progress=progress), strict=True))
+    times = sorted(r.query_time for r in rows if r.query_time)
+    val_from = times[int(len(times) * (1 - VALIDATION_FRACTION))]
+    store = MemoryStore(settings.features)
+    width = settings.model.negatives + 1
+    builder = ListBuilder(catalog, vectors, width, cfg.history_len, settings.model.seed)
+    started = time.monotonic()
+    lists, is_val = build_lists(rows, store, builder, full_from=val_from, progress=progress)
+    train = lists.subset(np.flatnonzero(~is_val)).narrowed(width)
+    val = lists.subset(np.flatnonzero(is_val))
+    log.info("training_lists", train=len(train), val=len(val), seconds=round(time.monotonic() - started, 1))
+    result = fit(model, tokenizer, catalog.table(), train, val, fit_config(settings))
+    return TrainRun(model, tokenizer, catalog, store, result, (times[0], times[-1]), len(rows))
+
+
+def version_name(run: TrainRun) -> str:
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
+    return f"{stamp}-{'p' if run.model.cfg.personalized else 'np'}-{run.result.best_metric:.4f}"
+
+
+def write_version(registry: Path, run: TrainRun, metrics: dict[str, float], parent: str | None,
+                  name: str | None = None) -> ModelVersion:
+    """Export the graphs, check them against torch, and publish the version folder whole."""
+
+    def write(folder: Path) -> None:
+        export_onnx(run.model, folder)
+        diff = max_abs_difference(run.model, folder, batch=3, length=7, candidates=11, history=4)
+        if diff > EXPORT_TOLERANCE:
+            raise RuntimeError(f"onnxruntime and torch disagree by {diff:.2e} (> {EXPORT_TOLERANCE})")
+        np.save(folder / "product_emb.npy", run.catalog.embeddings.astype(np.float32))
+        (folder / "product_ids.json").write_text(json.dumps(run.catalog.product_ids))
+        shutil.copy(minilm_path() / "tokenizer.json", folder / "tokenizer.json")
+        torch.save(run.model.state_dict(), folder / "weights.pt")
+
+    manifest = {
+        "parent_version": parent,
+        "created_at": datetime.now(UTC).isoformat(),
+        "data_window": {"from": run.window[0].isoformat(), "to": run.window[1].isoformat(),
+                        "rows": run.n_rows},
+        "metrics": metrics,
+        "training": {"best_epoch": run.result.best_epoch, "val_map5": run.result.best_metric,
+                     "seconds": round(run.result.seconds, 1), "stopped": run.result.stopped,
+                     "history": run.result.history},
+        "config": run.model.cfg.to_dict(),
+        "features": run.store.config.model_dump(),
+        "host": platform.node(),
+    }
+    return publish_version(registry, name or version_name(run), manifest, write)
