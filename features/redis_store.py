@@ -12,6 +12,7 @@ import itertools
 import os
 import time
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 import redis
 import structlog
@@ -30,13 +31,12 @@ MAX_ATTEMPTS = 50
 
 
 def connect(settings: RedisSettings) -> redis.Redis:
-    return redis.Redis.from_url(
-        settings.url,
-        password=settings.password.get_secret_value() if settings.password else None,
-        ssl_ca_certs=settings.tls_ca_certs,
-        socket_timeout=settings.socket_timeout_s,
-        health_check_interval=30,
-    )
+    options: dict[str, Any] = {"socket_timeout": settings.socket_timeout_s, "health_check_interval": 30}
+    if settings.password is not None:
+        options["password"] = settings.password.get_secret_value()
+    if settings.url.startswith("rediss://") and settings.tls_ca_certs:
+        options["ssl_ca_certs"] = settings.tls_ca_certs
+    return redis.Redis.from_url(settings.url, **options)
 
 
 class ConflictError(RuntimeError):
@@ -54,10 +54,14 @@ class RedisStore:
         self.config = config or FeatureSettings()
         self.streams = streams or StreamsSettings()
         self._commit_script = client.register_script(COMMIT)
-        self._etags = (os.urandom(4) + n.to_bytes(4, "big") for n in itertools.count())
+        self._etag_prefix = os.urandom(4)
+        self._etag_counter = itertools.count()  # next() on it is atomic: agents share the store
         self.conflicts = 0
 
     # --- writing ----------------------------------------------------------------------------
+
+    def _etag(self) -> bytes:
+        return self._etag_prefix + (next(self._etag_counter) % 2**32).to_bytes(4, "big")
 
     def apply(self, event: FeatureEvent) -> Outcome:
         return self.apply_batch([Record(event)])
@@ -130,9 +134,9 @@ class RedisStore:
         user_ttl = str(self.config.user_ttl_s * 1000)
         sets: list[tuple[str, bytes, str]] = []
         for u, st in p.users.items():
-            sets.append((keys.user(u), next(self._etags) + user.encode(st), user_ttl))
+            sets.append((keys.user(u), self._etag() + user.encode(st), user_ttl))
         for pid, attrs in p.products.items():
-            sets.append((keys.product(pid), next(self._etags) + catalog.encode(attrs), "0"))
+            sets.append((keys.product(pid), self._etag() + catalog.encode(attrs), "0"))
         for pid, doc in p.product_docs.items():
             sets.append((keys.product_doc(pid), doc, "0"))
         hincr = []

@@ -20,6 +20,7 @@ COMMAND_MODULES = (
     "replay.commands",
     "evaluation.commands",
     "shoprank.demo",
+    "streams.commands",
 )
 
 

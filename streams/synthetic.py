@@ -4,6 +4,7 @@ for tests and the benchmark: realistic shape, any size, the same events for the 
 from __future__ import annotations
 
 import random
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -58,10 +59,10 @@ def sessions(shape: Shape, n_queries: int, start: datetime = START) -> Iterator[
     t = start
     for q in range(n_queries):
         t += timedelta(milliseconds=rnd.randrange(1, 2000))
-        heavy = rnd.random() < 0.3
-        uid = f"u{min(int(rnd.paretovariate(1.2)) - 1, shape.users - 1) if heavy else rnd.randrange(shape.users)}"
+        heavy = min(int(rnd.paretovariate(1.2)) - 1, shape.users - 1)
+        uid = f"u{heavy if rnd.random() < 0.3 else rnd.randrange(shape.users)}"
         qid, sid = f"q{shape.seed}-{q}", f"s{uid}-{q // 5}"
-        favourite = hash(uid) % shape.categories
+        favourite = zlib.crc32(uid.encode()) % shape.categories
         text = f"{WORDS[(favourite + rnd.randrange(3)) % len(WORDS)]} {rnd.choice(WORDS)}"
         per_cat = shape.products // shape.categories
         shown = [f"p{(favourite + shape.categories * rnd.randrange(per_cat)) % shape.products}"

@@ -1,0 +1,45 @@
+"""``shoprank streams`` (run a feature worker), ``shoprank rebuild``, ``shoprank forget USER``."""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from core.settings import Settings
+
+
+def cmd_streams(args: argparse.Namespace, settings: Settings) -> int:
+    from streams.worker import run_worker
+
+    return run_worker(settings)
+
+
+def cmd_rebuild(args: argparse.Namespace, settings: Settings) -> int:
+    from streams.rebuild import rebuild
+
+    report = rebuild(settings, progress=not args.quiet)
+    print(f"rebuild: {report.events} events from {report.records} records in {report.seconds:.1f} s, "
+          f"{report.dead_letters} dead letters, {report.cleared} keys cleared first")
+    return 0
+
+
+def cmd_forget(args: argparse.Namespace, settings: Settings) -> int:
+    from features.redis_store import RedisStore, connect
+
+    at = args.at if args.at is not None else time.time()
+    RedisStore(connect(settings.redis), settings.features, settings.streams).forget(args.user, at)
+    print(f"forget: {args.user} removed; their events up to {at:.3f} (epoch s) stay ignored")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("streams", help="run a feature worker (faust): events -> features in Redis")
+    p.set_defaults(func=cmd_streams)
+    p = sub.add_parser("rebuild", help="recompute all features in Redis from the retained Kafka log")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_rebuild)
+    p = sub.add_parser("forget", help="remove a shopper's features; late events do not bring them back")
+    p.add_argument("user", help="the shopper's user_id")
+    p.add_argument("--at", type=float, default=None,
+                   help="ignore their events up to this event time (epoch s; default: now)")
+    p.set_defaults(func=cmd_forget)

@@ -1,0 +1,72 @@
+"""The one place bad input goes: the dead-letter topic, a counter and a log line.
+
+An event that fails validation, or names a product the catalog does not know, is published with
+its original bytes and key to the dead-letter topic, with headers ``reason``, ``source_topic``,
+``source_partition`` and ``source_offset``; the worker goes on with the rest of the batch. The
+source offset is committed only after the dead letter is acknowledged by the broker, so nothing is
+lost; a crash in between may publish one dead letter twice (the headers identify the original).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import structlog
+
+from streams import metrics
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    reason: str
+
+    @property
+    def kind(self) -> str:
+        return "unknown_product" if self.reason.startswith("unknown product_id") else "invalid"
+
+    def headers(self) -> list[tuple[str, bytes]]:
+        return [
+            ("reason", self.reason.encode()),
+            ("source_topic", self.topic.encode()),
+            ("source_partition", str(self.partition).encode()),
+            ("source_offset", str(self.offset).encode()),
+        ]
+
+
+Publish = Callable[[DeadLetter], Awaitable[None]]
+
+
+class DeadLetters:
+    """Counts and logs every dead letter; publishes it when given a ``publish`` coroutine (the
+    worker), not when replaying history (``rebuild``: it was published when first consumed)."""
+
+    def __init__(self, publish: Publish | None = None) -> None:
+        self._publish = publish
+        self.count = 0
+
+    def note(self, letter: DeadLetter) -> None:
+        self.count += 1
+        metrics.DEAD_LETTERS.labels(letter.topic, letter.kind).inc()
+        metrics.EVENTS.labels(letter.topic, "dead_letter").inc()
+        log.warning(
+            "dead_letter",
+            topic=letter.topic,
+            partition=letter.partition,
+            offset=letter.offset,
+            reason=letter.reason,
+            published=self._publish is not None,
+        )
+
+    async def send(self, letters: list[DeadLetter]) -> None:
+        for letter in letters:
+            self.note(letter)
+            if self._publish is not None:
+                await self._publish(letter)

@@ -1,0 +1,95 @@
+"""From raw Kafka records to one atomic feature-store commit, plus the dead letters of the batch.
+
+Faust-free, so the worker, ``rebuild`` and the benchmark share it. Redis being unreachable is
+retried here, forever, with backoff: a batch is never acknowledged before it is in Redis.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+import structlog
+
+from core import events
+from core.events import InvalidEvent
+from core.settings import Settings
+from features.plan import Record, Source
+from features.redis_store import RedisStore
+from features.store import Outcome
+from streams import metrics
+from streams.deadletter import DeadLetter
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class RawRecord:
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+
+
+def codecs(settings: Settings) -> dict[str, events.Codec[Any]]:
+    """The contract each consumed topic carries."""
+    t = settings.topics
+    return {
+        t.catalog: events.CATALOG,
+        t.queries: events.QUERIES,
+        t.results: events.RESULTS,
+        t.interactions: events.INTERACTIONS,
+    }
+
+
+class Processor:
+    def __init__(self, settings: Settings, store: RedisStore) -> None:
+        self.store = store
+        self.codecs = codecs(settings)
+
+    def decode(self, raws: list[RawRecord]) -> tuple[list[Record], list[RawRecord], list[DeadLetter]]:
+        records, origins, letters = [], [], []
+        for raw in raws:
+            try:
+                if raw.value is None:
+                    raise InvalidEvent("empty record (null value)")
+                ev = self.codecs[raw.topic].decode(raw.value)
+            except InvalidEvent as exc:
+                letters.append(_letter(raw, exc.reason))
+                continue
+            records.append(Record(ev, Source(raw.topic, raw.partition, raw.offset)))
+            origins.append(raw)
+        return records, origins, letters
+
+    def apply(self, raws: list[RawRecord]) -> list[DeadLetter]:
+        """Apply a batch; returns its dead letters (invalid, or naming an unknown product)."""
+        started = time.perf_counter()
+        records, origins, letters = self.decode(raws)
+        if records:
+            outcome = self._apply_with_retry(records)
+            letters += [_letter(origins[i], reason) for i, reason in outcome.rejected]
+            topic = raws[0].topic
+            metrics.EVENTS.labels(topic, "applied").inc(outcome.applied)
+            metrics.EVENTS.labels(topic, "duplicate").inc(outcome.duplicates)
+        metrics.BATCH_SECONDS.observe(time.perf_counter() - started)
+        return letters
+
+    def _apply_with_retry(self, records: list[Record]) -> Outcome:
+        delay = 0.05
+        while True:
+            conflicts = self.store.conflicts
+            try:
+                outcome = self.store.apply_batch(records)
+                metrics.CONFLICTS.inc(self.store.conflicts - conflicts)
+                return outcome
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                log.warning("redis_unavailable", error=str(exc), retry_in_s=delay)
+                time.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+
+def _letter(raw: RawRecord, reason: str) -> DeadLetter:
+    return DeadLetter(raw.topic, raw.partition, raw.offset, raw.key, raw.value, reason)

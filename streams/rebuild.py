@@ -1,0 +1,100 @@
+"""Recompute every feature from the retained Kafka log into Redis (after Redis was lost).
+
+Clears the feature keys (tombstones of forgotten shoppers stay), then reads the catalog topic to
+its end, then queries, results and interactions to the ends they had when the rebuild started,
+through the same processor as the workers. The partition offsets it records let workers that
+resume afterwards skip what the rebuild already applied. Stop the workers while it runs.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import structlog
+from confluent_kafka import Consumer, KafkaException, TopicPartition
+from tqdm import tqdm
+
+from core import kafka
+from core.settings import Settings
+from features.redis_store import RedisStore, connect
+from streams.deadletter import DeadLetters
+from streams.processor import Processor, RawRecord
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class RebuildReport:
+    records: int
+    events: int
+    dead_letters: int
+    cleared: int
+    seconds: float
+
+
+def rebuild(settings: Settings, progress: bool = True) -> RebuildReport:
+    started = time.perf_counter()
+    store = RedisStore(connect(settings.redis), settings.features, settings.streams)
+    cleared = store.clear()
+    processor = Processor(settings, store)
+    letters = DeadLetters()  # already published when first consumed: count, do not republish
+    consumer = kafka.consumer(settings, group_id=f"{settings.streams.group_id}-rebuild")
+    t = settings.topics
+    records = 0
+    try:
+        for phase in ([t.catalog], [t.queries, t.results, t.interactions]):
+            records += _replay(consumer, phase, processor, letters, settings.streams.batch_size, progress)
+    finally:
+        consumer.close()
+    applied = int(store.client.hget("stats", "applied") or 0)
+    report = RebuildReport(records, applied, letters.count, cleared, time.perf_counter() - started)
+    log.info("rebuild_done", records=report.records, events=report.events,
+             dead_letters=report.dead_letters, seconds=round(report.seconds, 2))
+    return report
+
+
+def _replay(consumer: Consumer, topics: list[str], processor: Processor, letters: DeadLetters,
+            batch: int, progress: bool) -> int:
+    ends: dict[tuple[str, int], int] = {}
+    starts = []
+    meta = consumer.list_topics(timeout=10)
+    for topic in topics:
+        for p in meta.topics[topic].partitions:
+            low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
+            if high > low:
+                ends[(topic, p)] = high
+                starts.append(TopicPartition(topic, p, low))
+    total = sum(ends[(tp.topic, tp.partition)] - tp.offset for tp in starts)
+    if not starts:
+        return 0
+    consumer.assign(starts)
+    seen = 0
+    with tqdm(total=total, desc=f"rebuild {', '.join(topics)}", unit="ev", disable=not progress) as bar:
+        while ends:
+            msgs = consumer.consume(num_messages=batch, timeout=0.5)
+            raws = []
+            for m in msgs:
+                if m.error():
+                    raise KafkaException(m.error())
+                tp = (m.topic(), m.partition())
+                end = ends.get(tp)
+                if end is None or m.offset() >= end:
+                    continue
+                raws.append(RawRecord(m.topic(), m.partition(), m.offset(), m.key(), m.value()))
+            if raws:
+                for letter in processor.apply(raws):
+                    letters.note(letter)
+                seen += len(raws)
+                bar.update(len(raws))
+            _drop_finished(consumer, ends)
+    consumer.unassign()
+    return seen
+
+
+def _drop_finished(consumer: Consumer, ends: dict[tuple[str, int], int]) -> None:
+    """Partitions whose position reached the end they had at the start (gaps of compaction too)."""
+    positions = consumer.position([TopicPartition(t, p) for t, p in ends])
+    for tp in positions:
+        if tp.offset >= ends[(tp.topic, tp.partition)]:
+            del ends[(tp.topic, tp.partition)]
