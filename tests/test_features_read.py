@@ -1,0 +1,73 @@
+"""The read path gives the trainer (memory store) and the scorer (Redis) identical matrices."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import numpy as np
+import redis
+
+from core.events import AddToCart, CatalogProduct, Click, Purchase
+from core.settings import FeatureSettings
+from core.text import normalize_query
+from features.memory import MemoryStore
+from features.plan import Record
+from features.read import FEATURE_NAMES, INDEX, Request, read_batch
+from features.redis_store import RedisStore
+from streams.synthetic import Shape, catalog, sessions
+
+CFG = FeatureSettings()
+
+
+def test_memory_and_redis_give_identical_matrices(redis_client: redis.Redis) -> None:
+    shape = Shape(users=50, products=120)
+    events = [*catalog(shape), *sessions(shape, 1500)]
+    memory, online = MemoryStore(CFG), RedisStore(redis_client, CFG)
+    for ev in events:  # offline: one event at a time, in time order
+        memory.apply(ev)
+    for i in range(0, len(events), 250):  # online: batches, as a worker commits them
+        online.apply_batch([Record(ev) for ev in events[i : i + 250]])
+    assert memory.users() == online.users()
+
+    now = events[-1].timestamp.timestamp() + 3600
+    texts = ["tv case", "laptop phone", "nothing like it"]
+    requests = [Request(f"u{u}", normalize_query(texts[u % 3]), [f"p{p}" for p in range(0, 120, 3)],
+                        positions=list(range(1, 41))) for u in range(50)]
+    requests.append(Request("stranger", "", ["p1", "unknown-product"]))
+    for a, b in zip(read_batch(memory, requests, now), read_batch(online, requests, now), strict=True):
+        assert a.features.shape == (len(a.features), len(FEATURE_NAMES))
+        np.testing.assert_array_equal(a.features, b.features)
+        assert a.recent_products == b.recent_products
+        np.testing.assert_array_equal(a.recent_weights, b.recent_weights)
+    assert any(r.features[:, INDEX["query_item_clicks_log"]].any() for r in read_batch(memory, requests, now))
+
+
+def test_recent_products_rank_purchase_over_cart_over_click_and_decay() -> None:
+    t0 = datetime(2026, 3, 1, tzinfo=UTC)
+    store = MemoryStore(CFG)
+    for p in ("a", "b", "c", "d"):
+        store.apply(CatalogProduct(product_id=p, title=p, category_path=["x"], price=10.0, updated_at=t0))
+    common = {"user_id": "u", "session_id": "s", "timestamp": t0}
+    store.apply(Click(event_id="1", product_id="a", **common))
+    store.apply(AddToCart(event_id="2", product_id="b", **common))
+    store.apply(Purchase(event_id="3", product_id="c", order_id="o", price=10.0, **common))
+    store.apply(Click(event_id="4", product_id="d", **common | {"timestamp": t0 - timedelta(days=4)}))
+    [res] = read_batch(store, [Request("u", "", ["a", "d"])], t0.timestamp())
+    assert res.recent_products == ("c", "b", "a", "d")
+    assert res.recent_weights.tolist() == [5.0, 3.0, 1.0, 0.25]  # d: two half-lives old
+    assert res.features[:, INDEX["user_item_interest"]].tolist() == [1.0, 0.25]
+
+
+def test_reads_are_point_in_time() -> None:
+    t0 = datetime(2026, 3, 1, tzinfo=UTC)
+    store = MemoryStore(CFG)
+    store.apply(CatalogProduct(product_id="a", title="a", category_path=["x"], price=10.0, updated_at=t0))
+    store.apply(Click(event_id="1", product_id="a", user_id="u", session_id="s", timestamp=t0))
+    [now] = read_batch(store, [Request("u", "", ["a"])], t0.timestamp())
+    week_later = t0.timestamp() + CFG.item_half_life_s
+    [week] = read_batch(store, [Request("u", "", ["a"])], week_later)
+    clicks = INDEX["item_clicks_log"]
+    assert now.features[0, clicks] == np.float32(np.log1p(1.0))
+    assert week.features[0, clicks] == np.float32(np.log1p(0.5))
+    [gone] = read_batch(store, [Request("u", "", ["a"])], t0.timestamp() + CFG.user_ttl_s + 1)
+    assert gone.features[0, INDEX["user_has_history"]] == 0.0

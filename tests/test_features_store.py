@@ -1,0 +1,137 @@
+"""One suite, two stores: the in-memory store (training) and the Redis store (serving) must
+behave alike, down to the bit, on the same events."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+
+import numpy as np
+import pytest
+import redis
+
+from core.events import CatalogProduct, Click, Purchase, Query, RankedProduct, RankedResult
+from core.settings import FeatureSettings
+from features.memory import MemoryStore
+from features.plan import Record, Source
+from features.read import FEATURE_NAMES, INDEX, Request, read_batch
+from features.redis_store import RedisStore
+from features.store import FeatureStore
+
+T0 = datetime(2026, 3, 1, tzinfo=UTC)
+CFG = FeatureSettings()
+
+
+@pytest.fixture(params=["memory", "redis"])
+def store(request: pytest.FixtureRequest) -> Iterator[FeatureStore]:
+    if request.param == "memory":
+        yield MemoryStore(CFG)
+    else:
+        client: redis.Redis = request.getfixturevalue("redis_client")
+        yield RedisStore(client, CFG)
+
+
+def product(pid: str, cat: str = "tv", price: float = 100.0) -> CatalogProduct:
+    return CatalogProduct(product_id=pid, title=pid, brand="acme", category_path=[cat], price=price,
+                          updated_at=T0 - timedelta(days=10))
+
+
+def click(eid: str, pid: str = "p1", user: str = "u1", minutes: float = 0, query_id: str | None = None,
+          kind: type = Click) -> Click:
+    extra = {"order_id": "o", "price": 80.0} if kind is Purchase else {}
+    return kind(event_id=eid, user_id=user, session_id="s", product_id=pid, query_id=query_id,
+                timestamp=T0 + timedelta(minutes=minutes), **extra)
+
+
+def query(qid: str, text: str = "Big TV!", minutes: float = 0) -> Query:
+    return Query(query_id=qid, user_id="u1", session_id="s", text=text,
+                 timestamp=T0 + timedelta(minutes=minutes))
+
+
+def load_catalog(store: FeatureStore) -> None:
+    store.apply_batch([Record(product(p, c, price)) for p, c, price in
+                       [("p1", "tv", 100.0), ("p2", "tv", 300.0), ("p3", "phone", 50.0)]])
+
+
+def test_applies_interactions_to_shopper_and_product(store: FeatureStore) -> None:
+    load_catalog(store)
+    out = store.apply_batch([Record(click("e1")), Record(click("e2", "p3", kind=Purchase, minutes=1))])
+    assert (out.applied, out.duplicates, out.rejected) == (2, 0, [])
+    s = store.user("u1")
+    assert s is not None and (s.n_clicks, s.n_purchases) == (1, 1)
+    assert [r.product_id for r in s.recent] == ["p1", "p3"]
+    assert s.price_sum / s.price_weight == pytest.approx(np.log(80.0 / 50.0))
+
+
+def test_same_event_twice_counts_once(store: FeatureStore) -> None:
+    load_catalog(store)
+    store.apply_batch([Record(click("e1")), Record(click("e1"))])
+    out = store.apply_batch([Record(click("e1"))])
+    assert out.duplicates == 1 and out.applied == 0
+    s = store.user("u1")
+    assert s is not None and s.n_clicks == 1
+
+
+def test_redelivered_offsets_are_skipped_even_without_markers(store: FeatureStore) -> None:
+    load_catalog(store)
+    src = [Source("t", 0, i) for i in range(3)]
+    store.apply_batch([Record(click(f"e{i}"), src[i]) for i in range(2)])
+    out = store.apply_batch([Record(click("other-id"), src[1]), Record(click("e9"), src[2])])
+    assert (out.applied, out.duplicates) == (1, 1)
+    s = store.user("u1")
+    assert s is not None and s.n_clicks == 3
+
+
+def test_unknown_product_is_rejected_with_reason_and_the_rest_applies(store: FeatureStore) -> None:
+    load_catalog(store)
+    result = RankedResult(query_id="q1", user_id="u1", session_id="s", model_version="v",
+                          products=[RankedProduct(product_id="nope", score=1, position=1)], timestamp=T0)
+    out = store.apply_batch([Record(click("e1", "ghost")), Record(click("e2")), Record(result)])
+    assert [i for i, _ in out.rejected] == [0, 2]
+    assert "unknown product_id 'ghost'" in out.rejected[0][1]
+    assert out.applied == 1
+
+
+def test_click_joins_its_query_text_whichever_arrives_first(store: FeatureStore) -> None:
+    load_catalog(store)
+    store.apply(click("e1", query_id="q1", minutes=1))  # before its query: waits
+    store.apply(query("q1"))
+    store.apply(query("q2", text="big tv", minutes=2))
+    store.apply(click("e2", "p2", query_id="q2", minutes=3))
+    now = (T0 + timedelta(minutes=3)).timestamp()
+    [res] = read_batch(store, [Request("u1", "big tv", ["p1", "p2", "p3"])], now)
+    f = res.features
+    assert f[0, INDEX["query_item_clicks_log"]] == pytest.approx(np.log1p(1.0), rel=1e-4)
+    assert f[0, INDEX["query_item_click_share"]] == pytest.approx(0.5, rel=1e-4)
+    assert f[2, INDEX["query_item_clicks_log"]] == 0.0
+
+
+def test_forget_removes_shopper_and_late_events_do_not_bring_them_back(store: FeatureStore) -> None:
+    load_catalog(store)
+    store.apply(click("e1", minutes=0))
+    store.forget("u1", (T0 + timedelta(minutes=5)).timestamp())
+    assert store.user("u1") is None
+    store.apply(click("e2", minutes=4))  # late: happened before the forget
+    assert store.user("u1") is None
+    assert store.item("p1")[1] > 1.9  # product statistics still count it (anonymous aggregate)
+    store.apply(click("e3", minutes=6))  # new activity after the forget starts afresh
+    s = store.user("u1")
+    assert s is not None and s.n_clicks == 1
+
+
+def test_stale_catalog_update_is_ignored_and_typical_price_follows(store: FeatureStore) -> None:
+    load_catalog(store)
+    store.apply(CatalogProduct(product_id="p2", title="p2", category_path=["tv"], price=500.0,
+                               updated_at=T0 - timedelta(days=20)))
+    snap = store.snapshot([], ["p2"], [])
+    assert snap.products["p2"].price == 300.0
+    assert snap.category_prices["tv"] == (2, 40000)
+
+
+def test_cold_start_reads_defaults(store: FeatureStore) -> None:
+    [res] = read_batch(store, [Request("nobody", "never seen", ["x", "y"], positions=[1, 2])], T0.timestamp())
+    assert res.features.shape == (2, len(FEATURE_NAMES)) and res.features.dtype == np.float32
+    assert res.features[:, INDEX["user_has_history"]].tolist() == [0.0, 0.0]
+    assert res.features[:, INDEX["position"]].tolist() == [1.0, 2.0]
+    assert res.features[:, INDEX["item_ctr"]].tolist() == pytest.approx([CFG.ctr_prior] * 2)
+    assert res.recent_products == () and res.recent_weights.shape == (0,)
