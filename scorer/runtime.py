@@ -8,7 +8,7 @@ version that cannot score never replaces one that can.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -56,6 +56,7 @@ class Batch:
     hist_w: np.ndarray  # [B, R]
     dense: np.ndarray  # [B, N, F]
     n_candidates: list[int]
+    candidates: list[list[str]] = field(default_factory=list)  # the product ids, when known
 
 
 class ServedModel:

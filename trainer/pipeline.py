@@ -121,6 +121,7 @@ def write_version(registry: Path, run: TrainRun, metrics: dict[str, float], pare
                      "seconds": round(run.result.seconds, 1), "stopped": run.result.stopped,
                      "history": run.result.history},
         "config": run.model.cfg.to_dict(),
+        "feature_mean": run.model.head.mean.tolist(),  # the explain API's reference point
         "features": run.store.config.model_dump(),
         "host": platform.node(),
     }

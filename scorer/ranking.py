@@ -1,0 +1,155 @@
+"""Ranking a micro-batch of queries: candidates, features in one round trip, one model call.
+
+Used by the Kafka loop and the HTTP API alike. Every query gets an answer: a ranked result, or
+an error result whose ``error`` says why (an invalid event, too many candidates). Unknown
+shoppers are ranked without personal signal (their features read as cold start); candidate ids
+the model version has no embedding for are ranked on their features alone and counted.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import msgspec
+import numpy as np
+import structlog
+
+from core.events import QUERIES, InvalidEvent, Query, RankedProduct, RankedResult
+from core.logs import hash_user
+from core.text import normalize_query
+from features.read import FEATURE_NAMES, Request, read_batch
+from features.store import FeatureStore
+from scorer.runtime import Batch, ServedModel
+
+log = structlog.get_logger(__name__)
+
+UNKNOWN = "unknown"
+
+
+@dataclass(frozen=True)
+class Incoming:
+    """A raw query as it arrived, and when it was published (epoch seconds)."""
+
+    payload: bytes
+    published_at: float
+
+
+def decode_all(items: Sequence[Incoming]) -> tuple[list[tuple[Query, float]], list[RankedResult]]:
+    """Valid queries (with publish time) and error results for the invalid ones."""
+    queries, errors = [], []
+    for item in items:
+        try:
+            queries.append((QUERIES.decode(item.payload), item.published_at))
+        except InvalidEvent as exc:
+            errors.append(error_result(item.payload, f"invalid query: {exc.reason}", item.published_at))
+    return queries, errors
+
+
+def error_result(payload: bytes, reason: str, published_at: float,
+                 model_version: str = UNKNOWN) -> RankedResult:
+    """An answer that carries the reason; ids are recovered from the payload where possible."""
+    ids = _recover_ids(payload)
+    log.warning("query_rejected", query_id=ids["query_id"], user=hash_user(ids["user_id"]), reason=reason)
+    return RankedResult(query_id=ids["query_id"], user_id=ids["user_id"], session_id=ids["session_id"],
+                        model_version=model_version, products=[], error=reason,
+                        latency_ms=max(0.0, (time.time() - published_at) * 1000), timestamp=datetime.now(UTC))
+
+
+def _recover_ids(payload: bytes) -> dict[str, str]:
+    try:
+        body = msgspec.json.decode(payload)
+    except msgspec.DecodeError:
+        body = {}
+    if not isinstance(body, dict):
+        body = {}
+
+    def pick(key: str) -> str:
+        value = body.get(key)
+        return value if isinstance(value, str) and value.strip() and len(value) <= 128 else UNKNOWN
+
+    return {k: pick(k).split()[0] for k in ("query_id", "user_id", "session_id")}
+
+
+class QueryRanker:
+    """Ranks batches of valid queries with the model version it is handed."""
+
+    def __init__(self, store: FeatureStore, retrieve_k: int, max_candidates: int,
+                 with_features: bool = True) -> None:
+        self.store = store
+        self.retrieve_k = retrieve_k
+        self.max_candidates = max_candidates
+        self.with_features = with_features
+
+    def rank(self, model: ServedModel, queries: Sequence[tuple[Query, float]]) -> list[RankedResult]:
+        if not queries:
+            return []
+        too_many = [(q, t) for q, t in queries if q.candidates and len(q.candidates) > self.max_candidates]
+        ok = [(q, t) for q, t in queries if not (q.candidates and len(q.candidates) > self.max_candidates)]
+        out = [self._too_many(q, t, model.version) for q, t in too_many]
+        if ok:
+            out.extend(self._rank_valid(model, ok))
+        return out
+
+    def _too_many(self, q: Query, published_at: float, version: str) -> RankedResult:
+        reason = f"{len(q.candidates or [])} candidates, more than the {self.max_candidates} allowed"
+        return error_result(msgspec.json.encode(q), reason, published_at, version)
+
+    def prepare(self, model: ServedModel, queries: Sequence[Query]) -> Batch:
+        """Embed the queries, settle their candidates, read their features: the model's inputs."""
+        query_emb = model.encode([q.text for q in queries])
+        retrieved = None
+        if any(not q.candidates for q in queries):
+            retrieved = model.retrieve(query_emb, self.retrieve_k)
+        cands: list[list[str]] = []
+        for i, q in enumerate(queries):
+            if q.candidates:
+                cands.append(list(dict.fromkeys(q.candidates)))
+            else:
+                cands.append([model.product_ids[r] for r in retrieved[i]])  # type: ignore[index]
+        requests = [Request(q.user_id, normalize_query(q.text), c,
+                            positions=list(range(1, len(c) + 1)) if q.candidates else None)
+                    for q, c in zip(queries, cands, strict=True)]
+        feats = read_batch(self.store, requests, now=max(q.timestamp.timestamp() for q in queries))
+        return self._batch(model, query_emb, cands, feats)
+
+    def _rank_valid(self, model: ServedModel, queries: Sequence[tuple[Query, float]]) -> list[RankedResult]:
+        batch = self.prepare(model, [q for q, _ in queries])
+        scores = model.score(batch)
+        return [self._result(model, q, t, c, batch.dense[i], s)
+                for i, ((q, t), c, s) in enumerate(zip(queries, batch.candidates, scores, strict=True))]
+
+    @staticmethod
+    def _batch(model: ServedModel, query_emb: np.ndarray, cands: list[list[str]], feats: list) -> Batch:
+        n = max(len(c) for c in cands)
+        b = len(cands)
+        cand_idx = np.full((b, n), model.unknown_row, np.int64)
+        dense = np.zeros((b, n, len(FEATURE_NAMES)), np.float32)
+        hist_idx = np.full((b, model.history_len), model.unknown_row, np.int64)
+        hist_w = np.zeros((b, model.history_len), np.float32)
+        for i, (c, f) in enumerate(zip(cands, feats, strict=True)):
+            cand_idx[i, : len(c)] = model.rows(c)
+            dense[i, : len(c)] = f.features
+            k = min(model.history_len, len(f.recent_products))
+            hist_idx[i, :k] = model.rows(list(f.recent_products[:k]))
+            hist_w[i, :k] = f.recent_weights[:k]
+        return Batch(query_emb, cand_idx, hist_idx, hist_w, dense, [len(c) for c in cands], cands)
+
+    def _result(self, model: ServedModel, q: Query, published_at: float, cands: list[str],
+                dense: np.ndarray, scores: np.ndarray) -> RankedResult:
+        order = np.argsort(-scores, kind="stable")
+        products = [
+            RankedProduct(product_id=cands[j], score=float(scores[j]), position=pos,
+                          features=dict(zip(FEATURE_NAMES, dense[j].tolist(), strict=True))
+                          if self.with_features else None)
+            for pos, j in enumerate(order, 1)
+        ]
+        unknown = int(np.sum(model.rows(cands) == model.unknown_row))
+        if unknown:
+            log.info("unknown_candidates", query_id=q.query_id, count=unknown, model_version=model.version)
+        return RankedResult(query_id=q.query_id, user_id=q.user_id, session_id=q.session_id,
+                            model_version=model.version, products=products,
+                            latency_ms=max(0.0, (time.time() - published_at) * 1000),
+                            timestamp=datetime.now(UTC))

@@ -1,0 +1,107 @@
+"""The scorer's Kafka loop: consume query micro-batches, rank them, produce results, commit.
+
+Backpressure is Kafka itself: the loop takes at most ``max_batch`` queries, waits at most
+``max_wait_ms`` for a batch to fill, and pulls nothing more until that batch's results are
+acknowledged by the broker; only then are the batch's offsets committed. A crash therefore
+loses no query (it is consumed again) and the in-process queue never exceeds one batch.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import structlog
+from confluent_kafka import Consumer, Message, TopicPartition
+
+from core import kafka
+from core.events import RankedResult, encode
+from core.logs import hash_user
+from core.settings import Settings
+from scorer.metrics import ScorerMetrics
+from scorer.ranking import Incoming, QueryRanker, decode_all
+from scorer.swap import ModelHolder
+
+log = structlog.get_logger(__name__)
+
+LAG_EVERY_S = 2.0
+
+
+class ScoringLoop(threading.Thread):
+    def __init__(self, settings: Settings, holder: ModelHolder, ranker: QueryRanker,
+                 metrics: ScorerMetrics) -> None:
+        super().__init__(name="scoring-loop", daemon=True)
+        self.settings = settings
+        self.holder = holder
+        self.ranker = ranker
+        self.metrics = metrics
+        self.assigned = threading.Event()
+        self._stop = threading.Event()
+        self._consumer: Consumer | None = None
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def run(self) -> None:
+        s = self.settings
+        consumer = kafka.consumer(s, group_id=s.scorer.group_id, **{"fetch.wait.max.ms": 5,
+                                                                   "auto.offset.reset": "latest"})
+        producer = kafka.producer(s, **{"linger.ms": 0, "compression.type": "none"})
+        consumer.subscribe([s.topics.queries], on_assign=lambda c, parts: self.assigned.set())
+        self._consumer = consumer
+        last_lag = 0.0
+        try:
+            while not self._stop.is_set():
+                msgs = consumer.consume(num_messages=s.scorer.max_batch, timeout=s.scorer.max_wait_ms / 1000)
+                msgs = [m for m in msgs if m.error() is None]
+                if msgs:
+                    self._handle(msgs, producer)
+                    consumer.commit(asynchronous=True)
+                if time.monotonic() - last_lag > LAG_EVERY_S:
+                    self._update_lag(consumer)
+                    last_lag = time.monotonic()
+        finally:
+            producer.flush(10)
+            consumer.close()
+
+    def _handle(self, msgs: list[Message], producer) -> None:  # type: ignore[no-untyped-def]
+        started = time.perf_counter()
+        self.metrics.queue_depth.set(len(msgs))
+        items = [Incoming(m.value() or b"", _published_at(m)) for m in msgs]
+        queries, errors = decode_all(items)
+        model = self.holder.current  # one version for the whole batch: swaps happen between batches
+        results = errors + self.ranker.rank(model, queries)
+        for r in results:
+            producer.produce(self.settings.topics.results, key=r.user_id.encode(), value=encode(r))
+        if producer.flush(30) != 0:
+            raise RuntimeError("ranked results were not acknowledged by the broker")
+        self._observe(results, model.version, time.perf_counter() - started)
+        self.metrics.queue_depth.set(0)
+
+    def _observe(self, results: list[RankedResult], version: str, seconds: float) -> None:
+        self.metrics.batch_size.observe(len(results))
+        for r in results:
+            self.metrics.latency.observe(r.latency_ms / 1000)
+            self.metrics.queries.labels(outcome="error" if r.error else "ranked").inc()
+        log.info("batch_ranked", queries=len(results), errors=sum(1 for r in results if r.error),
+                 model_version=version, batch_ms=round(seconds * 1000, 2),
+                 latency_ms_max=round(max(r.latency_ms for r in results), 2))
+        for r in results:
+            log.debug("query_ranked", query_id=r.query_id, user=hash_user(r.user_id), model_version=version,
+                      latency_ms=round(r.latency_ms, 2), products=len(r.products), error=r.error)
+
+    def _update_lag(self, consumer: Consumer) -> None:
+        assignment = consumer.assignment()
+        if not assignment:
+            return
+        lag = 0
+        for tp in consumer.position(assignment):
+            _, high = consumer.get_watermark_offsets(TopicPartition(tp.topic, tp.partition), cached=True)
+            if tp.offset >= 0 and high >= 0:
+                lag += max(0, high - tp.offset)
+        self.metrics.consumer_lag.set(lag)
+
+
+def _published_at(msg: Message) -> float:
+    kind, ms = msg.timestamp()
+    return ms / 1000 if kind and ms > 0 else time.time()
