@@ -153,12 +153,17 @@ def _stopwords() -> frozenset[str]:
 
 
 class MiniLMRanker(BaseRanker):
-    """Zero-shot cosine similarity of all-MiniLM-L6-v2 sentence embeddings (CPU or GPU)."""
+    """Zero-shot cosine similarity of all-MiniLM-L6-v2 sentence embeddings (CPU or GPU).
+
+    Texts are cut at 128 word pieces, the length the model was fine-tuned with (its config
+    allows 256): the title comes first, and encoding costs about half as much.
+    """
 
     name = "minilm"
 
-    def __init__(self, batch_size: int = 64) -> None:
+    def __init__(self, batch_size: int = 64, max_seq_length: int = 128) -> None:
         self._batch_size = batch_size
+        self._max_seq_length = max_seq_length
         self._candidates: tuple[tuple[str, ...], np.ndarray] | None = None
 
     def score(self, queries: Sequence[SearchRow], candidates: Sequence[CatalogProduct]) -> np.ndarray:
@@ -174,7 +179,9 @@ class MiniLMRanker(BaseRanker):
         return self._candidates[1]
 
     def _encode(self, texts: list[str]) -> np.ndarray:
-        return minilm_encoder().encode(
+        encoder = minilm_encoder()
+        encoder.max_seq_length = self._max_seq_length
+        return encoder.encode(
             texts, batch_size=self._batch_size, normalize_embeddings=True, convert_to_numpy=True,
             show_progress_bar=False,
         ).astype(np.float64)

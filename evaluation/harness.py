@@ -57,11 +57,11 @@ def evaluate_bestbuy(
     ranker.fit(split.train, split.catalog)
     pending = _Pending(split.late)
     values: list[dict[str, np.ndarray]] = []
-    for batch in _batches(split.test, batch_size or (1 if ranker.online else STATIC_BATCH)):
+    for first, batch in _batches(split.test, batch_size or (1 if ranker.online else STATIC_BATCH)):
         pending.release(ranker, until=_time(batch[0].query_time))
         scores = ranker.score([r.as_query() for r in batch], candidates)
         scores = _checked(scores, len(batch), len(candidates))
-        values.append(metrics.per_query(scores, _one_hot(batch, column), seed=seed))
+        values.append(metrics.per_query(scores, _one_hot(batch, column), seed=seed, first_row=first))
         pending.extend(batch)
     result = Result(
         method=ranker.name, dataset="bestbuy", metrics=_mean(values), n_queries=len(split.test),
@@ -98,9 +98,9 @@ def _time(ts: datetime | None) -> datetime:
     return ts
 
 
-def _batches(rows: Sequence[SearchRow], size: int) -> Iterator[Sequence[SearchRow]]:
+def _batches(rows: Sequence[SearchRow], size: int) -> Iterator[tuple[int, Sequence[SearchRow]]]:
     for start in range(0, len(rows), size):
-        yield rows[start:start + size]
+        yield start, rows[start:start + size]
 
 
 def _one_hot(batch: Sequence[SearchRow], column: dict[str, int]) -> np.ndarray:

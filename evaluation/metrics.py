@@ -37,8 +37,14 @@ class Cutoffs:
         return [f"map@{self.map_k}", f"ndcg@{self.ndcg_k}", "mrr", *(f"recall@{k}" for k in self.recall_ks)]
 
 
-def rank_order(scores: np.ndarray, mask: np.ndarray | None = None, seed: int = 0) -> np.ndarray:
-    """Candidate indices per row, best first; masked-out candidates last; ties in random order."""
+def rank_order(
+    scores: np.ndarray, mask: np.ndarray | None = None, seed: int = 0, first_row: int = 0
+) -> np.ndarray:
+    """Candidate indices per row, best first; masked-out candidates last; ties in random order.
+
+    Row ``i``'s tie order depends only on ``(seed, first_row + i)``, so a query gets the same
+    tie-break whether it is scored alone or in a batch starting at row ``first_row``.
+    """
     scores = np.asarray(scores, dtype=np.float64)
     if scores.ndim != 2:
         raise ValueError(f"scores must be (n_queries, n_candidates), got shape {scores.shape}")
@@ -46,7 +52,9 @@ def rank_order(scores: np.ndarray, mask: np.ndarray | None = None, seed: int = 0
         raise ValueError("scores contain NaN")
     if mask is not None:
         scores = np.where(mask, scores, -np.inf)
-    tiebreak = np.random.default_rng(seed).random(scores.shape)
+    n_rows, n_candidates = scores.shape
+    tiebreak = np.stack([np.random.default_rng((seed, first_row + i)).random(n_candidates)
+                         for i in range(n_rows)]) if n_rows else np.empty(scores.shape)
     return np.lexsort((tiebreak, -scores), axis=-1)
 
 
@@ -97,14 +105,15 @@ def per_query(
     relevant_grade: int = 1,
     cutoffs: Cutoffs = Cutoffs(),
     seed: int = 0,
+    first_row: int = 0,
 ) -> dict[str, np.ndarray]:
-    """Every metric of :class:`Cutoffs`, one value per query row."""
+    """Every metric of :class:`Cutoffs`, one value per query row (see :func:`rank_order` for ties)."""
     grades = np.asarray(grades)
     if grades.shape != np.shape(scores):
         raise ValueError(f"grades shape {grades.shape} != scores shape {np.shape(scores)}")
     if mask is not None:
         grades = np.where(mask, grades, 0)
-    order = rank_order(scores, mask, seed)
+    order = rank_order(scores, mask, seed, first_row)
     grades_sorted = np.take_along_axis(grades, order, axis=1)
     relevant_sorted = grades_sorted >= relevant_grade
     n_relevant = (grades >= relevant_grade).sum(axis=1)

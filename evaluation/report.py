@@ -28,6 +28,8 @@ COLUMNS: Final = ("map@5", "ndcg@10", "mrr", "recall@10", "recall@50")
 def entry(result: Result) -> dict[str, Any]:
     """A result as a JSON entry, stamped with the time it was written."""
     data = dataclasses.asdict(result)
+    data["metrics"] = {k: round(v, 6) for k, v in result.metrics.items()}
+    data["spread"] = {k: round(v, 6) for k, v in result.spread.items()}
     data["seconds"] = round(result.seconds, 2)
     data["measured_at"] = datetime.now(UTC).isoformat(timespec="seconds")
     return data
