@@ -56,7 +56,7 @@ class PopularRanker(BaseRanker):
         self.online = online
         self._half_life_s = half_life_days * DAY_S if half_life_days else None
         self._origin: datetime | None = None
-        self.weights: Counter[str] = Counter()
+        self.weights: defaultdict[str, float] = defaultdict(float)
 
     def fit(self, rows: Sequence[SearchRow], catalog: Mapping[str, CatalogProduct]) -> None:
         for row in rows:
