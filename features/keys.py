@@ -17,7 +17,7 @@ key                    value                                                  ex
 ``qp:{query_id}``      list of clicks waiting for their query's text          query_text_ttl_s
 ``d:{kind}:{id}``      "event applied" marker; kind e (interaction), q, r     dedup_ttl_s
 ``o:{topic}:{part}``   last Kafka offset whose effect is in Redis             none
-``stats``              hash: ``applied`` events, ``dead_letters``              none
+``stats``              hash: ``applied`` events, skipped ``duplicates``       none
 =====================  =====================================================  ==================
 """
 

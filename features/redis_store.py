@@ -73,6 +73,8 @@ class RedisStore:
             p = plan(batch, view, self.config)
             failed = self._commit(p, guards)
             if failed is None:
+                if p.duplicates:  # a metric only: redeliveries and replays that were skipped
+                    self.client.hincrby(keys.STATS, "duplicates", p.duplicates)
                 return Outcome(p.n_applied, p.duplicates, p.rejected)
             self.conflicts += 1
             log.info("batch_conflict", guard=failed, attempt=attempt, events=len(batch))
