@@ -19,6 +19,8 @@ COMMAND_MODULES = (
     "core.commands",
     "replay.commands",
     "evaluation.commands",
+    "trainer.commands",
+    "scorer.commands",
     "shoprank.demo",
     "streams.commands",
 )

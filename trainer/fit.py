@@ -69,6 +69,7 @@ class FitConfig:
     patience: int = 1
     max_minutes: float = 20.0
     seed: int = 13
+    progress: bool = True
 
 
 @dataclass
@@ -174,7 +175,7 @@ def fit(model: PersonalRanker, tokenizer: Tokenizer, product_emb: np.ndarray, tr
         order = grouped_order(train.text_id, rng)
         losses = []
         bar = tqdm(range(0, len(order), cfg.batch_size), desc=f"epoch {epoch}/{cfg.epochs}", unit="batch",
-                   leave=False)
+                   leave=False, disable=not cfg.progress)
         for start in bar:
             batch = train.subset(order[start : start + cfg.batch_size])
             scores = forward(model, batcher, table, batch)

@@ -56,11 +56,11 @@ class TrainRun:
     n_rows: int
 
 
-def fit_config(settings: Settings) -> FitConfig:
+def fit_config(settings: Settings, progress: bool = True) -> FitConfig:
     m = settings.model
     return FitConfig(epochs=m.epochs, batch_size=m.batch_size, learning_rate=m.learning_rate,
                      encoder_learning_rate=m.encoder_learning_rate, patience=m.patience,
-                     max_minutes=m.max_minutes, seed=m.seed)
+                     max_minutes=m.max_minutes, seed=m.seed, progress=progress)
 
 
 def train_run(settings: Settings, rows: Sequence[SearchRow], products: Mapping[str, CatalogProduct],
@@ -88,7 +88,7 @@ def train_run(settings: Settings, rows: Sequence[SearchRow], products: Mapping[s
     train = lists.subset(np.flatnonzero(~is_val)).narrowed(width)
     val = lists.subset(np.flatnonzero(is_val))
     log.info("training_lists", train=len(train), val=len(val), seconds=round(time.monotonic() - started, 1))
-    result = fit(model, tokenizer, catalog.table(), train, val, fit_config(settings))
+    result = fit(model, tokenizer, catalog.table(), train, val, fit_config(settings, progress))
     return TrainRun(model, tokenizer, catalog, store, result, (times[0], times[-1]), len(rows))
 
 
