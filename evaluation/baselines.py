@@ -167,10 +167,7 @@ class MiniLMRanker(BaseRanker):
         self._candidates: tuple[tuple[str, ...], np.ndarray] | None = None
 
     def score(self, queries: Sequence[SearchRow], candidates: Sequence[CatalogProduct]) -> np.ndarray:
-        products = self._candidate_vectors(candidates)
-        texts = list(dict.fromkeys(q.query for q in queries))
-        vectors = dict(zip(texts, self._encode(texts), strict=True))
-        return np.stack([vectors[q.query] for q in queries]) @ products.T
+        return self._encode([q.query for q in queries]) @ self._candidate_vectors(candidates).T
 
     def _candidate_vectors(self, candidates: Sequence[CatalogProduct]) -> np.ndarray:
         ids = tuple(c.product_id for c in candidates)
@@ -179,12 +176,16 @@ class MiniLMRanker(BaseRanker):
         return self._candidates[1]
 
     def _encode(self, texts: list[str]) -> np.ndarray:
+        """Unit vectors, one row per text; each distinct text is encoded once."""
         encoder = minilm_encoder()
         encoder.max_seq_length = self._max_seq_length
-        return encoder.encode(
-            texts, batch_size=self._batch_size, normalize_embeddings=True, convert_to_numpy=True,
+        unique = list(dict.fromkeys(texts))
+        vectors = encoder.encode(
+            unique, batch_size=self._batch_size, normalize_embeddings=True, convert_to_numpy=True,
             show_progress_bar=False,
         ).astype(np.float64)
+        row = {text: i for i, text in enumerate(unique)}
+        return vectors[[row[t] for t in texts]]
 
 
 @cache
