@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 import numpy as np
+import structlog
 from tqdm import tqdm
 
 from core.events import Click, Query
@@ -28,6 +29,8 @@ from features.memory import MemoryStore
 from features.read import FEATURE_NAMES, Request, read_batch
 from replay.bestbuy import stable_id
 from trainer.fit import Examples
+
+log = structlog.get_logger(__name__)
 
 
 def query_event(row: SearchRow) -> Query:
@@ -140,12 +143,16 @@ def build_lists(rows: Sequence[SearchRow], store: MemoryStore, builder: ListBuil
     texts: dict[str, int] = {}
     lists: list[tuple[int, list[str], set[str], np.ndarray, np.ndarray, np.ndarray]] = []
     full_lists: list[bool] = []
+    rejected, first_reason = 0, None
     n_search = len({r.query_id for r in rows})
     bar = tqdm(total=n_search, desc="point-in-time lists", unit="search", disable=not progress, leave=False)
     for kind, payload in timeline(rows):
         if kind == "click":
             row = payload  # type: ignore[assignment]
-            store.apply(click_event(row))
+            outcome = store.apply(click_event(row))
+            rejected += len(outcome.rejected)
+            if outcome.rejected and first_reason is None:
+                first_reason = outcome.rejected[0][1]
             builder.remember_click(row)
             continue
         group: list[SearchRow] = payload  # type: ignore[assignment]
@@ -164,6 +171,8 @@ def build_lists(rows: Sequence[SearchRow], store: MemoryStore, builder: ListBuil
         store.apply(query_event(first))
         bar.update(1)
     bar.close()
+    if rejected:
+        log.warning("clicks_rejected", count=rejected, first_reason=first_reason)
     return _stack(list(texts), lists, builder), np.array(full_lists, dtype=bool)
 
 

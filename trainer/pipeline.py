@@ -81,6 +81,8 @@ def train_run(settings: Settings, rows: Sequence[SearchRow], products: Mapping[s
     times = sorted(r.query_time for r in rows if r.query_time)
     val_from = times[int(len(times) * (1 - VALIDATION_FRACTION))]
     store = MemoryStore(settings.features)
+    for product in products.values():  # the catalog first: clicks on unknown products are rejected
+        store.apply(product)
     width = settings.model.negatives + 1
     builder = ListBuilder(catalog, vectors, width, cfg.history_len, settings.model.seed)
     started = time.monotonic()
