@@ -90,7 +90,7 @@ class ModelSettings(BaseSettings):
     epochs: int = Field(default=4, ge=1)
     batch_size: int = Field(default=128, ge=1)
     negatives: int = Field(default=63, ge=1)
-    learning_rate: float = 2e-4
+    learning_rate: float = 1e-3
     encoder_learning_rate: float = 2e-5
     patience: int = Field(default=1, ge=0)
     max_minutes: float = 20.0
@@ -144,7 +144,7 @@ class StreamsSettings(BaseSettings):
     group_id: str = "shoprank-streams"
     # Static membership: a restarted worker with the same id takes its partitions back at once.
     instance_id: str | None = None
-    batch_size: int = Field(default=2000, ge=1)
+    batch_size: int = Field(default=2000, ge=1, le=4000)  # the commit script's arg limits
     batch_within_s: float = Field(default=0.005, gt=0)
     dedup_ttl_s: int = Field(default=86400, ge=60)
     query_text_ttl_s: int = Field(default=86400, ge=60)

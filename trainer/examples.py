@@ -119,7 +119,8 @@ class ListBuilder:
         chosen = dict.fromkeys(p for p in positives if p in self.index)
         seen = self.clicked_after.get(text, {})
         for pid, _ in sorted(seen.items(), key=lambda kv: -kv[1])[:16]:
-            chosen.setdefault(pid)
+            if pid in self.index:
+                chosen.setdefault(pid)
         sims = self.catalog.embeddings @ self.query_vectors[text]
         for i in np.argsort(-sims)[:16]:
             chosen.setdefault(self.catalog.product_ids[i])

@@ -63,15 +63,25 @@ def fit_config(settings: Settings, progress: bool = True) -> FitConfig:
                      max_minutes=m.max_minutes, seed=m.seed, progress=progress)
 
 
+TINY_ENCODER = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64}
+
+
 def train_run(settings: Settings, rows: Sequence[SearchRow], products: Mapping[str, CatalogProduct],
-              personalized: bool = True, progress: bool = True) -> TrainRun:
-    """Fine-tune a ranker on ``rows`` (time ordered); the last 10% of searches validate it."""
+              personalized: bool = True, progress: bool = True, tiny: bool = False) -> TrainRun:
+    """Fine-tune a ranker on ``rows`` (time ordered); the last 10% of searches validate it.
+
+    ``tiny`` swaps the pretrained encoder for a small random BERT (same tokenizer): the whole
+    pipeline in seconds, for tests.
+    """
     torch.manual_seed(settings.model.seed)
     path = minilm_path()
     tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
+    encoder = encoder_config_of(path)
+    if tiny:
+        encoder = {**encoder, **TINY_ENCODER}
     cfg = RankerConfig(feature_names=FEATURE_NAMES, user_feature_names=USER_FEATURES,
-                       personalized=personalized, encoder=encoder_config_of(path))
-    model = PersonalRanker(cfg, load_encoder(path))
+                       personalized=personalized, encoder=encoder, dim=encoder["hidden_size"])
+    model = PersonalRanker(cfg, load_encoder(None if tiny else path, encoder))
     ids = list(products)
     catalog = Catalog(ids, embed_texts(model.query, tokenizer, [product_text(products[p]) for p in ids],
                                        progress=progress))

@@ -1,0 +1,127 @@
+"""The trainer: listwise loss, point-in-time lists, export agreement, atomic model versions."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from core.registry import RegistryError, load_version, publish_version, serving_version, set_serving
+from core.text import normalize_query
+from evaluation.ranker import SearchRow
+from features.memory import MemoryStore
+from features.read import FEATURE_NAMES, INDEX, Request, read_batch
+from scorer.runtime import load_served_model
+from tests.model_factory import SLICE, split, tiny_run, tiny_version
+from trainer.examples import Catalog, ListBuilder, build_lists
+from trainer.export import max_abs_difference
+from trainer.fit import grouped_order
+from trainer.losses import listwise_softmax_loss
+
+
+def test_listwise_loss_matches_cross_entropy_for_one_relevant_item() -> None:
+    scores = torch.tensor([[2.0, 1.0, 0.0]])
+    gains = torch.tensor([[0.0, 1.0, 0.0]])
+    expected = -torch.log_softmax(scores, -1)[0, 1]
+    assert torch.isclose(listwise_softmax_loss(scores, gains), expected)
+
+
+def test_listwise_loss_ignores_padding_and_lists_without_gain() -> None:
+    scores = torch.tensor([[5.0, 1.0, 9.0], [1.0, 2.0, 3.0]])
+    gains = torch.tensor([[0.0, 1.0, 0.0], [0.0, 0.0, 0.0]])
+    valid = torch.tensor([[True, True, False], [True, True, True]])
+    expected = -torch.log_softmax(torch.tensor([5.0, 1.0]), -1)[1]
+    assert torch.isclose(listwise_softmax_loss(scores, gains, valid), expected)
+
+
+def test_grouped_order_is_a_permutation_keeping_texts_together() -> None:
+    text_id = np.array([3, 1, 3, 2, 1, 3, 2])
+    order = grouped_order(text_id, np.random.default_rng(0))
+    assert sorted(order) == list(range(len(text_id)))
+    runs = [t for i, t in enumerate(text_id[order]) if i == 0 or t != text_id[order][i - 1]]
+    assert len(runs) == len(set(text_id))
+
+
+def test_training_lists_are_point_in_time() -> None:
+    """A search's features are read before it and its clicks are applied: the very first search
+    has no evidence at all, and a repeated search sees exactly the clicks that came before it."""
+    rows = split().train[:400]
+    ids = list(split().catalog)
+    rng = np.random.default_rng(0)
+    catalog = Catalog(ids, rng.normal(size=(len(ids), 8)).astype(np.float32))
+    texts = {normalize_query(r.query) for r in rows}
+    vectors = {t: rng.normal(size=8).astype(np.float32) for t in texts}
+    store = MemoryStore()
+    for product in split().catalog.values():
+        store.apply(product)
+    lists, full = build_lists(rows, store, ListBuilder(catalog, vectors, 16, 4, 0), progress=False)
+    assert not full.any() and len(lists) == len({r.query_id for r in rows})
+    evidence = [INDEX[n] for n in ("item_clicks_log", "query_item_clicks_log", "user_has_history")]
+    assert not lists.dense[0][:, evidence].any()
+    first_search: dict[str, SearchRow] = {}
+    for r in rows:
+        first_search.setdefault(r.query_id, r)
+    searches = sorted(first_search.values(), key=lambda r: r.query_time)
+    for i, search in enumerate(searches):
+        text = normalize_query(search.query)
+        seen = {c.product_id for c in rows
+                if normalize_query(c.query) == text and c.click_time < search.query_time}
+        for j in np.flatnonzero(lists.valid[i]):
+            pid = ids[lists.cand_idx[i, j]]
+            assert (lists.dense[i, j, INDEX["query_item_clicks_log"]] > 0) == (pid in seen), (i, pid)
+
+
+def test_features_are_live_in_the_training_store() -> None:
+    """Clicks joined the catalog and their queries: query-product evidence exists."""
+    run = tiny_run()
+    row = split().train[SLICE - 1]
+    result = read_batch(run.store, [Request(row.user_id or "", normalize_query(row.query),
+                                            list(split().catalog))], row.query_time.timestamp() + 1)[0]
+    assert result.features.shape == (len(split().catalog), len(FEATURE_NAMES))
+    assert result.features[:, INDEX["item_clicks_log"]].max() > 0
+    assert result.features[:, INDEX["query_item_clicks_log"]].max() > 0
+
+
+def test_torch_and_onnxruntime_agree(tmp_path: Path) -> None:
+    version = tiny_version(tmp_path, "v-agree")
+    diff = max_abs_difference(tiny_run().model, version.path, batch=4, length=9, candidates=13, history=5)
+    assert diff < 1e-4
+
+
+def test_a_version_is_complete_and_hash_checked(tmp_path: Path) -> None:
+    version = tiny_version(tmp_path, "v1")
+    manifest = version.manifest
+    assert set(manifest["files"]) >= {"query_encoder.onnx", "ranker_head.onnx", "product_emb.npy",
+                                      "product_ids.json", "tokenizer.json", "weights.pt"}
+    assert manifest["config"]["feature_names"] == list(FEATURE_NAMES)
+    assert manifest["data_window"]["rows"] == SLICE
+    served = load_served_model(tmp_path, "v1", device="cpu")
+    assert served.version == "v1" and served.device == "cpu"
+
+    with (version.path / "product_ids.json").open("a") as fh:
+        fh.write(" ")
+    with pytest.raises(RegistryError, match=r"product_ids\.json"):
+        load_version(tmp_path, "v1")
+
+
+def test_a_failed_write_leaves_no_version(tmp_path: Path) -> None:
+    def write(folder: Path) -> None:
+        (folder / "half.bin").write_bytes(b"x")
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        publish_version(tmp_path, "broken", {}, write)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_serving_points_only_at_complete_versions(tmp_path: Path) -> None:
+    tiny_version(tmp_path, "v1")
+    set_serving(tmp_path, "v1")
+    assert serving_version(tmp_path) == "v1"
+    with pytest.raises(RegistryError):
+        set_serving(tmp_path, "missing")
+    assert serving_version(tmp_path) == "v1"
+    assert json.loads((tmp_path / "v1" / "manifest.json").read_text())["version"] == "v1"
