@@ -36,11 +36,11 @@ class ScoringLoop(threading.Thread):
         self.ranker = ranker
         self.metrics = metrics
         self.assigned = threading.Event()
-        self._stop = threading.Event()
+        self._stopping = threading.Event()
         self._consumer: Consumer | None = None
 
     def stop(self) -> None:
-        self._stop.set()
+        self._stopping.set()
 
     def run(self) -> None:
         s = self.settings
@@ -51,7 +51,7 @@ class ScoringLoop(threading.Thread):
         self._consumer = consumer
         last_lag = 0.0
         try:
-            while not self._stop.is_set():
+            while not self._stopping.is_set():
                 msgs = consumer.consume(num_messages=s.scorer.max_batch, timeout=s.scorer.max_wait_ms / 1000)
                 msgs = [m for m in msgs if m.error() is None]
                 if msgs:

@@ -68,17 +68,17 @@ class UpdateListener(threading.Thread):
         super().__init__(name="model-updates", daemon=True)
         self._settings = settings
         self._holder = holder
-        self._stop = threading.Event()
+        self._stopping = threading.Event()
 
     def stop(self) -> None:
-        self._stop.set()
+        self._stopping.set()
 
     def run(self) -> None:
         group = f"shoprank-scorer-updates-{uuid.uuid4().hex[:8]}"
         consumer = kafka.consumer(self._settings, group_id=group, **{"auto.offset.reset": "latest"})
         consumer.subscribe([self._settings.topics.model_updates])
         try:
-            while not self._stop.is_set():
+            while not self._stopping.is_set():
                 msg = consumer.poll(0.5)
                 if msg is None or msg.error() is not None:
                     continue

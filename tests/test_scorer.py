@@ -1,0 +1,166 @@
+"""The scorer against the real broker and Redis: every query answered, bad input answered with its
+reason, hot swaps that drop nothing, the HTTP API, and a serving process without torch."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from core import kafka
+from core.events import RESULTS, ModelUpdate, Query, RankedResult, encode
+from core.registry import set_serving
+from core.settings import ModelSettings, ScorerSettings, Settings
+from features.read import FEATURE_NAMES
+from scorer.app import Scorer, build_scorer
+from scorer.http import create_app
+from tests.model_factory import split, tiny_version
+
+NOW = datetime(2011, 10, 1, tzinfo=UTC)
+
+
+def query(text: str = "call of duty", user: str = "u1", candidates: list[str] | None = None) -> Query:
+    return Query(query_id=uuid.uuid4().hex, user_id=user, session_id="s1", text=text, candidates=candidates,
+                 timestamp=NOW)
+
+
+@pytest.fixture
+def scorer_settings(settings: Settings, tmp_path: Path) -> Settings:
+    tiny_version(tmp_path, "v1")
+    set_serving(tmp_path, "v1")
+    return settings.model_copy(update={
+        "model": ModelSettings(registry_dir=tmp_path),
+        "scorer": ScorerSettings(max_batch=16, max_wait_ms=5, retrieve_k=20, max_candidates=50,
+                                 group_id=f"scorer-{uuid.uuid4().hex[:6]}"),
+    })
+
+
+@pytest.fixture
+def scorer(scorer_settings: Settings, redis_client) -> Iterator[Scorer]:
+    s = build_scorer(scorer_settings)
+    for product in split().catalog.values():
+        s.store.apply(product)
+    s.start()
+    deadline = time.monotonic() + 30
+    while not s.loop.assigned.is_set() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    yield s
+    s.stop()
+
+
+def produce(settings: Settings, payloads: list[tuple[str, bytes]]) -> None:
+    producer = kafka.producer(settings)
+    for key, value in payloads:
+        producer.produce(settings.topics.queries, key=key.encode(), value=value)
+    assert producer.flush(30) == 0
+
+
+def collect(settings: Settings, n: int, timeout_s: float = 60) -> list[RankedResult]:
+    consumer = kafka.consumer(settings, group_id=f"reader-{uuid.uuid4().hex[:6]}")
+    consumer.subscribe([settings.topics.results])
+    out: list[RankedResult] = []
+    deadline = time.monotonic() + timeout_s
+    try:
+        while len(out) < n and time.monotonic() < deadline:
+            msg = consumer.poll(0.2)
+            if msg is not None and msg.error() is None:
+                out.append(RESULTS.decode(msg.value()))
+    finally:
+        consumer.close()
+    return out
+
+
+def test_serving_process_does_not_import_torch() -> None:
+    code = "import sys, scorer.app, scorer.commands; sys.exit(1 if 'torch' in sys.modules else 0)"
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+def test_every_query_gets_a_result_or_an_error_with_its_reason(
+    scorer: Scorer, scorer_settings: Settings
+) -> None:
+    catalog = list(split().catalog)
+    good = [query(), query("halo", candidates=catalog[:30]), query("madden", user="never-seen-before"),
+            query("skyrim", candidates=[*catalog[:5], "no-such-product"])]
+    payloads = [(q.user_id, encode(q)) for q in good]
+    too_many = query("fifa", candidates=[f"p{i}" for i in range(60)])
+    payloads.append((too_many.user_id, encode(too_many)))
+    blank = encode(query()).replace(b'"text":"call of duty"', b'"text":"   "')
+    payloads.append(("u1", blank))
+    overlong = encode(query()).replace(b'"text":"call of duty"', b'"text":"' + b"x" * 600 + b'"')
+    payloads.append(("u1", overlong))
+    payloads.append(("u1", b'{"type": "query", "query_id": "q-broken", '))
+    produce(scorer_settings, payloads)
+
+    results = collect(scorer_settings, len(payloads))
+    assert len(results) == len(payloads)
+    by_id = {r.query_id: r for r in results}
+    for q in good:
+        r = by_id[q.query_id]
+        assert r.error is None and r.model_version == "v1"
+        assert [p.position for p in r.products] == list(range(1, len(r.products) + 1))
+        assert [p.score for p in r.products] == sorted((p.score for p in r.products), reverse=True)
+        assert set(r.products[0].features or {}) == set(FEATURE_NAMES)
+    assert len(by_id[good[0].query_id].products) == 20  # retrieved: no candidates given
+    assert {p.product_id for p in by_id[good[1].query_id].products} == set(catalog[:30])
+    assert "no-such-product" in {p.product_id for p in by_id[good[3].query_id].products}
+    assert "more than the 50 allowed" in (by_id[too_many.query_id].error or "")
+    errors = [r.error or "" for r in results if r.query_id not in {q.query_id for q in [*good, too_many]}]
+    assert len(errors) == 3
+    assert sum("$.text" in e for e in errors) == 2
+    assert sum("malformed JSON" in e for e in errors) == 1
+
+
+def test_hot_swap_drops_nothing_and_rejects_a_bad_version(scorer: Scorer, scorer_settings: Settings) -> None:
+    registry = scorer_settings.model.registry_dir
+    v2 = tiny_version(registry, "v2", seed=14)
+    bad = tiny_version(registry, "v3", seed=15)
+    (bad.path / "ranker_head.onnx").write_bytes(b"not a model")
+    producer = kafka.producer(scorer_settings)
+
+    def announce(version, sha: str) -> None:
+        update = ModelUpdate(model_version=version.version, uri=str(version.path), manifest_sha256=sha,
+                             created_at=NOW)
+        producer.produce(scorer_settings.topics.model_updates, value=encode(update))
+        producer.flush(10)
+
+    sent = []
+    for i in range(120):
+        q = query(f"query {i}")
+        sent.append(q.query_id)
+        produce(scorer_settings, [(q.user_id, encode(q))])
+        if i == 40:
+            announce(v2, v2.manifest_sha256)
+        if i == 80:
+            announce(bad, bad.manifest_sha256)
+        time.sleep(0.01)
+    results = collect(scorer_settings, len(sent))
+    assert sorted(r.query_id for r in results) == sorted(sent)
+    assert all(r.error is None for r in results)
+    versions = {r.model_version for r in results}
+    assert versions <= {"v1", "v2"} and "v2" in versions
+    assert scorer.holder.current.version == "v2"
+
+
+def test_http_api(scorer: Scorer) -> None:
+    client = TestClient(create_app(scorer.holder, scorer.ranker, scorer.metrics, scorer.ready))
+    q = query("call of duty black ops", candidates=list(split().catalog)[:10])
+    ranked = client.post("/rank", content=encode(q)).json()
+    assert ranked["query_id"] == q.query_id and len(ranked["products"]) == 10 and ranked["error"] is None
+    top = ranked["products"][0]["product_id"]
+    explained = client.post("/explain", params={"product_id": top}, content=encode(q)).json()
+    assert set(explained["features"]) == set(FEATURE_NAMES)
+    assert explained["score"] == pytest.approx(ranked["products"][0]["score"], abs=1e-4)
+    bad = client.post("/rank", content=b'{"type": "query"}').json()
+    assert bad["error"].startswith("invalid query") and bad["products"] == []
+    assert client.get("/healthz").json()["model_version"] == "v1"
+    ready = client.get("/readyz")
+    assert ready.status_code == 200 and ready.json()["redis"] is True
+    metrics = client.get("/metrics").text
+    assert "shoprank_query_latency_seconds_bucket" in metrics and 'version="v1"' in metrics
