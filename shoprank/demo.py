@@ -1,23 +1,58 @@
 """``shoprank demo``: the main job end to end on the real Best Buy data.
 
-Stages, each printed as it runs: make sure the topics exist; publish the Best Buy catalog and its
-searches and clicks into Kafka (skipped when the topics already hold them: ids are stable, so a
-second replay would only be recognised and ignored downstream); show what arrived, per topic.
+1. topics; 2. a model version serving (trained here when there is none: the version whose
+figures ``make eval`` reports); 3. the Best Buy catalog, searches and clicks replayed into Kafka
+(skipped when Kafka already holds them: ids are stable, so a second replay would only be
+recognised and ignored downstream); 4. a feature worker and a scorer started as real processes;
+5. live traffic: test-period searches published as new queries at a steady rate, their ranked
+results consumed from Kafka; 6. what came out: example rankings, latency, counts, and the
+offline quality table. The processes are stopped at the end.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import signal
+import subprocess
 import sys
+import time
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
 
 from core import kafka
 from core.commands import cmd_inspect, count_messages
+from core.events import RESULTS, Query, RankedResult, encode
 from core.settings import Settings
 from core.topics import ensure_topics, topic_specs
+
+LIVE_QUERIES = 300
+LIVE_QPS = 50.0
 
 
 def _stage(title: str) -> None:
     print(f"\n== {title}", flush=True)
+
+
+def ensure_model(settings: Settings) -> str:
+    from core.registry import load_version, serving_version
+
+    registry = settings.model.registry_dir
+    version = serving_version(registry)
+    if version is None:
+        print("no model version is serving: training one (shoprank train; about 15-20 minutes on 2 cores)")
+        subprocess.run([sys.executable, "-m", "shoprank", "train", "--no-announce"], check=True)
+        version = serving_version(registry)
+        if version is None:
+            raise RuntimeError("training finished but no version was promoted")
+    metrics = load_version(registry, version).manifest.get("metrics", {})
+    print(f"serving {version} from {registry}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+    return version
 
 
 def replay_if_needed(settings: Settings, force: bool) -> None:
@@ -36,18 +71,145 @@ def replay_if_needed(settings: Settings, force: bool) -> None:
           f"in {stats.seconds:.1f}s ({stats.events_per_s:,.0f} events/s)")
 
 
+@contextmanager
+def service(name: str, args: list[str], log_dir: Path, env: dict[str, str] | None = None) -> Iterator[None]:
+    """A ``shoprank`` subcommand as a real process (own process group, log file), stopped on exit."""
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log_path = log_dir / f"{name}.log"
+    with log_path.open("w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "shoprank", *args], stdout=log, stderr=log,
+                                start_new_session=True, env={**os.environ, **(env or {})})
+        print(f"started {name} (pid {proc.pid}, log {log_path})")
+        try:
+            yield
+            if proc.poll() is not None:
+                raise RuntimeError(f"{name} exited with {proc.returncode}; see {log_path}")
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+                try:
+                    proc.wait(20)
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, signal.SIGKILL)
+            print(f"stopped {name}")
+
+
+def wait_for(check, what: str, timeout_s: float = 120.0) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(0.5)
+    raise TimeoutError(f"{what} not ready after {timeout_s:.0f} s")
+
+
+def _ready(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as resp:
+            return resp.status == 200
+    except OSError:
+        return False
+
+
+def features_settled(settings: Settings) -> bool:
+    """True once the feature worker's applied-events counter stops moving."""
+    from features.redis_store import connect
+
+    client = connect(settings.redis)
+    before = int(client.hget("stats", "applied") or 0)
+    time.sleep(2.0)
+    after = int(client.hget("stats", "applied") or 0)
+    return after > 0 and after == before
+
+
+def live_traffic(settings: Settings, n: int, qps: float) -> tuple[list[Query], list[RankedResult]]:
+    """Publish ``n`` test-period searches as new queries at ``qps``; collect their results."""
+    from evaluation.splits import bestbuy_split
+
+    rows = bestbuy_split(settings.data_dir).test[-n:]
+    run = uuid.uuid4().hex[:6]
+    queries = [Query(query_id=f"demo-{run}-{i}", user_id=r.user_id or "anonymous",
+                     session_id=r.user_id or "anonymous", text=r.query, timestamp=r.query_time)
+               for i, r in enumerate(rows)]
+    consumer = kafka.consumer(settings, group_id=f"demo-{run}", **{"auto.offset.reset": "latest"})
+    consumer.subscribe([settings.topics.results])
+    wait_for(lambda: consumer.poll(0.2) is None and bool(consumer.assignment()), "results consumer", 30)
+    producer = kafka.producer(settings, **{"linger.ms": 0})
+    started = time.monotonic()
+    for i, q in enumerate(queries):
+        time.sleep(max(0.0, started + i / qps - time.monotonic()))
+        producer.produce(settings.topics.queries, key=q.user_id.encode(), value=encode(q))
+        producer.poll(0)
+    producer.flush(10)
+    wanted = {q.query_id for q in queries}
+    results: dict[str, RankedResult] = {}
+    deadline = time.monotonic() + 60
+    while len(results) < len(wanted) and time.monotonic() < deadline:
+        msg = consumer.poll(0.2)
+        if msg is not None and msg.error() is None and (r := RESULTS.decode(msg.value())).query_id in wanted:
+            results[r.query_id] = r
+    consumer.close()
+    return queries, [results[q.query_id] for q in queries if q.query_id in results]
+
+
+def show_results(settings: Settings, queries: list[Query], results: list[RankedResult]) -> None:
+    from evaluation.splits import bestbuy_split
+
+    catalog = bestbuy_split(settings.data_dir).catalog
+    title = {pid: p.title for pid, p in catalog.items()}
+    latencies = np.array([r.latency_ms for r in results])
+    errors = sum(1 for r in results if r.error)
+    print(f"{len(results)}/{len(queries)} queries answered ({errors} errors), model "
+          f"{sorted({r.model_version for r in results})}; publish-to-result latency: "
+          f"p50 {np.percentile(latencies, 50):.1f} ms, p99 {np.percentile(latencies, 99):.1f} ms")
+    by_id = {r.query_id: r for r in results}
+    for q in queries[:: max(1, len(queries) // 4)][:4]:
+        r = by_id.get(q.query_id)
+        if r is None or r.error:
+            continue
+        print(f"\n  query {q.text!r} (user {q.user_id[:8]}…):")
+        for p in r.products[:5]:
+            print(f"    {p.position}. {title.get(p.product_id, p.product_id)[:70]:70} score {p.score:7.3f}")
+
+
+def show_quality() -> None:
+    from evaluation import report
+
+    entries = report.read_entries()
+    if entries:
+        print(report.markdown_table(entries))
+    else:
+        print("no quality figures yet: run `make eval`")
+
+
 def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     _stage("topics")
     created = ensure_topics(kafka.admin_client(settings), topic_specs(settings))
     print(f"{len(topic_specs(settings))} topics ready ({len(created)} created)")
+    _stage("model")
+    ensure_model(settings)
     _stage("replay the Best Buy search log (Aug-Oct 2011) into Kafka")
     replay_if_needed(settings, force=args.replay)
     _stage("what arrived, per topic")
     cmd_inspect(args, settings)
+    logs = settings.var_dir / "demo"
+    port = str(settings.scorer.http_port)
+    with service("streams", ["streams"], logs), service("scorer", ["scorer"], logs):
+        _stage("feature worker: catalog, searches and clicks -> Redis")
+        wait_for(lambda: features_settled(settings), "feature worker", 300)
+        print("features settled in Redis")
+        _stage(f"live traffic: {args.queries} test-period searches at {args.qps:.0f} queries/s through Kafka")
+        wait_for(lambda: _ready(f"http://127.0.0.1:{port}/readyz"), "scorer", 120)
+        queries, results = live_traffic(settings, args.queries, args.qps)
+        show_results(settings, queries, results)
+    _stage("ranking quality, offline (make eval; bench/results/quality.json)")
+    show_quality()
     return 0
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="run the main job end to end on the Best Buy data")
     p.add_argument("--replay", action="store_true", help="replay the dataset even if Kafka already holds it")
+    p.add_argument("--queries", type=int, default=LIVE_QUERIES, help="live queries to send")
+    p.add_argument("--qps", type=float, default=LIVE_QPS, help="their rate")
     p.set_defaults(func=cmd_demo)
