@@ -54,3 +54,6 @@ lint: venv
 
 eval: venv
 	$(BIN)/shoprank eval
+
+bench-streams: up
+	$(BIN)/python -m bench.streams $(BENCH_ARGS)

@@ -13,9 +13,10 @@ key                    value                                                  ex
 ``qi:{product}:{q}``   4 doubles, :mod:`features.query_item` (q = normalized   query_item_ttl_s
                        query text, which never holds ``:``)
 ``qc:{q}``             4 doubles, the query's totals                          query_item_ttl_s
-``qt:{query_id}``      normalized text of a query, for joining clicks to it   query_text_ttl_s
-``qp:{query_id}``      list of clicks waiting for their query's text          query_text_ttl_s
-``d:{kind}:{id}``      "event applied" marker; kind e (interaction), q, r     dedup_ttl_s
+``qt:{bucket}``        hash query_id -> normalized text, for joining clicks   1-2 x query_text_ttl_s
+``qp:{query_id}``      clicks waiting for their query's text, one per line    query_text_ttl_s
+``d:{bucket}``         hash of "event applied" markers ``{kind}:{id}``; kind  1-2 x dedup_ttl_s
+                       e (interaction), q (query), r (ranked result)
 ``o:{topic}:{part}``   last Kafka offset whose effect is in Redis             none
 ``stats``              hash: ``applied`` events, skipped ``duplicates``       none
 =====================  =====================================================  ==================
@@ -72,8 +73,9 @@ def query_total(text: str) -> str:
     return QUERY_TOTAL + text
 
 
-def query_text(query_id: str) -> str:
-    return QUERY_TEXT + query_id
+def query_texts(bucket: int) -> str:
+    """Query texts are kept per time bucket of ``query_text_ttl_s``: this one and the previous."""
+    return f"{QUERY_TEXT}{bucket}"
 
 
 def query_pending(query_id: str) -> str:
@@ -81,7 +83,13 @@ def query_pending(query_id: str) -> str:
 
 
 def applied(kind: str, event_id: str) -> str:
-    return f"{APPLIED}{kind}:{event_id}"
+    """The marker of an event: a field of the current bucket's hash (see :func:`applied_bucket`)."""
+    return f"{kind}:{event_id}"
+
+
+def applied_bucket(bucket: int) -> str:
+    """Markers are kept per time bucket of ``dedup_ttl_s``: this one and the previous are read."""
+    return f"{APPLIED}{bucket}"
 
 
 def offset(topic: str, partition: int) -> str:

@@ -1,20 +1,26 @@
 """The Redis commit script: checks guards, then applies a whole batch's writes atomically.
 
-One EVALSHA per batch. If any guard fails (a shopper or product changed since it was read, an
-event's "applied" marker or a partition's offset moved: another worker got there first) nothing is
-written and the failed guard's index is returned; the caller re-reads and re-plans. Otherwise the
-shopper/product states, the "applied" markers and the partition offsets are written together with
-the commutative product and query statistics, so a worker killed at any moment leaves either all
-of a batch or none of it.
+One EVALSHA per batch. If any guard fails (a shopper or product changed since it was read, a
+partition's offset moved: another writer got there first) nothing is written and the failed
+guard's index is returned; the caller re-reads and re-plans. Otherwise shopper and product
+states, the "applied" markers and the partition offsets are written together with the
+commutative product and query statistics, so a worker killed at any moment leaves either all of
+a batch or none of it.
 
 ``bump`` repeats :func:`features.decay.bump` operation for operation (same IEEE doubles, same
 ``pow``), so Redis and the memory store agree bit for bit. Keys are built from the prefixes in
-:mod:`features.keys`; the script touches keys it derives (query texts), so it needs a single
-Redis node (or a cluster with one slot per deployment), as documented in the README.
+:mod:`features.keys`; the script touches keys it derives (query texts), so it needs one Redis
+node, not a cluster.
 
-ARGV: h_item h_query qi_ttl_ms text_ttl_ms dedup_ttl_ms, then eight counts, then the sections
-guards (key mode expected), sets (key value ttl_ms), hincr (key field delta), items (pid kind t),
-queries (query_id text), query_items (query_id pid kind t), markers (key), offsets (key value).
+Cost is dominated by the number of ``redis.call``s, so statistics are read with MGET and written
+with MSET in chunks, markers and query texts go to one hash per time bucket, and the many small
+records (item and query operations, markers, guards) travel as newline-separated text (ids never
+hold whitespace; normalized query text holds single spaces only).
+
+ARGV: 1 h_item, 2 h_query, 3 qi_ttl_ms, 4 user_ttl_ms, 5 marker hash, 6 its expiry (unix s),
+7 text hash, 8 previous text hash, 9 its expiry, 10 pending ttl_ms, 11-16 text sections (guards,
+items, queries, query_items, markers, offsets), 17-20 counts of users, products, documents, price
+fields, then those (key, value) / (field, delta) pairs.
 """
 
 from __future__ import annotations
@@ -25,43 +31,74 @@ from features import keys
 
 _SOURCE = Template(r"""
 local h_item, h_query = tonumber(ARGV[1]), tonumber(ARGV[2])
-local qi_ttl, text_ttl, dedup_ttl = ARGV[3], ARGV[4], ARGV[5]
-local counts = {}
-for i = 1, 8 do counts[i] = tonumber(ARGV[5 + i]) end
-local pos = 14
+local qi_ttl, user_ttl = ARGV[3], ARGV[4]
+local marker_hash, marker_expiry = ARGV[5], ARGV[6]
+local text_hash, old_text_hash, text_expiry, pending_ttl = ARGV[7], ARGV[8], ARGV[9], ARGV[10]
+local CHUNK = 500
 
-local function take(n)
-  local start = pos
-  pos = pos + n
-  return start
-end
-
--- 1. guards
-local g0 = take(3 * counts[1])
-for i = 0, counts[1] - 1 do
-  local k, mode, expected = ARGV[g0 + 3 * i], ARGV[g0 + 3 * i + 1], ARGV[g0 + 3 * i + 2]
-  local current
-  if mode == 'e' then current = redis.call('GETRANGE', k, 0, 7)
-  else current = redis.call('GET', k) or '' end
-  if current ~= expected then return {i} end
-end
-
-local cache, dirty, ttl_of = {}, {}, {}
-local function load(k, n)
-  local s = cache[k]
-  if s == nil then
-    local raw = redis.call('GET', k)
-    s = {}
-    if raw then
-      local v = {struct.unpack('<' .. string.rep('d', n), raw)}
-      for i = 1, n do s[i] = v[i] end
-    else
-      for i = 1, n do s[i] = 0 end
-    end
-    cache[k] = s
+local function mget(list)
+  local out = {}
+  for i = 1, #list, CHUNK do
+    local part = redis.call('MGET', unpack(list, i, math.min(i + CHUNK - 1, #list)))
+    for j = 1, #part do out[i + j - 1] = part[j] end
   end
-  dirty[k] = n
-  return s
+  return out
+end
+
+-- 1. guards: "key\tmode\texpected\n"; mode e compares the etag prefix, v the whole value
+local g_keys, g_modes, g_expected = {}, {}, {}
+for k, mode, expected in string.gmatch(ARGV[11], '([^\t\n]+)\t(%a)\t([^\t\n]*)\n') do
+  g_keys[#g_keys + 1] = k
+  g_modes[#g_modes + 1] = mode
+  g_expected[#g_expected + 1] = expected
+end
+if #g_keys > 0 then
+  local current = mget(g_keys)
+  for i = 1, #g_keys do
+    local v = current[i] or ''
+    if g_modes[i] == 'e' then v = string.sub(v, 1, ${ETAG}) end
+    if v ~= g_expected[i] then return {i - 1} end
+  end
+end
+
+-- 2. shopper and product states, product documents, category price sums
+local pos = 21
+local n_users, n_products, n_docs, n_fields = tonumber(ARGV[17]), tonumber(ARGV[18]),
+  tonumber(ARGV[19]), tonumber(ARGV[20])
+for i = 1, n_users do
+  redis.call('SET', ARGV[pos], ARGV[pos + 1], 'PX', user_ttl)
+  pos = pos + 2
+end
+local last = pos + 2 * (n_products + n_docs) - 1
+for i = pos, last, 2 * CHUNK do
+  redis.call('MSET', unpack(ARGV, i, math.min(i + 2 * CHUNK - 1, last)))
+end
+pos = last + 1
+for i = 1, n_fields do
+  redis.call('HINCRBY', '${CATEGORY_PRICES}', ARGV[pos], ARGV[pos + 1])
+  pos = pos + 2
+end
+
+-- Fixed-layout statistics, loaded once per batch with MGET, written back with MSET / SET PX.
+local states, sizes, order = {}, {}, {}
+local function want(k, n)
+  if sizes[k] == nil then
+    sizes[k] = n
+    order[#order + 1] = k
+  end
+end
+local function load_all()
+  local raw = mget(order)
+  for i, k in ipairs(order) do
+    local n, s = sizes[k], {}
+    if raw[i] then
+      local v = {struct.unpack('<' .. string.rep('d', n), raw[i])}
+      for j = 1, n do s[j] = v[j] end
+    else
+      for j = 1, n do s[j] = 0 end
+    end
+    states[k] = s
+  end
 end
 
 local function bump(s, n, slot, t, h)
@@ -76,93 +113,137 @@ local function bump(s, n, slot, t, h)
   end
 end
 
-local function query_item(text, pid, kind, t)
-  local k = '${QUERY_ITEM}' .. pid .. ':' .. text
-  bump(load(k, 4), 3, kind, t, h_query)
-  ttl_of[k] = qi_ttl
-  local kt = '${QUERY_TOTAL}' .. text
-  bump(load(kt, 4), 3, kind, t, h_query)
-  ttl_of[kt] = qi_ttl
+-- 3. read everything the statistics need: items, query texts, waiting clicks, query-products
+local items = {}
+for pid, kind, t in string.gmatch(ARGV[12], '(%S+)\t(%d)\t(%S+)\n') do
+  local k = '${ITEM}' .. pid
+  want(k, 10)
+  items[#items + 1] = {k, tonumber(kind), tonumber(t)}
 end
-
--- 2. shopper and product states, product documents
-local s0 = take(3 * counts[2])
-for i = 0, counts[2] - 1 do
-  local k, v, ttl = ARGV[s0 + 3 * i], ARGV[s0 + 3 * i + 1], ARGV[s0 + 3 * i + 2]
-  if ttl == '0' then redis.call('SET', k, v) else redis.call('SET', k, v, 'PX', ttl) end
+local queries, texts = {}, {}
+for qid, text in string.gmatch(ARGV[13], '(%S+)\t([^\t\n]+)\n') do
+  queries[#queries + 1] = {qid, text}
 end
-
--- 3. category price sums
-local c0 = take(3 * counts[3])
-for i = 0, counts[3] - 1 do
-  redis.call('HINCRBY', ARGV[c0 + 3 * i], ARGV[c0 + 3 * i + 1], ARGV[c0 + 3 * i + 2])
+local clicks, unknown = {}, {}
+for qid, pid, kind, t in string.gmatch(ARGV[14], '(%S+)\t(%S+)\t(%d)\t(%S+)\n') do
+  clicks[#clicks + 1] = {qid, pid, kind, t}
+  unknown[#unknown + 1] = qid
 end
+for _, q in ipairs(queries) do texts[q[1]] = q[2] end
+if #unknown > 0 then
+  for i = 1, #unknown, CHUNK do
+    local part = {unpack(unknown, i, math.min(i + CHUNK - 1, #unknown))}
+    local found = redis.call('HMGET', text_hash, unpack(part))
+    local older = redis.call('HMGET', old_text_hash, unpack(part))
+    for j, qid in ipairs(part) do
+      if texts[qid] == nil then texts[qid] = found[j] or older[j] or nil end
+    end
+  end
+end
+local waiting = {}
+if #queries > 0 then
+  local pkeys = {}
+  for i, q in ipairs(queries) do pkeys[i] = '${QUERY_PENDING}' .. q[1] end
+  local raw = mget(pkeys)
+  local done = {}
+  for i, q in ipairs(queries) do
+    if raw[i] then
+      for pid, kind, t in string.gmatch(raw[i], '(%S+)\t(%d)\t(%S+)\n') do
+        waiting[#waiting + 1] = {q[2], pid, tonumber(kind), tonumber(t)}
+      end
+      done[#done + 1] = pkeys[i]
+    end
+  end
+  if #done > 0 then redis.call('DEL', unpack(done)) end
+end
+local joined = {}
+for _, c in ipairs(clicks) do
+  local text = texts[c[1]]
+  if text then
+    joined[#joined + 1] = {text, c[2], tonumber(c[3]), tonumber(c[4])}
+  else
+    local pk = '${QUERY_PENDING}' .. c[1]
+    redis.call('APPEND', pk, c[2] .. '\t' .. c[3] .. '\t' .. c[4] .. '\n')
+    redis.call('PEXPIRE', pk, pending_ttl)
+  end
+end
+local function qi_keys(list)
+  for _, e in ipairs(list) do
+    e[5] = '${QUERY_ITEM}' .. e[2] .. ':' .. e[1]
+    e[6] = '${QUERY_TOTAL}' .. e[1]
+    want(e[5], 4)
+    want(e[6], 4)
+  end
+end
+qi_keys(waiting)
+qi_keys(joined)
+load_all()
 
--- 4. product statistics
-local i0 = take(3 * counts[4])
-for i = 0, counts[4] - 1 do
-  local kind, t = tonumber(ARGV[i0 + 3 * i + 1]), tonumber(ARGV[i0 + 3 * i + 2])
-  local s = load('${ITEM}' .. ARGV[i0 + 3 * i], 10)
+-- 4. apply: product statistics, then query texts (releasing waiting clicks), then the clicks
+for _, op in ipairs(items) do
+  local s, kind, t = states[op[1]], op[2], op[3]
   bump(s, 4, kind, t, h_item)
   s[kind + 5] = s[kind + 5] + 1
   if kind ~= 4 and t > s[10] then s[10] = t end
 end
-
--- 5. queries: remember the text, release clicks that waited for it
-local q0 = take(2 * counts[5])
-local texts = {}
-for i = 0, counts[5] - 1 do
-  local qid, text = ARGV[q0 + 2 * i], ARGV[q0 + 2 * i + 1]
-  redis.call('SET', '${QUERY_TEXT}' .. qid, text, 'PX', text_ttl)
-  texts[qid] = text
-  local pk = '${QUERY_PENDING}' .. qid
-  local waiting = redis.call('LRANGE', pk, 0, -1)
-  for _, entry in ipairs(waiting) do
-    local pid, kind, t = string.match(entry, '^(%S+)\t(%d)\t(%S+)$$')
-    query_item(text, pid, tonumber(kind), tonumber(t))
+if #queries > 0 then
+  local fields = {}
+  for _, q in ipairs(queries) do
+    fields[#fields + 1] = q[1]
+    fields[#fields + 1] = q[2]
   end
-  if #waiting > 0 then redis.call('DEL', pk) end
+  for i = 1, #fields, 2 * CHUNK do
+    redis.call('HSET', text_hash, unpack(fields, i, math.min(i + 2 * CHUNK - 1, #fields)))
+  end
+  redis.call('EXPIREAT', text_hash, text_expiry)
+end
+for _, list in ipairs({waiting, joined}) do
+  for _, e in ipairs(list) do
+    bump(states[e[5]], 3, e[3], e[4], h_query)
+    bump(states[e[6]], 3, e[3], e[4], h_query)
+  end
 end
 
--- 6. query-product evidence, or wait for the query's text
-local x0 = take(4 * counts[6])
-for i = 0, counts[6] - 1 do
-  local qid, pid, kind, t = ARGV[x0 + 4 * i], ARGV[x0 + 4 * i + 1], ARGV[x0 + 4 * i + 2], ARGV[x0 + 4 * i + 3]
-  local text = texts[qid]
-  if text == nil then
-    text = redis.call('GET', '${QUERY_TEXT}' .. qid)
-    if text then texts[qid] = text end
-  end
-  if text then
-    query_item(text, pid, tonumber(kind), tonumber(t))
+-- 5. write statistics back
+local mset = {}
+for _, k in ipairs(order) do
+  local packed = struct.pack('<' .. string.rep('d', sizes[k]), unpack(states[k], 1, sizes[k]))
+  if sizes[k] == 10 then
+    mset[#mset + 1] = k
+    mset[#mset + 1] = packed
   else
-    local pk = '${QUERY_PENDING}' .. qid
-    redis.call('RPUSH', pk, pid .. '\t' .. kind .. '\t' .. t)
-    redis.call('PEXPIRE', pk, text_ttl)
+    redis.call('SET', k, packed, 'PX', qi_ttl)
   end
 end
-
-for k, n in pairs(dirty) do
-  local s = cache[k]
-  local packed = struct.pack('<' .. string.rep('d', n), unpack(s, 1, n))
-  local ttl = ttl_of[k]
-  if ttl then redis.call('SET', k, packed, 'PX', ttl) else redis.call('SET', k, packed) end
+for i = 1, #mset, 2 * CHUNK do
+  redis.call('MSET', unpack(mset, i, math.min(i + 2 * CHUNK - 1, #mset)))
 end
 
--- 7. "applied" markers, 8. partition offsets, counters
-local m0 = take(counts[7])
-for i = 0, counts[7] - 1 do redis.call('SET', ARGV[m0 + i], '1', 'PX', dedup_ttl) end
-local o0 = take(2 * counts[8])
-for i = 0, counts[8] - 1 do redis.call('SET', ARGV[o0 + 2 * i], ARGV[o0 + 2 * i + 1]) end
-if counts[7] > 0 then redis.call('HINCRBY', '${STATS}', 'applied', counts[7]) end
+-- 6. "applied" markers (one hash per time bucket), partition offsets, counters
+local markers = {}
+for m in string.gmatch(ARGV[15], '(%S+)\n') do
+  markers[#markers + 1] = m
+  markers[#markers + 1] = '1'
+end
+for i = 1, #markers, 2 * CHUNK do
+  redis.call('HSET', marker_hash, unpack(markers, i, math.min(i + 2 * CHUNK - 1, #markers)))
+end
+if #markers > 0 then
+  redis.call('EXPIREAT', marker_hash, marker_expiry)
+  redis.call('HINCRBY', '${STATS}', 'applied', #markers / 2)
+end
+for k, v in string.gmatch(ARGV[16], '(%S+)\t(%S+)\n') do redis.call('SET', k, v) end
 return 0
 """)
 
+ETAG = 12
+
 COMMIT = _SOURCE.substitute(
+    ETAG=ETAG,
+    CATEGORY_PRICES=keys.CATEGORY_PRICES,
     QUERY_ITEM=keys.QUERY_ITEM,
     QUERY_TOTAL=keys.QUERY_TOTAL,
     ITEM=keys.ITEM,
-    QUERY_TEXT=keys.QUERY_TEXT,
     QUERY_PENDING=keys.QUERY_PENDING,
     STATS=keys.STATS,
 )

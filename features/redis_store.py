@@ -18,15 +18,14 @@ import redis
 import structlog
 
 from core.settings import FeatureSettings, RedisSettings, StreamsSettings
-from features import catalog, item, keys, query_item, user
-from features.lua import COMMIT
+from features import catalog, item, keys, lua, query_item, user
 from features.plan import FeatureEvent, Plan, Record, View, categories_needed, needs, plan
 from features.store import Outcome, Snapshot
 from features.user import UserState
 
 log = structlog.get_logger(__name__)
 
-ETAG = 8
+ETAG = lua.ETAG
 MAX_ATTEMPTS = 50
 
 
@@ -53,15 +52,16 @@ class RedisStore:
         self.client = client
         self.config = config or FeatureSettings()
         self.streams = streams or StreamsSettings()
-        self._commit_script = client.register_script(COMMIT)
-        self._etag_prefix = os.urandom(4)
+        self._commit_script = client.register_script(lua.COMMIT)
+        self._etag_prefix = os.urandom(3).hex().encode()
         self._etag_counter = itertools.count()  # next() on it is atomic: agents share the store
         self.conflicts = 0
 
     # --- writing ----------------------------------------------------------------------------
 
     def _etag(self) -> bytes:
-        return self._etag_prefix + (next(self._etag_counter) % 2**32).to_bytes(4, "big")
+        """12 printable bytes: 6 hex digits of this process, 6 of a counter (16M writes a cycle)."""
+        return self._etag_prefix + b"%06x" % (next(self._etag_counter) % 2**24)
 
     def apply(self, event: FeatureEvent) -> Outcome:
         return self.apply_batch([Record(event)])
@@ -83,17 +83,27 @@ class RedisStore:
 
     def _read(self, records: list[Record]) -> tuple[View, list[tuple[str, str, bytes]]]:
         n = needs(records)
+        view = View()
         users, products = sorted(n.users), sorted(n.products)
         markers, tps = sorted(n.markers), sorted(n.partitions)
         all_keys = (
             [keys.user(u) for u in users]
             + [keys.tombstone(u) for u in users]
             + [keys.product(p) for p in products]
-            + markers
             + [keys.offset(t, p) for t, p in tps]
         )
-        values = iter(self.client.mget(all_keys) if all_keys else [])
-        view = View()
+        bucket = self._bucket(self.streams.dedup_ttl_s)
+        with self.client.pipeline(transaction=False) as pipe:
+            if all_keys:
+                pipe.mget(all_keys)
+            if markers:
+                pipe.hmget(keys.applied_bucket(bucket), markers)
+                pipe.hmget(keys.applied_bucket(bucket - 1), markers)
+            replies = pipe.execute() if all_keys or markers else []
+        values = iter(replies[0] if all_keys else [])
+        if markers:
+            now, before = replies[-2], replies[-1]
+            view.applied.update(m for m, a, b in zip(markers, now, before, strict=True) if a or b)
         guards: list[tuple[str, str, bytes]] = []
         for u in users:
             raw = next(values)
@@ -110,11 +120,6 @@ class RedisStore:
             guards.append((keys.product(p), "e", raw[:ETAG] if raw else b""))
             if raw:
                 view.products[p] = catalog.decode(raw[ETAG:])
-        for m in markers:
-            if next(values):
-                view.applied.add(m)
-            else:
-                guards.append((m, "v", b""))
         for tp in tps:
             raw = next(values)
             guards.append((keys.offset(*tp), "v", raw or b""))
@@ -130,48 +135,50 @@ class RedisStore:
                     view.category_prices[c] = (int(n_raw), int(c_raw or 0))
         return view, guards
 
+    @staticmethod
+    def _bucket(ttl_s: int) -> int:
+        """Time bucket (wall clock) of markers and query texts: kept for this bucket and the next."""
+        return int(time.time() // ttl_s)
+
     def _commit(self, p: Plan, guards: list[tuple[str, str, bytes]]) -> int | None:
-        # Only guards that matter: markers already applied are skipped by the plan, so only
-        # absent ones are checked; everything read is checked (cheap: GETRANGE of 8 bytes).
-        user_ttl = str(self.config.user_ttl_s * 1000)
-        sets: list[tuple[str, bytes, str]] = []
-        for u, st in p.users.items():
-            sets.append((keys.user(u), self._etag() + user.encode(st), user_ttl))
-        for pid, attrs in p.products.items():
-            sets.append((keys.product(pid), self._etag() + catalog.encode(attrs), "0"))
-        for pid, doc in p.product_docs.items():
-            sets.append((keys.product_doc(pid), doc, "0"))
-        hincr = []
+        """Run the commit script (:mod:`features.lua`); the index of the failed guard, or None."""
+        users = [(keys.user(u), self._etag() + user.encode(st)) for u, st in p.users.items()]
+        products = [(keys.product(pid), self._etag() + catalog.encode(a)) for pid, a in p.products.items()]
+        docs = [(keys.product_doc(pid), doc) for pid, doc in p.product_docs.items()]
+        fields = []
         for cat, (dn, dc) in p.price_deltas.items():
-            hincr.append((keys.CATEGORY_PRICES, keys.price_count_field(cat), str(dn)))
-            hincr.append((keys.CATEGORY_PRICES, keys.price_cents_field(cat), str(dc)))
-        if not (sets or hincr or p.items or p.queries or p.query_items or p.applied or p.offsets):
+            fields += [(keys.price_count_field(cat), str(dn)), (keys.price_cents_field(cat), str(dc))]
+        if not (users or products or fields or p.items or p.queries or p.query_items or p.applied
+                or p.offsets):
             return None
-        s = self.streams
+        s, cfg = self.streams, self.config
+        marker_bucket = self._bucket(s.dedup_ttl_s)
+        text_bucket = self._bucket(s.query_text_ttl_s)
         args: list[str | bytes] = [
-            repr(self.config.item_half_life_s),
-            repr(self.config.query_half_life_s),
-            str(self.config.query_item_ttl_s * 1000),
+            repr(cfg.item_half_life_s),
+            repr(cfg.query_half_life_s),
+            str(cfg.query_item_ttl_s * 1000),
+            str(cfg.user_ttl_s * 1000),
+            keys.applied_bucket(marker_bucket),
+            str((marker_bucket + 2) * s.dedup_ttl_s),
+            keys.query_texts(text_bucket),
+            keys.query_texts(text_bucket - 1),
+            str((text_bucket + 2) * s.query_text_ttl_s),
             str(s.query_text_ttl_s * 1000),
-            str(s.dedup_ttl_s * 1000),
+            b"".join(b"%s\t%s\t%s\n" % (k.encode(), m.encode(), e) for k, m, e in guards),
+            "".join(f"{pid}\t{kind}\t{t!r}\n" for pid, kind, t in p.items),
+            "".join(f"{qid}\t{text}\n" for qid, text in p.queries),
+            "".join(f"{qid}\t{pid}\t{kind}\t{t!r}\n" for qid, pid, kind, t in p.query_items),
+            "".join(f"{m}\n" for m in p.applied),
+            "".join(f"{keys.offset(topic, part)}\t{off}\n" for (topic, part), off in p.offsets.items()),
+            str(len(users)),
+            str(len(products)),
+            str(len(docs)),
+            str(len(fields)),
         ]
-        args += [str(len(x)) for x in (guards, sets, hincr, p.items, p.queries, p.query_items,
-                                       p.applied, p.offsets)]
-        for g in guards:
-            args.extend(g)
-        for x in sets:
-            args.extend(x)
-        for x in hincr:
-            args.extend(x)
-        for pid, kind, t in p.items:
-            args += [pid, str(kind), repr(t)]
-        for qid, text in p.queries:
-            args += [qid, text]
-        for qid, pid, kind, t in p.query_items:
-            args += [qid, pid, str(kind), repr(t)]
-        args.extend(p.applied)
-        for (topic, part), off in p.offsets.items():
-            args += [keys.offset(topic, part), str(off)]
+        for pairs in (users, products, docs, fields):
+            for k, v in pairs:
+                args += [k, v]
         result = self._commit_script(keys=[], args=args)
         if result == 0:
             return None

@@ -52,16 +52,20 @@ def catalog(shape: Shape) -> list[CatalogProduct]:
     return out
 
 
-def sessions(shape: Shape, n_queries: int, start: datetime = START) -> Iterator[Event]:
+def sessions(shape: Shape, n_queries: int, start: datetime = START, tag: str = "") -> Iterator[Event]:
     """Per search: the Query, its RankedResult, then clicks / add-to-carts / purchases, in time order.
     Shoppers follow a skewed activity distribution; each has favourite categories."""
     rnd = random.Random(shape.seed + 1)
-    t = start
+    everyone = list(range(shape.users))
+    rnd.shuffle(everyone)  # 70% of searches go round a shuffled list: everyone shows up
+    t, turn = start, 0
     for q in range(n_queries):
         t += timedelta(milliseconds=rnd.randrange(1, 2000))
-        heavy = min(int(rnd.paretovariate(1.2)) - 1, shape.users - 1)
-        uid = f"u{heavy if rnd.random() < 0.3 else rnd.randrange(shape.users)}"
-        qid, sid = f"q{shape.seed}-{q}", f"s{uid}-{q // 5}"
+        if rnd.random() < 0.3:
+            uid = f"u{min(int(rnd.paretovariate(1.2)) - 1, shape.users - 1)}"
+        else:
+            uid, turn = f"u{everyone[turn % shape.users]}", turn + 1
+        qid, sid = f"q{tag}{shape.seed}-{q}", f"s{uid}-{q // 5}"
         favourite = zlib.crc32(uid.encode()) % shape.categories
         text = f"{WORDS[(favourite + rnd.randrange(3)) % len(WORDS)]} {rnd.choice(WORDS)}"
         per_cat = shape.products // shape.categories

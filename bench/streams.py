@@ -1,0 +1,263 @@
+"""Feature-pipeline benchmark: ``make bench-streams`` -> bench/results/streams.json.
+
+All figures are measured in one run, on this machine, against the local Kafka and Redis:
+
+- ``raw_broker_eps``: a consume-only librdkafka loop over the same events (the broker's ceiling);
+- ``raw_redis_ops``: pipelined SETs measured by redis-benchmark (Redis's ceiling);
+- ``worker_eps``: one ``shoprank streams`` worker draining a backlog of the events (10%-90%);
+- ``freshness_p50_ms`` / ``freshness_p99_ms``: publish -> readable in Redis, for probe clicks
+  of new shoppers inside a steady 5,000 events/s stream;
+- ``bytes_per_user``: MEMORY USAGE of a shopper's key, mean over a sample, 100,000 shoppers.
+
+Topics are fresh (``bench.<tag>.*``, deleted afterwards) and Redis DB 14 is flushed first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import re
+import shutil
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from datetime import timedelta
+from pathlib import Path
+
+import numpy as np
+import redis
+from confluent_kafka import TopicPartition
+
+from core import kafka
+from core.events import Click, Event, encode
+from core.logs import configure_logging
+from core.settings import RedisSettings, Settings, TopicSettings
+from core.topics import ensure_topics, topic_specs
+from features import keys
+from features.plan import Record
+from features.redis_store import RedisStore
+from streams.synthetic import START, Shape, catalog, sessions
+from streams.testing import Worker, environment, publish, topic_and_key, wait_until
+
+RESULTS = Path(__file__).resolve().parent / "results" / "streams.json"
+BENCH_DB = 14
+
+
+def bench_settings() -> Settings:
+    base = Settings()
+    tag = uuid.uuid4().hex[:8]
+    names = {k: f"bench.{tag}.{k}" for k in
+             ("queries", "results", "interactions", "catalog", "model_updates", "dead_letter")}
+    url = base.redis.url.rsplit("/", 1)[0] + f"/{BENCH_DB}"
+    return Settings(topics=TopicSettings(**names, partitions=base.topics.partitions),
+                    redis=RedisSettings(url=url))
+
+
+def raw_broker_eps(settings: Settings, n: int) -> float:
+    t = settings.topics
+    consumer = kafka.consumer(settings, group_id=f"bench-raw-{uuid.uuid4().hex[:6]}")
+    parts = [TopicPartition(topic, p, 0) for topic in (t.queries, t.results, t.interactions)
+             for p in range(t.partitions)]
+    consumer.assign(parts)
+    seen, started = 0, None
+    while seen < n:
+        msgs = consumer.consume(10000, timeout=1.0)
+        if msgs and started is None:
+            started = time.perf_counter()
+        seen += sum(1 for m in msgs if not m.error())
+    elapsed = time.perf_counter() - (started or time.perf_counter())
+    consumer.close()
+    return seen / elapsed
+
+
+def raw_redis_ops(settings: Settings) -> float:
+    exe = shutil.which("redis-benchmark")
+    if exe is None:
+        raise RuntimeError("redis-benchmark is missing (it comes with Debian's redis-tools)")
+    host, port = re.match(r"rediss?://([^:/]+):(\d+)", settings.redis.url).groups()  # type: ignore[union-attr]
+    out = subprocess.run([exe, "-h", host, "-p", port, "--dbnum", str(BENCH_DB), "-t", "set", "-P", "16",
+                          "-n", "1000000", "-r", "100000", "-q", "--csv"],
+                         capture_output=True, text=True, check=True, timeout=300).stdout
+    row = next(line for line in out.splitlines() if line.startswith('"SET"'))
+    return float(row.split(",")[1].strip('"'))
+
+
+def worker_eps(client: redis.Redis, total: int, worker: Worker) -> float:
+    marks: dict[int, float] = {}
+    lo, hi = int(total * 0.1), int(total * 0.9)
+    deadline = time.monotonic() + 900
+    while len(marks) < 2:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"backlog not drained in 900 s:\n{worker.log_tail()}")
+        if not worker.alive():
+            raise RuntimeError("worker died:\n" + worker.log_tail())
+        done = int(client.hget(keys.STATS, "applied") or 0)
+        now = time.perf_counter()
+        for mark in (lo, hi):
+            if done >= mark and mark not in marks:
+                marks[mark] = now
+        time.sleep(0.02)
+    return (hi - lo) / (marks[hi] - marks[lo])
+
+
+def freshness(settings: Settings, client: redis.Redis, shape: Shape, rate: int, seconds: float,
+              probe_every: int) -> tuple[list[float], float]:
+    """Publish ``rate`` events/s for ``seconds``; every ``probe_every``-th is a probe click of a new
+    shopper whose key is polled for in Redis. Returns latencies (ms) and the rate achieved."""
+    events = list(sessions(shape, int(rate * seconds / 2.9) + 100, tag="fresh",
+                           start=START + timedelta(days=1)))[: int(rate * seconds)]
+    sent: dict[str, float] = {}
+    seen: dict[str, float] = {}
+    lock = threading.Lock()
+    stop = threading.Event()
+
+    def poll() -> None:
+        pipe_client = redis.Redis.from_url(settings.redis.url)
+        while not stop.is_set() or len(seen) < len(sent):
+            with lock:
+                waiting = [u for u in sent if u not in seen]
+            if waiting:
+                with pipe_client.pipeline(transaction=False) as pipe:
+                    for u in waiting:
+                        pipe.exists(keys.user(u))
+                    res = pipe.execute()
+                now = time.perf_counter()
+                for u, ok in zip(waiting, res, strict=True):
+                    if ok:
+                        seen[u] = now
+            if stop.is_set() and time.perf_counter() - stopped_at[0] > 10:
+                break
+            time.sleep(0.0005)
+
+    stopped_at = [0.0]
+    poller = threading.Thread(target=poll, daemon=True)
+    poller.start()
+    producer = kafka.producer(settings)
+    tick, per_tick = 0.01, max(1, rate // 100)
+    started = time.perf_counter()
+    for i in range(0, len(events), per_tick):
+        for j, ev in enumerate(events[i : i + per_tick], start=i):
+            if j % probe_every == 0:
+                probe = f"probe-{j}"
+                ev = Click(event_id=f"probe-{j}", user_id=probe, session_id="s", product_id="p1",
+                           timestamp=ev.timestamp)
+                topic, key = topic_and_key(settings, ev)
+                with lock:
+                    sent[probe] = time.perf_counter()
+            else:
+                topic, key = topic_and_key(settings, ev)
+            producer.produce(topic, encode(ev), key=key.encode())
+        producer.poll(0)
+        next_at = started + (i // per_tick + 1) * tick
+        time.sleep(max(0.0, next_at - time.perf_counter()))
+    achieved = len(events) / (time.perf_counter() - started)
+    producer.flush(30)
+    stopped_at[0] = time.perf_counter()
+    stop.set()
+    poller.join(30)
+    lat = [(seen[u] - sent[u]) * 1000 for u in sent if u in seen]
+    if len(lat) < len(sent):
+        raise RuntimeError(f"{len(sent) - len(lat)} probes never reached Redis")
+    return lat, achieved
+
+
+def bytes_per_user(client: redis.Redis, users: list[str], sample: int = 2000) -> tuple[float, int, int]:
+    picked = random.Random(1).sample(users, min(sample, len(users)))
+    with client.pipeline(transaction=False) as pipe:
+        for u in picked:
+            pipe.memory_usage(keys.user(u), samples=0)
+        sizes = [s for s in pipe.execute() if s]
+    return float(np.mean(sizes)), int(np.percentile(sizes, 99)), len(sizes)
+
+
+def run(args: argparse.Namespace) -> dict[str, object]:
+    settings = bench_settings()
+    ensure_topics(kafka.admin_client(settings), topic_specs(settings))
+    client = redis.Redis.from_url(settings.redis.url)
+    client.flushdb()
+    shape = Shape(users=args.users, products=args.products, categories=100, brands=50)
+    products = catalog(shape)
+    events: list[Event] = list(sessions(shape, args.queries))
+    users = sorted({e.user_id for e in events})  # type: ignore[union-attr]
+    print(f"bench: {len(events)} events, {len(users)} shoppers, {len(products)} products", flush=True)
+    load = os.getloadavg()
+    try:
+        publish(settings, [*products, *events])
+        broker = raw_broker_eps(settings, len(events))
+        print(f"raw_broker_eps   {broker:12,.0f}", flush=True)
+        redis_ops = raw_redis_ops(settings)
+        client.flushdb()
+        print(f"raw_redis_ops    {redis_ops:12,.0f}", flush=True)
+        # Steady state: the catalog is known before the backlog of shopper events is replayed
+        # (otherwise clicks racing ahead of their products' catalog records are dead-lettered).
+        RedisStore(client, settings.features, settings.streams).apply_batch([Record(p) for p in products])
+
+        env = environment(settings, group_id=f"bench-{uuid.uuid4().hex[:6]}", batch_size=args.batch)
+        log = Path(args.log)
+        worker = Worker(env, log)
+        try:
+            eps = worker_eps(client, len(events), worker)
+            print(f"worker_eps       {eps:12,.0f}   ({eps / broker:.1%} of raw_broker_eps)", flush=True)
+            wait_until(lambda: int(client.hget(keys.STATS, "applied") or 0) >= len(events), 300,
+                       what="backlog drained")
+            lat, achieved = freshness(settings, client, shape, args.rate, args.seconds, args.probe_every)
+        finally:
+            worker.stop()
+        p50, p99 = np.percentile(lat, [50, 99])
+        print(f"freshness        p50 {p50:.1f} ms, p99 {p99:.1f} ms at {achieved:,.0f} events/s "
+              f"({len(lat)} probes)", flush=True)
+        mean, p99_size, _ = bytes_per_user(client, users)
+        n_users = sum(1 for _ in client.scan_iter(keys.USER + "*", count=10000)) - len(lat)
+        print(f"bytes_per_user   {mean:12,.0f}   (p99 {p99_size}, {n_users} shoppers)", flush=True)
+    finally:
+        admin = kafka.admin_client(settings)
+        for fut in admin.delete_topics([s.name for s in topic_specs(settings)]).values():
+            fut.result()
+        client.flushdb()
+    return {
+        "raw_broker_eps": round(broker),
+        "raw_redis_ops": round(redis_ops),
+        "worker_eps": round(eps),
+        "worker_to_broker_ratio": round(eps / broker, 4),
+        "freshness_p50_ms": round(float(p50), 2),
+        "freshness_p99_ms": round(float(p99), 2),
+        "freshness_rate_eps": round(achieved),
+        "freshness_probes": len(lat),
+        "bytes_per_user": round(mean),
+        "bytes_per_user_p99": p99_size,
+        "shoppers": n_users,
+        "events": len(events),
+        "workers": 1,
+        "batch_size": args.batch,
+        "machine": {"cpus": os.cpu_count(), "loadavg_at_start": [round(x, 2) for x in load]},
+        "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--users", type=int, default=100_000)
+    parser.add_argument("--products", type=int, default=5_000)
+    parser.add_argument("--queries", type=int, default=145_000, help="searches (about 3 events each)")
+    parser.add_argument("--batch", type=int, default=2000)
+    parser.add_argument("--rate", type=int, default=5000, help="events/s of the freshness stream")
+    parser.add_argument("--seconds", type=float, default=20.0)
+    parser.add_argument("--probe-every", type=int, default=25)
+    parser.add_argument("--log", default="var/bench-streams-worker.log")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    configure_logging("WARNING")
+    Path(args.log).parent.mkdir(parents=True, exist_ok=True)
+    result = run(args)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
