@@ -28,15 +28,20 @@ def cmd_train(args: argparse.Namespace, settings: Settings) -> int:
         return 0
     split = bestbuy_split(settings.data_dir)
     results: list[Result] = []
-    ranker = PersonalizedBertRanker(settings, personalized=True)
-    results.append(evaluate_bestbuy(ranker, split))
+
+    def record(result: Result) -> None:  # each row lands as soon as it is measured
+        results.append(result)
+        report.write_rows([result])
+
+    ranker = PersonalizedBertRanker(settings, personalized=True, progress=not args.quiet)
+    record(evaluate_bestbuy(ranker, split))
     version = ranker.promote(results[-1].metrics)
     if args.ablation:
-        results.append(evaluate_bestbuy(PersonalizedBertRanker(settings, personalized=False), split))
+        no_user = PersonalizedBertRanker(settings, personalized=False, progress=not args.quiet)
+        record(evaluate_bestbuy(no_user, split))
     if args.crowdflower:
-        results.append(_crowdflower())
+        record(_crowdflower(settings))
     print(report.markdown_table(report.entry(r) for r in results))
-    report.write_rows(results)
     if version is not None:
         serving = serving_version(registry)
         print(f"\nmodel version {version.version} written to {version.path}; serving: {serving}")
@@ -45,13 +50,13 @@ def cmd_train(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def _crowdflower():  # type: ignore[no-untyped-def]
+def _crowdflower(settings: Settings):  # type: ignore[no-untyped-def]
     from evaluation.harness import evaluate_crowdflower
     from evaluation.splits import crowdflower_folds
     from trainer.text_ranker import FineTunedTextRanker, ProductVectors
 
     vectors = ProductVectors()
-    return evaluate_crowdflower(lambda: FineTunedTextRanker(vectors), crowdflower_folds(Settings().data_dir))
+    return evaluate_crowdflower(lambda: FineTunedTextRanker(vectors), crowdflower_folds(settings.data_dir))
 
 
 def announce(settings: Settings, version) -> None:  # type: ignore[no-untyped-def]
@@ -76,4 +81,5 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ablation", action="store_true", help="also evaluate the model without shopper features")
     p.add_argument("--crowdflower", action="store_true", help="also cross-validate the fine-tuned text model")
     p.add_argument("--no-announce", action="store_true", help="do not publish the model update to Kafka")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_train)
