@@ -104,8 +104,54 @@ def worker_eps(client: redis.Redis, total: int, worker: Worker) -> float:
     return (hi - lo) / (marks[hi] - marks[lo])
 
 
+def faust_noop_eps(settings: Settings, client: redis.Redis, total: int) -> float:
+    """faust's own ceiling here: the same consumer settings, an agent that only counts."""
+    env = environment(settings, group_id=f"bench-noop-{uuid.uuid4().hex[:6]}")
+    proc = subprocess.Popen([sys.executable, "-m", "bench.streams", "--noop-worker"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        marks: dict[int, float] = {}
+        lo, hi = int(total * 0.1), int(total * 0.9)
+        deadline = time.monotonic() + 600
+        while len(marks) < 2 and time.monotonic() < deadline and proc.poll() is None:
+            done, now = int(client.get("bench:noop") or 0), time.perf_counter()
+            for mark in (lo, hi):
+                if done >= mark and mark not in marks:
+                    marks[mark] = now
+            time.sleep(0.02)
+        if len(marks) < 2:
+            raise RuntimeError("the no-op faust worker did not drain the backlog")
+        return (hi - lo) / (marks[hi] - marks[lo])
+    finally:
+        os.killpg(proc.pid, 9)
+        proc.wait()
+        client.delete("bench:noop")
+
+
+def noop_worker() -> int:
+    """Child process of :func:`faust_noop_eps`: a faust app like the real one, agents only count."""
+    import faust
+
+    from streams.app import create_app
+
+    settings = Settings()
+    app = create_app(settings)  # same settings; its agents are replaced below
+    app.agents.clear()
+    counter = redis.Redis.from_url(settings.redis.url)
+    t = settings.topics
+    for name in (t.queries, t.results, t.interactions):
+        async def count(stream: faust.StreamT) -> None:
+            async for events in stream.take_events(settings.streams.batch_size,
+                                                   within=settings.streams.batch_within_s):
+                counter.incrby("bench:noop", len(events))
+
+        app.agent(app.topic(name, value_serializer="raw", key_serializer="raw"), name=f"noop-{name}")(count)
+    faust.Worker(app, loglevel="warning", override_logging=False, quiet=True).execute_from_commandline()
+    return 0
+
+
 def freshness(settings: Settings, client: redis.Redis, shape: Shape, rate: int, seconds: float,
-              probe_every: int) -> tuple[list[float], float]:
+              probe_every: int) -> tuple[list[float], float, int]:
     """Publish ``rate`` events/s for ``seconds``; every ``probe_every``-th is a probe click of a new
     shopper whose key is polled for in Redis. Returns latencies (ms) and the rate achieved."""
     events = list(sessions(shape, int(rate * seconds / 2.9) + 100, tag="fresh",
@@ -129,7 +175,7 @@ def freshness(settings: Settings, client: redis.Redis, shape: Shape, rate: int, 
                 for u, ok in zip(waiting, res, strict=True):
                     if ok:
                         seen[u] = now
-            if stop.is_set() and time.perf_counter() - stopped_at[0] > 10:
+            if stop.is_set() and time.perf_counter() - stopped_at[0] > 180:
                 break
             time.sleep(0.0005)
 
@@ -158,11 +204,11 @@ def freshness(settings: Settings, client: redis.Redis, shape: Shape, rate: int, 
     producer.flush(30)
     stopped_at[0] = time.perf_counter()
     stop.set()
-    poller.join(30)
+    poller.join(200)
     lat = [(seen[u] - sent[u]) * 1000 for u in sent if u in seen]
     if len(lat) < len(sent):
-        raise RuntimeError(f"{len(sent) - len(lat)} probes never reached Redis")
-    return lat, achieved
+        print(f"warning: {len(sent) - len(lat)} of {len(sent)} probes not in Redis 180 s after the end")
+    return lat, achieved, len(sent)
 
 
 def bytes_per_user(client: redis.Redis, users: list[str], sample: int = 2000) -> tuple[float, int, int]:
@@ -196,6 +242,9 @@ def run(args: argparse.Namespace) -> dict[str, object]:
         # (otherwise clicks racing ahead of their products' catalog records are dead-lettered).
         RedisStore(client, settings.features, settings.streams).apply_batch([Record(p) for p in products])
 
+        noop = faust_noop_eps(settings, client, len(events)) if args.noop else None
+        if noop is not None:
+            print(f"faust_noop_eps   {noop:12,.0f}   (faust alone, agents that only count)", flush=True)
         env = environment(settings, group_id=f"bench-{uuid.uuid4().hex[:6]}", batch_size=args.batch)
         log = Path(args.log)
         worker = Worker(env, log)
@@ -204,7 +253,8 @@ def run(args: argparse.Namespace) -> dict[str, object]:
             print(f"worker_eps       {eps:12,.0f}   ({eps / broker:.1%} of raw_broker_eps)", flush=True)
             wait_until(lambda: int(client.hget(keys.STATS, "applied") or 0) >= len(events), 300,
                        what="backlog drained")
-            lat, achieved = freshness(settings, client, shape, args.rate, args.seconds, args.probe_every)
+            lat, achieved, n_probes = freshness(settings, client, shape, args.rate, args.seconds,
+                                                args.probe_every)
         finally:
             worker.stop()
         p50, p99 = np.percentile(lat, [50, 99])
@@ -223,10 +273,12 @@ def run(args: argparse.Namespace) -> dict[str, object]:
         "raw_redis_ops": round(redis_ops),
         "worker_eps": round(eps),
         "worker_to_broker_ratio": round(eps / broker, 4),
+        "faust_noop_eps": round(noop) if noop is not None else None,
         "freshness_p50_ms": round(float(p50), 2),
         "freshness_p99_ms": round(float(p99), 2),
         "freshness_rate_eps": round(achieved),
         "freshness_probes": len(lat),
+        "freshness_probes_sent": n_probes,
         "bytes_per_user": round(mean),
         "bytes_per_user_p99": p99_size,
         "shoppers": n_users,
@@ -249,7 +301,11 @@ def main() -> int:
     parser.add_argument("--probe-every", type=int, default=25)
     parser.add_argument("--log", default="var/bench-streams-worker.log")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--no-noop", dest="noop", action="store_false", help="skip faust_noop_eps")
+    parser.add_argument("--noop-worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.noop_worker:
+        return noop_worker()
     configure_logging("WARNING")
     Path(args.log).parent.mkdir(parents=True, exist_ok=True)
     result = run(args)
