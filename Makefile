@@ -5,7 +5,8 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed
+# The stamp names this checkout: a virtualenv shared by several clones (CI) is pointed at each anew.
+STAMP := $(VENV)/.installed-$(shell printf %s "$(CURDIR)" | md5sum | cut -c1-12)
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export PYTHONUNBUFFERED := 1
