@@ -7,6 +7,7 @@ demo's data or each other's.
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import Callable, Iterator
 
@@ -17,7 +18,8 @@ from core import kafka
 from core.settings import RedisSettings, Settings, TopicSettings
 from core.topics import ensure_topics, topic_specs
 
-TEST_REDIS_DB = 15
+# Another database for a second suite running beside this one on the same Redis.
+TEST_REDIS_DB = int(os.environ.get("SHOPRANK_TEST_REDIS_DB", "15"))
 
 
 @pytest.fixture
