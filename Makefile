@@ -53,8 +53,12 @@ test: up
 lint: venv
 	$(BIN)/ruff check .
 
-eval: venv
+# Baselines, then the model rows: train on the Best Buy training period, evaluate through the
+# served path, promote the version unless it is worse than the one serving (what `make demo`
+# serves), the same model without shopper features, and CrowdFlower's 10-fold fine-tuning.
+eval: up
 	$(BIN)/shoprank eval
+	$(BIN)/shoprank train --ablation --crowdflower
 
 bench-streams: up
 	$(BIN)/python -m bench.streams $(BENCH_ARGS)
