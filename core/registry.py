@@ -14,7 +14,6 @@ hash before trusting it. No torch here: the scorer uses this module too.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -23,6 +22,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from core.pretrained import sha256_file
 
 MANIFEST = "manifest.json"
 SERVING = "SERVING"
@@ -41,14 +42,6 @@ class ModelVersion:
     @property
     def manifest_sha256(self) -> str:
         return sha256_file(self.path / MANIFEST)
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _fsync_dir(path: Path) -> None:
