@@ -3,7 +3,7 @@
 =====================  =====================================================  ==================
 key                    value                                                  expiry
 =====================  =====================================================  ==================
-``u:{user}``           etag (8 bytes) + msgpack :class:`features.user.UserState` user_ttl_s, renewed
+``u:{user}``           etag (12 bytes) + msgpack :class:`features.user.UserState` user_ttl_s, renewed
 ``x:{user}``           forgotten at (epoch s): events up to then are ignored  none
 ``p:{product}``        etag + msgpack :class:`features.catalog.ProductAttrs`  none
 ``pd:{product}``       the product as the catalog sent it (contract JSON)     none

@@ -1,6 +1,6 @@
 """The Redis feature store: read what a batch needs in one round trip, plan, commit with one script.
 
-Shopper and product values carry an 8-byte etag prefix that the commit script checks (optimistic
+Shopper and product values carry a 12-byte etag prefix that the commit script checks (optimistic
 concurrency: a conflicting batch is re-read and re-planned, which only happens when two workers
 briefly share a partition during a rebalance, or when a query and a click of the same shopper are
 processed at the same moment by two agents).

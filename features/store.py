@@ -58,6 +58,10 @@ class FeatureStore(Protocol):
 
     def user(self, user_id: str) -> UserState | None: ...
 
+    def item(self, product_id: str) -> tuple[float, ...]:
+        """A product's statistics (:mod:`features.item` layout; zeros when unknown)."""
+        ...
+
     def users(self) -> dict[str, UserState]:
         """Every stored shopper (tests, audits: not for serving)."""
         ...
