@@ -109,6 +109,9 @@ class ScorerSettings(BaseSettings):
     http_host: str = "127.0.0.1"
     http_port: int = 8080
     group_id: str = "shoprank-scorer"
+    # Cross-encoder second stage over the top 100 (scorer/rerank.py): "cuda" runs it only when
+    # serving on a GPU, "always" on a CPU too, "off" never; needs a version that ships one.
+    rerank: Literal["off", "cuda", "always"] = "cuda"
 
 
 class FeatureSettings(BaseSettings):

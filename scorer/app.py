@@ -14,6 +14,7 @@ from features.redis_store import RedisStore, connect
 from scorer.http import create_app
 from scorer.metrics import ScorerMetrics
 from scorer.ranking import QueryRanker
+from scorer.rerank import RerankingRanker, redis_texts, rerank_allowed, version_sessions
 from scorer.runtime import load_served_model
 from scorer.service import ScoringLoop
 from scorer.swap import ModelHolder, UpdateListener
@@ -61,6 +62,9 @@ def build_scorer(settings: Settings) -> Scorer:
     holder = ModelHolder(model, registry, settings.scorer.device, metrics)
     store = RedisStore(connect(settings.redis), settings.features, settings.streams)
     ranker = QueryRanker(store, settings.scorer.retrieve_k, settings.scorer.max_candidates)
+    if rerank_allowed(settings.scorer.rerank, model.device):  # a no-op for versions without one
+        ranker = RerankingRanker(ranker, version_sessions(registry, model.providers),  # type: ignore[assignment]
+                                 redis_texts(store.client))
     loop = ScoringLoop(settings, holder, ranker, metrics)
     return Scorer(holder, ranker, metrics, loop, UpdateListener(settings, holder), store)
 
