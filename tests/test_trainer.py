@@ -125,3 +125,18 @@ def test_serving_points_only_at_complete_versions(tmp_path: Path) -> None:
         set_serving(tmp_path, "missing")
     assert serving_version(tmp_path) == "v1"
     assert json.loads((tmp_path / "v1" / "manifest.json").read_text())["version"] == "v1"
+
+
+def test_a_feature_constant_in_training_cannot_move_scores() -> None:
+    """Best Buy has no impressions: impression counts in production must not change a ranking."""
+    model = tiny_run().model.eval()
+    assert model.head.keep[INDEX["item_impressions_log"]] == 0
+    dense = torch.zeros(1, 3, len(FEATURE_NAMES))
+    emb = torch.nn.functional.normalize(torch.randn(1, 3, model.cfg.dim), dim=-1)
+    args = (torch.nn.functional.normalize(torch.randn(1, model.cfg.dim), dim=-1), emb,
+            emb[:, :1], torch.ones(1, 1))
+    with torch.no_grad():
+        before = model.rank(*args, dense)
+        dense[0, :, INDEX["item_impressions_log"]] = torch.tensor([0.0, 5.0, 50.0])
+        after = model.rank(*args, dense)
+    assert torch.allclose(before, after)

@@ -118,11 +118,20 @@ def grouped_order(text_id: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return np.concatenate([groups[i] for i in rng.permutation(len(groups))])
 
 
-def set_feature_scaling(model: PersonalRanker, train: Examples) -> None:
-    """Standardize dense features with the training set's statistics (stored in the graph)."""
+def set_feature_scaling(model: PersonalRanker, train: Examples) -> list[int]:
+    """Standardize dense features with the training set's statistics (stored in the graph).
+
+    A feature that never varied in training (Best Buy has no impressions, so impression counts
+    and click-through are constant there) taught the model nothing: it is switched off, so a
+    value it takes in production cannot move scores. Returns the indices switched off.
+    """
     values = train.dense[train.valid]
+    std = values.std(0)
+    constant = np.flatnonzero(std < 1e-6)
     model.head.mean.copy_(torch.from_numpy(values.mean(0)))
-    model.head.std.copy_(torch.from_numpy(values.std(0).clip(min=1e-3)))
+    model.head.std.copy_(torch.from_numpy(np.where(std < 1e-6, 1.0, std.clip(min=1e-3))))
+    model.head.keep[torch.from_numpy(constant)] = 0.0
+    return constant.tolist()
 
 
 def predict(model: PersonalRanker, batcher: TextBatcher, product_emb: torch.Tensor, ex: Examples,
@@ -148,7 +157,10 @@ def fit(model: PersonalRanker, tokenizer: Tokenizer, product_emb: np.ndarray, tr
     started = time.monotonic()
     table = torch.from_numpy(product_emb.astype(np.float32))
     batcher = TextBatcher(tokenizer, train.texts, model.cfg.max_query_len)
-    set_feature_scaling(model, train)
+    unused = set_feature_scaling(model, train)
+    if unused:
+        log.info("features_unused", features=[model.cfg.feature_names[i] for i in unused],
+                 reason="constant in training")
     model.freeze_lower_layers()
     encoder_params = [p for p in model.query.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW([

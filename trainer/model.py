@@ -91,7 +91,8 @@ class RankingHead(nn.Module):
         self.text_scale = nn.Parameter(torch.tensor(10.0))
 
     def forward(self, text_sim: Tensor, interest_sim: Tensor, dense: Tensor) -> Tensor:
-        x = (dense - self.mean) / self.std * self.keep
+        # Clamped: a value far outside what training saw must not swamp every other signal.
+        x = ((dense - self.mean) / self.std).clamp(-8.0, 8.0) * self.keep
         sims = torch.stack([text_sim, interest_sim * self.interest_on], dim=-1)
         return self.mlp(torch.cat([x, sims], dim=-1)).squeeze(-1) + self.text_scale * text_sim
 

@@ -134,6 +134,8 @@ def write_version(registry: Path, run: TrainRun, metrics: dict[str, float], pare
                      "history": run.result.history},
         "config": run.model.cfg.to_dict(),
         "feature_mean": run.model.head.mean.tolist(),  # the explain API's reference point
+        "features_used": [n for n, k in zip(run.model.cfg.feature_names, run.model.head.keep.tolist(),
+                                            strict=True) if k],
         "features": run.store.config.model_dump(),
         "host": platform.node(),
     }
