@@ -13,7 +13,7 @@ from core.settings import FeatureSettings
 from features import item, query_item
 from features.catalog import ProductAttrs
 from features.plan import FeatureEvent, Plan, Record, View, categories_needed, needs, plan
-from features.store import Outcome, Snapshot
+from features.store import OnRejected, Outcome, Snapshot
 from features.user import UserState
 
 
@@ -38,9 +38,11 @@ class MemoryStore:
     def apply(self, event: FeatureEvent) -> Outcome:
         return self.apply_batch([Record(event)])
 
-    def apply_batch(self, records: Sequence[Record]) -> Outcome:
+    def apply_batch(self, records: Sequence[Record], on_rejected: OnRejected | None = None) -> Outcome:
         batch = list(records)
         p = plan(batch, self._view(batch), self.config)
+        if on_rejected is not None and p.rejected:
+            on_rejected(p.rejected)
         self._commit(p)
         return Outcome(p.n_applied, p.duplicates, p.rejected)
 

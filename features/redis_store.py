@@ -20,7 +20,7 @@ import structlog
 from core.settings import FeatureSettings, RedisSettings, StreamsSettings
 from features import catalog, item, keys, lua, query_item, user
 from features.plan import FeatureEvent, Plan, Record, View, categories_needed, needs, plan
-from features.store import Outcome, Snapshot
+from features.store import OnRejected, Outcome, Snapshot
 from features.user import UserState
 
 log = structlog.get_logger(__name__)
@@ -66,11 +66,16 @@ class RedisStore:
     def apply(self, event: FeatureEvent) -> Outcome:
         return self.apply_batch([Record(event)])
 
-    def apply_batch(self, records: Sequence[Record]) -> Outcome:
+    def apply_batch(self, records: Sequence[Record], on_rejected: OnRejected | None = None) -> Outcome:
         batch = list(records)
+        reported: set[int] = set()
         for attempt in range(MAX_ATTEMPTS):
             view, guards = self._read(batch)
             p = plan(batch, view, self.config)
+            fresh = [r for r in p.rejected if r[0] not in reported]
+            if on_rejected is not None and fresh:
+                on_rejected(fresh)
+                reported.update(i for i, _ in fresh)
             failed = self._commit(p, guards)
             if failed is None:
                 if p.duplicates:  # a metric only: redeliveries and replays that were skipped

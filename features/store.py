@@ -3,7 +3,7 @@ implement it and pass one shared test suite, so training and serving see the sam
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -11,6 +11,8 @@ from core.settings import FeatureSettings
 from features.catalog import ProductAttrs
 from features.plan import FeatureEvent, Record
 from features.user import UserState
+
+OnRejected = Callable[[list[tuple[int, str]]], None]
 
 
 @dataclass(frozen=True)
@@ -37,8 +39,13 @@ class Snapshot:
 class FeatureStore(Protocol):
     config: FeatureSettings
 
-    def apply_batch(self, records: Sequence[Record]) -> Outcome:
-        """Apply events in order, atomically and idempotently (by event id and by Kafka offset)."""
+    def apply_batch(self, records: Sequence[Record], on_rejected: OnRejected | None = None) -> Outcome:
+        """Apply events in order, atomically and idempotently (by event id and by Kafka offset).
+
+        ``on_rejected`` is called with the (index, reason) of the events the batch rejects before
+        the batch is committed (each at most once per call), so a caller can hand them over
+        (dead-letter topic) before their offsets count as done.
+        """
         ...
 
     def apply(self, event: FeatureEvent) -> Outcome:

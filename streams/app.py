@@ -76,9 +76,6 @@ def create_app(settings: Settings) -> faust.App:
         topic_disable_leader=True,
         producer_acks=-1,
     )
-    store = RedisStore(connect(settings.redis), settings.features, settings.streams)
-    processor = Processor(settings, store)
-    executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="features")
     dlq_topic = app.topic(settings.topics.dead_letter, value_serializer="raw", key_serializer="raw")
 
     async def publish(letter: DeadLetter) -> None:
@@ -86,37 +83,45 @@ def create_app(settings: Settings) -> faust.App:
         await fut
 
     dead_letters = DeadLetters(publish)
+    loops: list[asyncio.AbstractEventLoop] = []  # the worker's loop, known once agents run
+
+    def handover(letters: list[DeadLetter]) -> None:
+        """From the processing thread: publish on the event loop, wait for the broker's ack."""
+        asyncio.run_coroutine_threadsafe(dead_letters.send(letters), loops[0]).result()
+
+    store = RedisStore(connect(settings.redis), settings.features, settings.streams)
+    processor = Processor(settings, store, handover)
+    executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="features")
     t = settings.topics
     for kind, topic_name in (("catalog", t.catalog), ("queries", t.queries), ("results", t.results),
                              ("interactions", t.interactions)):
         topic = app.topic(topic_name, value_serializer="raw", key_serializer="raw")
-        app.agent(topic, name=f"features-{kind}")(_agent(processor, dead_letters, executor, s.batch_size,
+        app.agent(topic, name=f"features-{kind}")(_agent(processor, loops, executor, s.batch_size,
                                                           s.batch_within_s))
     return app
 
 
 def _agent(
     processor: Processor,
-    dead_letters: DeadLetters,
+    loops: list[asyncio.AbstractEventLoop],
     executor: ThreadPoolExecutor,
     batch_size: int,
     within_s: float,
 ) -> Callable[[faust.StreamT], Coroutine[Any, Any, None]]:
     async def agent(stream: faust.StreamT) -> None:
         loop = asyncio.get_running_loop()
+        if not loops:
+            loops.append(loop)
         async for events in stream.take_events(batch_size, within=within_s):
             raws = [RawRecord(e.message.topic, e.message.partition, e.message.offset,
                               e.message.key, e.message.value) for e in events]
             applying = loop.run_in_executor(executor, processor.apply, raws)
             try:
-                try:
-                    letters = await asyncio.shield(applying)
-                except asyncio.CancelledError:
-                    # Stopping: take_events acknowledges this batch on the way out, so finish it.
-                    await dead_letters.send(await applying)
-                    raise
-                await dead_letters.send(letters)
+                # Shielded: when the worker stops, take_events acknowledges this batch on the
+                # way out, so the batch (dead letters included) must be finished first.
+                await asyncio.shield(applying)
             except asyncio.CancelledError:
+                await applying
                 raise
             except BaseException as exc:
                 # Letting this escape would make faust acknowledge the batch on the way out

@@ -2,9 +2,10 @@
 
 An event that fails validation, or names a product the catalog does not know, is published with
 its original bytes and key to the dead-letter topic, with headers ``reason``, ``source_topic``,
-``source_partition`` and ``source_offset``; the worker goes on with the rest of the batch. The
-source offset is committed only after the dead letter is acknowledged by the broker, so nothing is
-lost; a crash in between may publish one dead letter twice (the headers identify the original).
+``source_partition`` and ``source_offset``; the worker goes on with the rest of the batch. Dead
+letters are acknowledged by the broker before their batch is committed to Redis (whose partition
+offsets then count them as done), so nothing is lost; a crash in between may publish one twice
+(the headers identify the original).
 """
 
 from __future__ import annotations
@@ -64,6 +65,10 @@ class DeadLetters:
             reason=letter.reason,
             published=self._publish is not None,
         )
+
+    def note_all(self, letters: list[DeadLetter]) -> None:
+        for letter in letters:
+            self.note(letter)
 
     async def send(self, letters: list[DeadLetter]) -> None:
         for letter in letters:

@@ -7,6 +7,7 @@ retried here, forever, with backoff: a batch is never acknowledged before it is 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,7 +19,7 @@ from core.events import InvalidEvent
 from core.settings import Settings
 from features.plan import Record, Source
 from features.redis_store import RedisStore
-from features.store import Outcome
+from features.store import OnRejected, Outcome
 from streams import metrics
 from streams.deadletter import DeadLetter
 
@@ -45,10 +46,18 @@ def codecs(settings: Settings) -> dict[str, events.Codec[Any]]:
     }
 
 
+Handover = Callable[[list[DeadLetter]], None]
+
+
 class Processor:
-    def __init__(self, settings: Settings, store: RedisStore) -> None:
+    """``handover`` takes a batch's dead letters and returns once they are safe (published and
+    acknowledged): it is called before the batch is committed to Redis, whose partition offsets
+    would otherwise make a redelivered bad record look already done."""
+
+    def __init__(self, settings: Settings, store: RedisStore, handover: Handover) -> None:
         self.store = store
         self.codecs = codecs(settings)
+        self.handover = handover
 
     def decode(self, raws: list[RawRecord]) -> tuple[list[Record], list[RawRecord], list[DeadLetter]]:
         records, origins, letters = [], [], []
@@ -64,25 +73,33 @@ class Processor:
             origins.append(raw)
         return records, origins, letters
 
-    def apply(self, raws: list[RawRecord]) -> list[DeadLetter]:
-        """Apply a batch; returns its dead letters (invalid, or naming an unknown product)."""
+    def apply(self, raws: list[RawRecord]) -> int:
+        """Apply a batch, handing its dead letters (invalid, or naming an unknown product) over
+        first; returns how many there were."""
         started = time.perf_counter()
         records, origins, letters = self.decode(raws)
+        if letters:
+            self.handover(letters)
         if records:
-            outcome = self._apply_with_retry(records)
-            letters += [_letter(origins[i], reason) for i, reason in outcome.rejected]
+
+            def hand_over(rejected: list[tuple[int, str]]) -> None:
+                unknown = [_letter(origins[i], reason) for i, reason in rejected]
+                letters.extend(unknown)
+                self.handover(unknown)
+
+            outcome = self._apply_with_retry(records, hand_over)
             topic = raws[0].topic
             metrics.EVENTS.labels(topic, "applied").inc(outcome.applied)
             metrics.EVENTS.labels(topic, "duplicate").inc(outcome.duplicates)
         metrics.BATCH_SECONDS.observe(time.perf_counter() - started)
-        return letters
+        return len(letters)
 
-    def _apply_with_retry(self, records: list[Record]) -> Outcome:
+    def _apply_with_retry(self, records: list[Record], on_rejected: OnRejected) -> Outcome:
         delay = 0.05
         while True:
             conflicts = self.store.conflicts
             try:
-                outcome = self.store.apply_batch(records)
+                outcome = self.store.apply_batch(records, on_rejected)
                 metrics.CONFLICTS.inc(self.store.conflicts - conflicts)
                 return outcome
             except (redis.ConnectionError, redis.TimeoutError) as exc:

@@ -37,14 +37,14 @@ def rebuild(settings: Settings, progress: bool = True) -> RebuildReport:
     started = time.perf_counter()
     store = RedisStore(connect(settings.redis), settings.features, settings.streams)
     cleared = store.clear()
-    processor = Processor(settings, store)
     letters = DeadLetters()  # already published when first consumed: count, do not republish
+    processor = Processor(settings, store, letters.note_all)
     consumer = kafka.consumer(settings, group_id=f"{settings.streams.group_id}-rebuild")
     t = settings.topics
     records = 0
     try:
         for phase in ([t.catalog], [t.queries, t.results, t.interactions]):
-            records += _replay(consumer, phase, processor, letters, settings.streams.batch_size, progress)
+            records += _replay(consumer, phase, processor, settings.streams.batch_size, progress)
     finally:
         consumer.close()
     applied = int(store.client.hget("stats", "applied") or 0)
@@ -54,8 +54,8 @@ def rebuild(settings: Settings, progress: bool = True) -> RebuildReport:
     return report
 
 
-def _replay(consumer: Consumer, topics: list[str], processor: Processor, letters: DeadLetters,
-            batch: int, progress: bool) -> int:
+def _replay(consumer: Consumer, topics: list[str], processor: Processor, batch: int,
+            progress: bool) -> int:
     ends: dict[tuple[str, int], int] = {}
     starts = []
     meta = consumer.list_topics(timeout=10)
@@ -83,8 +83,7 @@ def _replay(consumer: Consumer, topics: list[str], processor: Processor, letters
                     continue
                 raws.append(RawRecord(m.topic(), m.partition(), m.offset(), m.key(), m.value()))
             if raws:
-                for letter in processor.apply(raws):
-                    letters.note(letter)
+                processor.apply(raws)
                 seen += len(raws)
                 bar.update(len(raws))
             _drop_finished(consumer, ends)

@@ -135,3 +135,15 @@ def test_cold_start_reads_defaults(store: FeatureStore) -> None:
     assert res.features[:, INDEX["position"]].tolist() == [1.0, 2.0]
     assert res.features[:, INDEX["item_ctr"]].tolist() == pytest.approx([CFG.ctr_prior] * 2)
     assert res.recent_products == () and res.recent_weights.shape == (0,)
+
+
+def test_rejected_events_are_handed_over_before_the_batch_commits(store: FeatureStore) -> None:
+    load_catalog(store)
+    seen: list[tuple[list[tuple[int, str]], bool]] = []
+
+    def on_rejected(rejected: list[tuple[int, str]]) -> None:
+        seen.append((rejected, store.user("u1") is None))  # called before anything is written
+
+    out = store.apply_batch([Record(click("e1")), Record(click("e2", "ghost"))], on_rejected)
+    assert seen == [(out.rejected, True)]  # True: the shopper was not written yet
+    assert out.rejected[0][0] == 1 and store.user("u1") is not None
