@@ -1,15 +1,20 @@
 """The scorer's Kafka loop: consume query micro-batches, rank them, produce results, commit.
 
 Backpressure is Kafka itself: the loop takes at most ``max_batch`` queries, waits at most
-``max_wait_ms`` for a batch to fill, and pulls nothing more until that batch's results are
-acknowledged by the broker; only then are the batch's offsets committed. A crash therefore
-loses no query (it is consumed again) and the in-process queue never exceeds one batch.
+``max_wait_ms`` for a batch to fill, ranks it and hands its results to the producer. It does not
+wait for the broker's acknowledgement before ranking the next batch (that round trip was a third
+of the loop's time), but at most ``MAX_IN_FLIGHT`` batches may await it: past that the loop pulls
+nothing more. A batch's offsets are committed only once its results, and those of every batch
+before it, are acknowledged. A crash therefore loses no query (it is consumed again), and what
+the process holds is bounded: one batch being ranked and ``MAX_IN_FLIGHT`` awaiting the broker.
 """
 
 from __future__ import annotations
 
 import threading
 import time
+from collections import deque
+from dataclasses import dataclass
 
 import structlog
 from confluent_kafka import Consumer, Message, TopicPartition
@@ -25,6 +30,21 @@ from scorer.swap import ModelHolder
 log = structlog.get_logger(__name__)
 
 LAG_EVERY_S = 2.0
+MAX_IN_FLIGHT = 4  # batches whose results await the broker's acknowledgement
+
+
+@dataclass
+class _InFlight:
+    """One batch's results on their way to the broker, and the offsets to commit once they land."""
+
+    offsets: list[TopicPartition]
+    remaining: int
+    failure: str | None = None
+
+    def delivered(self, err, _msg) -> None:  # type: ignore[no-untyped-def]  # librdkafka's callback
+        if err is not None:
+            self.failure = str(err)
+        self.remaining -= 1
 
 
 class ScoringLoop(threading.Thread):
@@ -50,33 +70,60 @@ class ScoringLoop(threading.Thread):
         consumer.subscribe([s.topics.queries], on_assign=lambda c, parts: self.assigned.set())
         self._consumer = consumer
         last_lag = 0.0
+        pending: deque[_InFlight] = deque()
         try:
             while not self._stopping.is_set():
                 msgs = consumer.consume(num_messages=s.scorer.max_batch, timeout=s.scorer.max_wait_ms / 1000)
                 msgs = [m for m in msgs if m.error() is None]
                 if msgs:
-                    self._handle(msgs, producer)
-                    consumer.commit(asynchronous=True)
+                    pending.append(self._handle(msgs, producer))
+                producer.poll(0)  # delivery reports
+                self._commit_acknowledged(consumer, pending)
+                while len(pending) >= MAX_IN_FLIGHT and not self._stopping.is_set():  # backpressure
+                    producer.poll(0.05)
+                    self._commit_acknowledged(consumer, pending)
                 if time.monotonic() - last_lag > LAG_EVERY_S:
                     self._update_lag(consumer)
                     last_lag = time.monotonic()
         finally:
-            producer.flush(10)
-            consumer.close()
+            try:
+                producer.flush(10)
+                self._commit_acknowledged(consumer, pending, final=True)
+            finally:
+                consumer.close()
 
-    def _handle(self, msgs: list[Message], producer) -> None:  # type: ignore[no-untyped-def]
+    @staticmethod
+    def _commit_acknowledged(consumer: Consumer, pending: deque[_InFlight], final: bool = False) -> None:
+        """Commit the offsets of the oldest batches whose results the broker has acknowledged."""
+        done: dict[tuple[str, int], int] = {}
+        while pending and pending[0].remaining <= 0:
+            batch = pending.popleft()
+            if batch.failure is not None:
+                raise RuntimeError(f"ranked results were not acknowledged by the broker: {batch.failure}")
+            for tp in batch.offsets:
+                done[(tp.topic, tp.partition)] = max(done.get((tp.topic, tp.partition), 0), tp.offset)
+        if done:
+            consumer.commit(offsets=[TopicPartition(t, p, o) for (t, p), o in done.items()],
+                            asynchronous=not final)
+
+    def _handle(self, msgs: list[Message], producer) -> _InFlight:  # type: ignore[no-untyped-def]
         started = time.perf_counter()
         self.metrics.queue_depth.set(len(msgs))
         items = [Incoming(m.value() or b"", _published_at(m)) for m in msgs]
         queries, errors = decode_all(items)
         model = self.holder.current  # one version for the whole batch: swaps happen between batches
         results = errors + self.ranker.rank(model, queries)
+        nxt: dict[tuple[str, int], int] = {}
+        for m in msgs:
+            key = (m.topic(), m.partition())
+            nxt[key] = max(nxt.get(key, 0), m.offset() + 1)
+        batch = _InFlight([TopicPartition(t, p, o) for (t, p), o in nxt.items()], remaining=len(results))
         for r in results:
-            producer.produce(self.settings.topics.results, key=r.user_id.encode(), value=encode(r))
-        if producer.flush(30) != 0:
-            raise RuntimeError("ranked results were not acknowledged by the broker")
+            producer.produce(self.settings.topics.results, key=r.user_id.encode(), value=encode(r),
+                             on_delivery=batch.delivered)
         self._observe(results, model.version, time.perf_counter() - started)
         self.metrics.queue_depth.set(0)
+        return batch
 
     def _observe(self, results: list[RankedResult], version: str, seconds: float) -> None:
         self.metrics.batch_size.observe(len(results))
