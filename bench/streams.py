@@ -151,11 +151,11 @@ def noop_worker() -> int:
 
 
 def freshness(settings: Settings, client: redis.Redis, shape: Shape, rate: int, seconds: float,
-              probe_every: int) -> tuple[list[float], float, int]:
+              probe_every: int, tag: str = "") -> tuple[list[float], float, int]:
     """Publish ``rate`` events/s for ``seconds``; every ``probe_every``-th is a probe click of a new
     shopper whose key is polled for in Redis. Returns latencies (ms) and the rate achieved."""
-    events = list(sessions(shape, int(rate * seconds / 2.9) + 100, tag="fresh",
-                           start=START + timedelta(days=1)))[: int(rate * seconds)]
+    events = list(sessions(shape, int(rate * seconds / 2.9) + 100, tag=f"fresh{tag}",
+                           start=START + timedelta(days=2 if tag else 1)))[: int(rate * seconds)]
     sent: dict[str, float] = {}
     seen: dict[str, float] = {}
     lock = threading.Lock()
@@ -188,8 +188,8 @@ def freshness(settings: Settings, client: redis.Redis, shape: Shape, rate: int, 
     for i in range(0, len(events), per_tick):
         for j, ev in enumerate(events[i : i + per_tick], start=i):
             if j % probe_every == 0:
-                probe = f"probe-{j}"
-                ev = Click(event_id=f"probe-{j}", user_id=probe, session_id="s", product_id="p1",
+                probe = f"probe{tag}-{j}"
+                ev = Click(event_id=probe, user_id=probe, session_id="s", product_id="p1",
                            timestamp=ev.timestamp)
                 topic, key = topic_and_key(settings, ev)
                 with lock:
@@ -245,7 +245,8 @@ def run(args: argparse.Namespace) -> dict[str, object]:
         noop = faust_noop_eps(settings, client, len(events)) if args.noop else None
         if noop is not None:
             print(f"faust_noop_eps   {noop:12,.0f}   (faust alone, agents that only count)", flush=True)
-        env = environment(settings, group_id=f"bench-{uuid.uuid4().hex[:6]}", batch_size=args.batch)
+        env = environment(settings, group_id=f"bench-{uuid.uuid4().hex[:6]}", batch_size=args.batch,
+                          batch_within_s=args.within)
         log = Path(args.log)
         worker = Worker(env, log)
         try:
@@ -255,13 +256,20 @@ def run(args: argparse.Namespace) -> dict[str, object]:
                        what="backlog drained")
             lat, achieved, n_probes = freshness(settings, client, shape, args.rate, args.seconds,
                                                 args.probe_every)
+            # The same, at half the rate this worker sustained: its latency when it keeps up.
+            half = max(100, int(eps / 2))
+            lat_half, achieved_half, _ = freshness(settings, client, shape, half, args.seconds,
+                                                   args.probe_every, tag="half")
         finally:
             worker.stop()
         p50, p99 = np.percentile(lat, [50, 99])
         print(f"freshness        p50 {p50:.1f} ms, p99 {p99:.1f} ms at {achieved:,.0f} events/s "
               f"({len(lat)} probes)", flush=True)
+        h50, h99 = np.percentile(lat_half, [50, 99])
+        print(f"  at half worker_eps: p50 {h50:.1f} ms, p99 {h99:.1f} ms at {achieved_half:,.0f} events/s",
+              flush=True)
         mean, p99_size, _ = bytes_per_user(client, users)
-        n_users = sum(1 for _ in client.scan_iter(keys.USER + "*", count=10000)) - len(lat)
+        n_users = sum(1 for _ in client.scan_iter(keys.USER + "*", count=10000)) - len(lat) - len(lat_half)
         print(f"bytes_per_user   {mean:12,.0f}   (p99 {p99_size}, {n_users} shoppers)", flush=True)
     finally:
         admin = kafka.admin_client(settings)
@@ -279,12 +287,15 @@ def run(args: argparse.Namespace) -> dict[str, object]:
         "freshness_rate_eps": round(achieved),
         "freshness_probes": len(lat),
         "freshness_probes_sent": n_probes,
+        "freshness_half_capacity": {"rate_eps": round(achieved_half), "p50_ms": round(float(h50), 2),
+                                    "p99_ms": round(float(h99), 2), "probes": len(lat_half)},
         "bytes_per_user": round(mean),
         "bytes_per_user_p99": p99_size,
         "shoppers": n_users,
         "events": len(events),
         "workers": 1,
         "batch_size": args.batch,
+        "batch_within_s": args.within,
         "machine": {"cpus": os.cpu_count(), "loadavg_at_start": [round(x, 2) for x in load]},
         "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
@@ -296,6 +307,8 @@ def main() -> int:
     parser.add_argument("--products", type=int, default=5_000)
     parser.add_argument("--queries", type=int, default=145_000, help="searches (about 3 events each)")
     parser.add_argument("--batch", type=int, default=2000)
+    parser.add_argument("--within", type=float, default=Settings().streams.batch_within_s,
+                        help="seconds an agent waits to fill a batch")
     parser.add_argument("--rate", type=int, default=5000, help="events/s of the freshness stream")
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--probe-every", type=int, default=25)

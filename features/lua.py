@@ -20,7 +20,7 @@ hold whitespace; normalized query text holds single spaces only).
 ARGV: 1 h_item, 2 h_query, 3 qi_ttl_ms, 4 user_ttl_ms, 5 marker hash, 6 its expiry (unix s),
 7 text hash, 8 previous text hash, 9 its expiry, 10 pending ttl_ms, 11-16 text sections (guards,
 items, queries, query_items, markers, offsets), 17-20 counts of users, products, documents, price
-fields, then those (key, value) / (field, delta) pairs.
+fields, 21 duplicates skipped (a metric), then those (key, value) / (field, delta) pairs.
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ if #g_keys > 0 then
 end
 
 -- 2. shopper and product states, product documents, category price sums
-local pos = 21
+local pos = 22
 local n_users, n_products, n_docs, n_fields = tonumber(ARGV[17]), tonumber(ARGV[18]),
   tonumber(ARGV[19]), tonumber(ARGV[20])
 for i = 1, n_users do
@@ -233,6 +233,7 @@ if #markers > 0 then
   redis.call('HINCRBY', '${STATS}', 'applied', #markers / 2)
 end
 for k, v in string.gmatch(ARGV[16], '(%S+)\t(%S+)\n') do redis.call('SET', k, v) end
+if ARGV[21] ~= '0' then redis.call('HINCRBY', '${STATS}', 'duplicates', ARGV[21]) end
 return 0
 """)
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from core.events import CatalogProduct, Query, RankedResult
+from core.events import CatalogProduct, Purchase, Query, RankedResult
 from core.events import Interaction as InteractionT
 from core.events import encode as encode_event
 from core.settings import FeatureSettings
@@ -115,7 +115,7 @@ def needs(records: list[Record]) -> Needs:
 
 
 def categories_needed(records: list[Record], products: dict[str, ProductAttrs]) -> set[str]:
-    """Categories whose typical price the batch reads or changes (known once products are read)."""
+    """Categories whose typical price the batch reads (purchases) or changes (catalog updates)."""
     cats: set[str | None] = set()
     for r in records:
         ev = r.event
@@ -123,7 +123,7 @@ def categories_needed(records: list[Record], products: dict[str, ProductAttrs]) 
             cats.add(catalog.category_of(ev))
             old = products.get(ev.product_id)
             cats.add(old.category if old else None)
-        elif isinstance(ev, INTERACTIONS) and ev.product_id in products:
+        elif isinstance(ev, Purchase) and ev.product_id in products:
             cats.add(products[ev.product_id].category)
     cats.discard(None)
     return {c for c in cats if c is not None}

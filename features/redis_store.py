@@ -17,9 +17,10 @@ from typing import Any
 import redis
 import structlog
 
+from core.events import CatalogProduct, Purchase
 from core.settings import FeatureSettings, RedisSettings, StreamsSettings
 from features import catalog, item, keys, lua, query_item, user
-from features.plan import FeatureEvent, Plan, Record, View, categories_needed, needs, plan
+from features.plan import FeatureEvent, Plan, Record, View, needs, plan
 from features.store import OnRejected, Outcome, Snapshot
 from features.user import UserState
 
@@ -78,8 +79,6 @@ class RedisStore:
                 reported.update(i for i, _ in fresh)
             failed = self._commit(p, guards)
             if failed is None:
-                if p.duplicates:  # a metric only: redeliveries and replays that were skipped
-                    self.client.hincrby(keys.STATS, "duplicates", p.duplicates)
                 return Outcome(p.n_applied, p.duplicates, p.rejected)
             self.conflicts += 1
             log.info("batch_conflict", guard=failed, attempt=attempt, events=len(batch))
@@ -98,17 +97,23 @@ class RedisStore:
             + [keys.offset(t, p) for t, p in tps]
         )
         bucket = self._bucket(self.streams.dedup_ttl_s)
+        # Category prices are few: read them all in the same round trip when the batch may need them.
+        prices = any(isinstance(r.event, Purchase | CatalogProduct) for r in records)
         with self.client.pipeline(transaction=False) as pipe:
             if all_keys:
                 pipe.mget(all_keys)
             if markers:
                 pipe.hmget(keys.applied_bucket(bucket), markers)
                 pipe.hmget(keys.applied_bucket(bucket - 1), markers)
-            replies = pipe.execute() if all_keys or markers else []
-        values = iter(replies[0] if all_keys else [])
+            if prices:
+                pipe.hgetall(keys.CATEGORY_PRICES)
+            replies = iter(pipe.execute() if all_keys or markers or prices else [])
+        values = iter(next(replies) if all_keys else [])
         if markers:
-            now, before = replies[-2], replies[-1]
+            now, before = next(replies), next(replies)
             view.applied.update(m for m, a, b in zip(markers, now, before, strict=True) if a or b)
+        if prices:
+            view.category_prices = _category_prices(next(replies))
         guards: list[tuple[str, str, bytes]] = []
         for u in users:
             raw = next(values)
@@ -130,14 +135,6 @@ class RedisStore:
             guards.append((keys.offset(*tp), "v", raw or b""))
             if raw:
                 view.offsets[tp] = int(raw)
-        cats = sorted(categories_needed(records, view.products))
-        if cats:
-            fields = [f(c) for c in cats for f in (keys.price_count_field, keys.price_cents_field)]
-            raw_prices = self.client.hmget(keys.CATEGORY_PRICES, fields)
-            for i, c in enumerate(cats):
-                n_raw, c_raw = raw_prices[2 * i], raw_prices[2 * i + 1]
-                if n_raw is not None:
-                    view.category_prices[c] = (int(n_raw), int(c_raw or 0))
         return view, guards
 
     @staticmethod
@@ -155,6 +152,8 @@ class RedisStore:
             fields += [(keys.price_count_field(cat), str(dn)), (keys.price_cents_field(cat), str(dc))]
         if not (users or products or fields or p.items or p.queries or p.query_items or p.applied
                 or p.offsets):
+            if p.duplicates:  # a metric only: redeliveries and replays that were skipped
+                self.client.hincrby(keys.STATS, "duplicates", p.duplicates)
             return None
         s, cfg = self.streams, self.config
         marker_bucket = self._bucket(s.dedup_ttl_s)
@@ -180,6 +179,7 @@ class RedisStore:
             str(len(products)),
             str(len(docs)),
             str(len(fields)),
+            str(p.duplicates),
         ]
         for pairs in (users, products, docs, fields):
             for k, v in pairs:
