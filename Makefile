@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: help venv up down status topics demo test lint eval bench-streams bench-scorer clean-data
+.PHONY: help venv up down status topics demo test lint eval bench-streams bench-scorer bench-scorer-gpu clean-data
 
 help:
 	@echo "make demo    set up everything, start Kafka and Redis, replay the Best Buy data, show results"
@@ -62,3 +62,15 @@ eval: up
 
 bench-streams: up
 	$(BIN)/python -m bench.streams $(BENCH_ARGS)
+
+# The scorer through Kafka on this CPU: p50/p99 at 100 queries/s, max sustained rate, naive eager
+# torch baseline, RSS; 100 candidates per query; about 6-8 minutes -> bench/results/scorer.json.
+bench-scorer: up
+	$(BIN)/python -m bench.scorer $(BENCH_ARGS)
+
+# The model path on a lent GPU machine (stage 1 CPU vs CUDA fp16, cross-encoder re-rank of the
+# top 100). This prepares var/gpu-bundle here; then, with the device tool (one call, ~3 minutes):
+#   run(command="bash bench/gpu.sh run", carry=["var/gpu-bundle"], timeout_s=420)
+# and copy the returned scorer_gpu.json to bench/results/.
+bench-scorer-gpu: venv
+	bash bench/gpu.sh prepare $(BENCH_ARGS)
