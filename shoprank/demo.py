@@ -122,8 +122,11 @@ def features_settled(settings: Settings) -> bool:
     return after > 0 and after == before
 
 
-def live_traffic(settings: Settings, n: int, qps: float) -> tuple[list[Query], list[RankedResult]]:
-    """Publish ``n`` test-period searches as new queries at ``qps``; collect their results."""
+def live_traffic(settings: Settings, n: int, qps: float) -> tuple[list[Query], list[RankedResult], dict[str, str]]:  # noqa: E501
+    """Publish ``n`` test-period searches as new queries at ``qps``; collect their results.
+
+    Returns the queries, their results, and the product each search's shopper really clicked.
+    """
     from evaluation.splits import bestbuy_split
 
     rows = bestbuy_split(settings.data_dir).test[-n:]
@@ -149,10 +152,13 @@ def live_traffic(settings: Settings, n: int, qps: float) -> tuple[list[Query], l
         if msg is not None and msg.error() is None and (r := RESULTS.decode(msg.value())).query_id in wanted:
             results[r.query_id] = r
     consumer.close()
-    return queries, [results[q.query_id] for q in queries if q.query_id in results]
+    clicked = {q.query_id: r.product_id or "" for q, r in zip(queries, rows, strict=True)}
+    return queries, [results[q.query_id] for q in queries if q.query_id in results], clicked
 
 
-def show_results(settings: Settings, queries: list[Query], results: list[RankedResult]) -> None:
+def show_results(settings: Settings, queries: list[Query], results: list[RankedResult],
+                 clicked: dict[str, str]) -> None:
+    """Counts, latency, and a few rankings with the product the shopper really clicked marked."""
     from evaluation.splits import bestbuy_split
 
     catalog = bestbuy_split(settings.data_dir).catalog
@@ -169,7 +175,9 @@ def show_results(settings: Settings, queries: list[Query], results: list[RankedR
             continue
         print(f"\n  query {q.text!r} (user {q.user_id[:8]}…):")
         for p in r.products[:5]:
-            print(f"    {p.position}. {title.get(p.product_id, p.product_id)[:70]:70} score {p.score:7.3f}")
+            mark = "  <- clicked" if p.product_id == clicked.get(q.query_id) else ""
+            name = title.get(p.product_id, p.product_id)[:70]
+            print(f"    {p.position}. {name:70} score {p.score:7.3f}{mark}")
 
 
 def show_quality() -> None:
@@ -200,8 +208,8 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
         print("features settled in Redis")
         _stage(f"live traffic: {args.queries} test-period searches at {args.qps:.0f} queries/s through Kafka")
         wait_for(lambda: _ready(f"http://127.0.0.1:{port}/readyz"), "scorer", 120)
-        queries, results = live_traffic(settings, args.queries, args.qps)
-        show_results(settings, queries, results)
+        queries, results, clicked = live_traffic(settings, args.queries, args.qps)
+        show_results(settings, queries, results, clicked)
     _stage("ranking quality, offline (make eval; bench/results/quality.json)")
     show_quality()
     return 0
