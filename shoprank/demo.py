@@ -31,6 +31,7 @@ from core.events import RESULTS, Query, RankedResult, encode
 from core.settings import Settings
 from core.topics import ensure_topics, topic_specs
 
+LiveRun = tuple[list[Query], list[RankedResult], dict[str, str]]  # queries, results, clicked product
 LIVE_QUERIES = 300
 LIVE_QPS = 50.0
 
@@ -122,7 +123,7 @@ def features_settled(settings: Settings) -> bool:
     return after > 0 and after == before
 
 
-def live_traffic(settings: Settings, n: int, qps: float) -> tuple[list[Query], list[RankedResult], dict[str, str]]:  # noqa: E501
+def live_traffic(settings: Settings, n: int, qps: float) -> LiveRun:
     """Publish ``n`` test-period searches as new queries at ``qps``; collect their results.
 
     Returns the queries, their results, and the product each search's shopper really clicked.
