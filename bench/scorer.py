@@ -50,7 +50,7 @@ from bench.loadgen import LoadGenerator, QuerySpec, StepResult
 from core import kafka
 from core.logs import configure_logging
 from core.registry import load_version, serving_version
-from core.settings import RedisSettings, Settings, TopicSettings
+from core.settings import RedisSettings, ScorerSettings, Settings, TopicSettings
 from core.topics import ensure_topics, topic_specs
 from evaluation.ranker import SearchRow
 from evaluation.splits import BestBuySplit, bestbuy_split
@@ -329,6 +329,7 @@ def run(args: argparse.Namespace) -> dict[str, object]:
                 rss, hwm = memory_mb(proc.pid)
                 hit_rate = cache_hit_rate(gen.sent_texts, QUERY_CACHE_SIZE, measured_from)
                 n_sent = len(gen.sent_texts) - measured_from
+                cycled = len(gen.sent_texts) > len(specs)
             finally:
                 gen.close()
         naive = np.array([])
@@ -360,7 +361,8 @@ def run(args: argparse.Namespace) -> dict[str, object]:
         "model_version": model.version,
         "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "command": args.command,
-        "notes": notes(args, overrides, load_start, load_end, hwm, naive, hit_rate, n_sent),
+        "notes": notes(args, overrides, load_start, load_end, hwm, naive, hit_rate, n_sent,
+                       len(specs) if cycled else None),
     }
     if model.tiny:
         result["model"] = "tiny"
@@ -368,10 +370,16 @@ def run(args: argparse.Namespace) -> dict[str, object]:
 
 
 def notes(args: argparse.Namespace, overrides: dict[str, str], load_start: tuple[float, ...],
-          load_end: tuple[float, ...], hwm: float, naive: np.ndarray, hit_rate: float, n_sent: int) -> str:
+          load_end: tuple[float, ...], hwm: float, naive: np.ndarray, hit_rate: float, n_sent: int,
+          cycled_after: int | None) -> str:
     s = Settings()
     batch = overrides.get("SHOPRANK_SCORER_MAX_BATCH", str(s.scorer.max_batch))
     wait = overrides.get("SHOPRANK_SCORER_MAX_WAIT_MS", str(s.scorer.max_wait_ms))
+    default_wait = ScorerSettings.model_fields["max_wait_ms"].default
+    wait_txt = f"{wait}" + (f" (the setting's default is {default_wait}; {wait} measured better here)"
+                            if float(wait) != default_wait else "")
+    cycle_txt = f", all {cycled_after} searches once, then again from the start" if cycled_after else ""
+    repeats_txt = "the log's own repeats" + (", and the second pass" if cycled_after else "")
     naive_txt = (f"naive: {naive.size} queries one at a time, p99 {np.percentile(naive, 99):.1f} ms"
                  if naive.size else "naive: skipped")
     return (
@@ -379,11 +387,12 @@ def notes(args: argparse.Namespace, overrides: dict[str, str], load_start: tuple
         f"{load_end[0]:.1f} at end): the same machine also runs Kafka, Redis and this load generator, so "
         f"figures are noisy. Latency = produce() call -> ranked result consumed, through Kafka "
         f"({n_sent} Best Buy searches measured, sent in log order (test period first) after "
-        f"{args.warm_qps * args.warm_s:.0f} unmeasured warm-up ones, each with its clicked "
+        f"{args.warm_qps * args.warm_s:.0f} unmeasured warm-up ones{cycle_txt}; each with its clicked "
         f"products among {CANDIDATES} of the 437 catalog products; results carry every product's served "
-        f"features). Scorer: max_batch {batch}, max_wait_ms {wait}, peak RSS {hwm:.0f} MB; its query-"
+        f"features). Scorer: max_batch {batch}, max_wait_ms {wait_txt}, peak RSS {hwm:.0f} MB; its query-"
         f"embedding LRU ({QUERY_CACHE_SIZE} texts, empty at start) served {hit_rate:.0%} of the measured "
-        f"queries (the log's own repeats, replayed as they came). load step {args.load_s:.0f} s; ramp steps "
+        f"queries ({repeats_txt}). "
+        f"load step {args.load_s:.0f} s; ramp steps "
         f"{args.step_s:.0f} s; a rate holds when p99 <= {P99_LIMIT_MS:.0f} ms, achieved >= "
         f"{MIN_THROUGHPUT_RATIO:.0%} of offered and every query is answered. The overload step offers "
         f"{args.overload_factor}x the first rate that did not hold: p99 and lag grow, sent == answered. "
@@ -406,7 +415,7 @@ def main() -> int:
     parser.add_argument("--load-qps", type=float, default=100.0)
     parser.add_argument("--load-s", type=float, default=30.0)
     parser.add_argument("--rates", type=float, nargs="+",
-                        default=[150, 200, 250, 300, 400, 500, 600, 800, 1000])
+                        default=[150, 200, 250, 300, 350, 400, 500, 600, 800])
     parser.add_argument("--step-s", type=float, default=20.0)
     parser.add_argument("--overload-factor", type=float, default=1.5)
     parser.add_argument("--overload-s", type=float, default=15.0)
@@ -414,7 +423,8 @@ def main() -> int:
     parser.add_argument("--warm-s", type=float, default=20.0)
     parser.add_argument("--naive-queries", type=int, default=30)
     parser.add_argument("--max-batch", type=int, default=None, help="SHOPRANK_SCORER_MAX_BATCH")
-    parser.add_argument("--max-wait-ms", type=float, default=None, help="SHOPRANK_SCORER_MAX_WAIT_MS")
+    parser.add_argument("--max-wait-ms", type=float, default=2.0,
+                        help="SHOPRANK_SCORER_MAX_WAIT_MS for the scorer (default 5: 2 measured better here)")
     parser.add_argument("--tiny", action="store_true", help="a tiny model even when one is serving")
     parser.add_argument("--registry", type=Path, default=None, help="registry (default: the settings')")
     parser.add_argument("--log", default=str(ROOT / "var" / "bench-scorer.log"))
