@@ -87,7 +87,7 @@ class ModelSettings(BaseSettings):
 
     registry_dir: Path = ROOT / "models"
     seed: int = 13
-    epochs: int = Field(default=4, ge=1)
+    epochs: int = Field(default=5, ge=1)
     batch_size: int = Field(default=128, ge=1)
     negatives: int = Field(default=63, ge=1)
     learning_rate: float = 1e-3
@@ -103,7 +103,7 @@ class ScorerSettings(BaseSettings):
 
     device: Literal["auto", "cpu", "cuda"] = "auto"
     max_batch: int = Field(default=32, ge=1)
-    max_wait_ms: float = Field(default=5.0, ge=0.0)
+    max_wait_ms: float = Field(default=2.0, ge=0.0)
     retrieve_k: int = Field(default=100, ge=1)
     max_candidates: int = Field(default=1000, ge=1)
     http_host: str = "127.0.0.1"
