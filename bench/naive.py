@@ -21,8 +21,9 @@ from transformers import AutoTokenizer
 from core.events import CatalogProduct
 from core.pretrained import minilm_path
 from core.registry import ModelVersion
+from core.text import product_text
 from trainer.model import PersonalRanker, QueryTower, RankerConfig, load_encoder
-from trainer.products import PRODUCT_MAX_LEN, product_text
+from trainer.products import PRODUCT_MAX_LEN
 
 log = structlog.get_logger(__name__)
 

@@ -59,11 +59,10 @@ def prepare(bundle: Path, force_tiny: bool) -> None:
     from bench.scorer import choose_model, query_specs, seed_features
     from core.registry import load_version
     from core.settings import Settings
-    from core.text import normalize_query
+    from core.text import normalize_query, product_text
     from evaluation.splits import bestbuy_split
     from features.memory import MemoryStore
     from features.read import Request, read_batch
-    from scorer.rerank import product_text
 
     settings = Settings()
     choice = choose_model(force_tiny)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 import unicodedata
 
+from core.events import CatalogProduct
+
 _APOSTROPHES = re.compile(r"['\u2019\u2018`]")
 _NON_WORD = re.compile(r"[\W_]+")
 
@@ -19,3 +21,15 @@ def normalize_query(text: str) -> str:
     """
     folded = unicodedata.normalize("NFKC", text).casefold()
     return " ".join(_NON_WORD.sub(" ", _APOSTROPHES.sub("", folded)).split())
+
+
+def product_text(p: CatalogProduct) -> str:
+    """What the ranker's encoders read of a product: title, brand, deepest categories, start of
+    the description. Here, not in the trainer, because the scorer (no torch) reads it too."""
+    parts = [p.title]
+    if p.brand:
+        parts.append(p.brand)
+    parts.extend(p.category_path[-2:])
+    if p.description:
+        parts.append(p.description[:300])
+    return " | ".join(parts)

@@ -29,7 +29,8 @@ import onnxruntime as ort
 import structlog
 from tokenizers import Tokenizer
 
-from core.events import CATALOG, CatalogProduct, InvalidEvent, Query, RankedResult
+from core.events import CATALOG, InvalidEvent, Query, RankedResult
+from core.text import product_text
 
 if TYPE_CHECKING:
     from scorer.ranking import QueryRanker
@@ -43,16 +44,6 @@ RERANK_MAX_LEN = 128  # word pieces of query + product text together
 CROSS_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
 
-def product_text(p: CatalogProduct) -> str:
-    """What the cross-encoder reads of a product: the text products are embedded from
-    (``trainer.products.product_text``, repeated here because that module imports torch)."""
-    parts = [p.title]
-    if p.brand:
-        parts.append(p.brand)
-    parts.extend(p.category_path[-2:])
-    if p.description:
-        parts.append(p.description[:300])
-    return " | ".join(parts)
 
 
 def pair_tokenizer(tokenizer_path: Path, max_len: int = RERANK_MAX_LEN) -> Tokenizer:

@@ -25,7 +25,7 @@ from core.events import CatalogProduct
 from core.pretrained import minilm_path
 from core.registry import ModelVersion, publish_version
 from core.settings import Settings
-from core.text import normalize_query
+from core.text import normalize_query, product_text
 from evaluation.ranker import SearchRow
 from features.memory import MemoryStore
 from features.read import FEATURE_NAMES
@@ -33,7 +33,7 @@ from trainer.examples import Catalog, ListBuilder, build_lists
 from trainer.export import export_onnx, max_abs_difference
 from trainer.fit import FitConfig, FitResult, fit
 from trainer.model import PersonalRanker, RankerConfig, encoder_config_of, load_encoder
-from trainer.products import embed_texts, product_text
+from trainer.products import embed_texts
 
 log = structlog.get_logger(__name__)
 

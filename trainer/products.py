@@ -14,22 +14,12 @@ import torch
 from tokenizers import Tokenizer
 from tqdm import tqdm
 
-from core.events import CatalogProduct
 from trainer.model import QueryTower
 from trainer.tokens import pad, token_ids
 
 PRODUCT_MAX_LEN = 64
 
 
-def product_text(p: CatalogProduct) -> str:
-    """What the encoder reads of a product: title, brand, deepest categories, start of description."""
-    parts = [p.title]
-    if p.brand:
-        parts.append(p.brand)
-    parts.extend(p.category_path[-2:])
-    if p.description:
-        parts.append(p.description[:300])
-    return " | ".join(parts)
 
 
 def embed_texts(tower: QueryTower, tokenizer: Tokenizer, texts: Sequence[str], max_len: int = PRODUCT_MAX_LEN,
