@@ -27,13 +27,11 @@ import json
 import os
 import random
 import shutil
-import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 import uuid
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -57,6 +55,7 @@ from evaluation.splits import BestBuySplit, bestbuy_split
 from features.plan import Record
 from features.redis_store import RedisStore, connect
 from scorer.runtime import QUERY_CACHE_SIZE
+from shoprank.processes import http_ready, stop_group
 
 log = structlog.get_logger(__name__)
 
@@ -196,7 +195,7 @@ def scorer_process(env: dict[str, str], log_path: Path, port: int) -> Iterator[s
                                 stderr=log_file, env=env, cwd=ROOT, start_new_session=True)
         try:
             deadline = time.monotonic() + 180
-            while not _ready(f"http://127.0.0.1:{port}/readyz"):
+            while not http_ready(f"http://127.0.0.1:{port}/readyz"):
                 if proc.poll() is not None:
                     raise RuntimeError(f"scorer exited with {proc.returncode}; see {log_path}")
                 if time.monotonic() > deadline:
@@ -206,21 +205,7 @@ def scorer_process(env: dict[str, str], log_path: Path, port: int) -> Iterator[s
             if proc.poll() is not None:
                 raise RuntimeError(f"scorer exited with {proc.returncode} during the run; see {log_path}")
         finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-                try:
-                    proc.wait(20)
-                except subprocess.TimeoutExpired:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                    proc.wait(5)
-
-
-def _ready(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as resp:
-            return resp.status == 200
-    except OSError:
-        return False
+            stop_group(proc)
 
 
 def memory_mb(pid: int) -> tuple[float, float]:

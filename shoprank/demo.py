@@ -13,11 +13,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import subprocess
 import sys
 import time
-import urllib.request
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -30,6 +28,7 @@ from core.commands import cmd_inspect, count_messages
 from core.events import RESULTS, Query, RankedResult, encode
 from core.settings import Settings
 from core.topics import ensure_topics, topic_specs
+from shoprank.processes import http_ready, stop_group
 
 LiveRun = tuple[list[Query], list[RankedResult], dict[str, str]]  # queries, results, clicked product
 LIVE_QUERIES = 300
@@ -86,12 +85,7 @@ def service(name: str, args: list[str], log_dir: Path, env: dict[str, str] | Non
             if proc.poll() is not None:
                 raise RuntimeError(f"{name} exited with {proc.returncode}; see {log_path}")
         finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-                try:
-                    proc.wait(20)
-                except subprocess.TimeoutExpired:
-                    os.killpg(proc.pid, signal.SIGKILL)
+            stop_group(proc)
             print(f"stopped {name}")
 
 
@@ -102,14 +96,6 @@ def wait_for(check, what: str, timeout_s: float = 120.0) -> None:  # type: ignor
             return
         time.sleep(0.5)
     raise TimeoutError(f"{what} not ready after {timeout_s:.0f} s")
-
-
-def _ready(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as resp:
-            return resp.status == 200
-    except OSError:
-        return False
 
 
 def features_settled(settings: Settings) -> bool:
@@ -208,7 +194,7 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
         wait_for(lambda: features_settled(settings), "feature worker", 300)
         print("features settled in Redis")
         _stage(f"live traffic: {args.queries} test-period searches at {args.qps:.0f} queries/s through Kafka")
-        wait_for(lambda: _ready(f"http://127.0.0.1:{port}/readyz"), "scorer", 120)
+        wait_for(lambda: http_ready(f"http://127.0.0.1:{port}/readyz"), "scorer", 120)
         queries, results, clicked = live_traffic(settings, args.queries, args.qps)
         show_results(settings, queries, results, clicked)
     _stage("ranking quality, offline (make eval; bench/results/quality.json)")
