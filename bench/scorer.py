@@ -44,11 +44,12 @@ import numpy as np
 import redis
 import structlog
 
+from bench.isolation import isolated_settings
 from bench.loadgen import LoadGenerator, QuerySpec, StepResult
 from core import kafka
 from core.logs import configure_logging
 from core.registry import load_version, serving_version
-from core.settings import RedisSettings, ScorerSettings, Settings, TopicSettings
+from core.settings import ScorerSettings, Settings
 from core.topics import ensure_topics, topic_specs
 from evaluation.ranker import SearchRow
 from evaluation.splits import BestBuySplit, bestbuy_split
@@ -77,14 +78,7 @@ class ModelChoice:
 
 
 def bench_settings() -> Settings:
-    """Fresh, uniquely named topics and a Redis database of the benchmark's own."""
-    base = Settings()
-    tag = uuid.uuid4().hex[:8]
-    names = {k: f"bench.{tag}.{k}" for k in
-             ("queries", "results", "interactions", "catalog", "model_updates", "dead_letter")}
-    url = base.redis.url.rsplit("/", 1)[0] + f"/{BENCH_DB}"
-    return Settings(topics=TopicSettings(**names, partitions=base.topics.partitions),
-                    redis=RedisSettings(url=url))
+    return isolated_settings(BENCH_DB)
 
 
 def choose_model(force_tiny: bool, registry: Path | None = None) -> ModelChoice:

@@ -32,10 +32,11 @@ import numpy as np
 import redis
 from confluent_kafka import TopicPartition
 
+from bench.isolation import isolated_settings
 from core import kafka
 from core.events import Click, Event, encode
 from core.logs import configure_logging
-from core.settings import RedisSettings, Settings, TopicSettings
+from core.settings import Settings
 from core.topics import ensure_topics, topic_specs
 from features import keys
 from features.plan import Record
@@ -48,13 +49,7 @@ BENCH_DB = 14
 
 
 def bench_settings() -> Settings:
-    base = Settings()
-    tag = uuid.uuid4().hex[:8]
-    names = {k: f"bench.{tag}.{k}" for k in
-             ("queries", "results", "interactions", "catalog", "model_updates", "dead_letter")}
-    url = base.redis.url.rsplit("/", 1)[0] + f"/{BENCH_DB}"
-    return Settings(topics=TopicSettings(**names, partitions=base.topics.partitions),
-                    redis=RedisSettings(url=url))
+    return isolated_settings(BENCH_DB)
 
 
 def raw_broker_eps(settings: Settings, n: int) -> float:
