@@ -44,7 +44,23 @@ class RandomRanker(BaseRanker):
         return self._rng.random((len(queries), len(candidates)))
 
 
-class PopularRanker(BaseRanker):
+class _CountingRanker(BaseRanker):
+    """Learns by counting clicks: every training row, and each test row after it is scored when
+    online. Subclasses say what one row adds (``_add``)."""
+
+    def fit(self, rows: Sequence[SearchRow], catalog: Mapping[str, CatalogProduct]) -> None:
+        for row in rows:
+            self._add(row)
+
+    def observe(self, row: SearchRow) -> None:
+        if self.online:
+            self._add(row)
+
+    def _add(self, row: SearchRow) -> None:
+        raise NotImplementedError
+
+
+class PopularRanker(_CountingRanker):
     """Click counts per product; with ``half_life_days`` each click weighs 2^((t - t0) / half-life).
 
     Decay by a common factor does not change the order, so weights grow with time instead of
@@ -57,14 +73,6 @@ class PopularRanker(BaseRanker):
         self._half_life_s = half_life_days * DAY_S if half_life_days else None
         self._origin: datetime | None = None
         self.weights: defaultdict[str, float] = defaultdict(float)
-
-    def fit(self, rows: Sequence[SearchRow], catalog: Mapping[str, CatalogProduct]) -> None:
-        for row in rows:
-            self._add(row)
-
-    def observe(self, row: SearchRow) -> None:
-        if self.online:
-            self._add(row)
 
     def _add(self, row: SearchRow) -> None:
         if row.product_id is None:
@@ -84,7 +92,7 @@ class PopularRanker(BaseRanker):
         return np.tile(self.vector(candidates), (len(queries), 1))
 
 
-class QueryTableRanker(BaseRanker):
+class QueryTableRanker(_CountingRanker):
     """normalized query -> clicked products by count; popularity (scaled into [0, 1)) breaks ties."""
 
     def __init__(self, online: bool = False) -> None:
@@ -92,14 +100,6 @@ class QueryTableRanker(BaseRanker):
         self.online = online
         self.table: defaultdict[str, Counter[str]] = defaultdict(Counter)
         self.popular = PopularRanker(online=True)
-
-    def fit(self, rows: Sequence[SearchRow], catalog: Mapping[str, CatalogProduct]) -> None:
-        for row in rows:
-            self._add(row)
-
-    def observe(self, row: SearchRow) -> None:
-        if self.online:
-            self._add(row)
 
     def _add(self, row: SearchRow) -> None:
         if row.product_id is not None:
