@@ -112,8 +112,9 @@ def _send(
     pacer: Pacer,
 ) -> None:
     for i, ev in enumerate(events, 1):
-        if (wait := pacer.delay_s(ev.timestamp)) > 0:
-            producer.poll(wait)  # serve delivery reports while we wait
+        # poll() returns as soon as it serves a delivery report, so wait until the event is due.
+        while (wait := pacer.delay_s(ev.timestamp)) > 0:
+            producer.poll(wait)
         _produce(producer, topics[ev.stream], ev, deliveries)
         if i % POLL_EVERY == 0:
             producer.poll(0)
