@@ -140,10 +140,13 @@ class FeatureSettings(BaseSettings):
 
 
 class StreamsSettings(BaseSettings):
-    """The feature workers (faust): consumer group, batching, dedup window, ports."""
+    """The feature workers: engine, consumer group, batching, dedup window, ports."""
 
     model_config = _group("SHOPRANK_STREAMS_")
 
+    # batch: librdkafka batches, decode overlapped with the Redis commit (streams/batch.py);
+    # faust: one faust agent per topic taking batches from its stream (streams/app.py).
+    engine: Literal["batch", "faust"] = "batch"
     group_id: str = "shoprank-streams"
     # Static membership: a restarted worker with the same id takes its partitions back at once.
     instance_id: str | None = None
@@ -152,6 +155,7 @@ class StreamsSettings(BaseSettings):
     dedup_ttl_s: int = Field(default=86400, ge=60)
     query_text_ttl_s: int = Field(default=86400, ge=60)
     session_timeout_s: float = Field(default=10.0, ge=6.0)
+    commit_interval_s: float = Field(default=1.0, gt=0)  # Kafka offsets (Redis holds the truth)
     web_port: int | None = None
     metrics_port: int | None = None
     event_loop: Literal["aio", "uvloop"] = "aio"  # uvloop (install it first) measured no faster here

@@ -44,7 +44,7 @@ class MemoryStore:
         if on_rejected is not None and p.rejected:
             on_rejected(p.rejected)
         self._commit(p)
-        return Outcome(p.n_applied, p.duplicates, p.rejected)
+        return Outcome(p.n_applied, p.duplicates, p.rejected, p.skipped)
 
     def _view(self, records: list[Record]) -> View:
         n = needs(records)

@@ -75,11 +75,15 @@ class Plan:
     applied: list[str] = field(default_factory=list)
     offsets: dict[tuple[str, int], int] = field(default_factory=dict)
     rejected: list[tuple[int, str]] = field(default_factory=list)
-    duplicates: int = 0
+    skipped: list[int] = field(default_factory=list)  # indices of redeliveries and duplicates
 
     @property
     def n_applied(self) -> int:
         return len(self.applied)
+
+    @property
+    def duplicates(self) -> int:
+        return len(self.skipped)
 
 
 def marker(event: FeatureEvent) -> str | None:
@@ -140,11 +144,11 @@ class _Planner:
     def run(self, records: list[Record]) -> Plan:
         for i, r in enumerate(records):
             if self._is_redelivery(r):
-                self.plan.duplicates += 1
+                self.plan.skipped.append(i)
                 continue
             m = marker(r.event)
             if m is not None and (m in self.view.applied or m in self.seen):
-                self.plan.duplicates += 1
+                self.plan.skipped.append(i)
                 continue
             reason = self._apply(r.event)
             if reason is not None:

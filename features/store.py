@@ -17,11 +17,13 @@ OnRejected = Callable[[list[tuple[int, str]]], None]
 
 @dataclass(frozen=True)
 class Outcome:
-    """What a batch did. ``rejected``: (index in the batch, reason), e.g. an unknown product."""
+    """What a batch did. ``rejected``: (index in the batch, reason), e.g. an unknown product;
+    ``skipped``: indices of redeliveries and duplicates."""
 
     applied: int
     duplicates: int
     rejected: list[tuple[int, str]] = field(default_factory=list)
+    skipped: list[int] = field(default_factory=list)
 
 
 @dataclass

@@ -7,6 +7,7 @@ retried here, forever, with backoff: a batch is never acknowledged before it is 
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -49,19 +50,38 @@ def codecs(settings: Settings) -> dict[str, events.Codec[Any]]:
 Handover = Callable[[list[DeadLetter]], None]
 
 
+@dataclass(frozen=True)
+class Decoded:
+    """A batch after decoding: valid records (catalog updates first), where each came from, and
+    the dead letters of what failed validation."""
+
+    records: list[Record]
+    origins: list[RawRecord]
+    letters: list[DeadLetter]
+
+
 class Processor:
     """``handover`` takes a batch's dead letters and returns once they are safe (published and
     acknowledged): it is called before the batch is committed to Redis, whose partition offsets
-    would otherwise make a redelivered bad record look already done."""
+    would otherwise make a redelivered bad record look already done.
+
+    :meth:`decode` and :meth:`commit` are separate so a worker can decode the next batch while
+    Redis runs this one's commit script."""
 
     def __init__(self, settings: Settings, store: RedisStore, handover: Handover) -> None:
         self.store = store
         self.codecs = codecs(settings)
+        self.catalog_topic = settings.topics.catalog
         self.handover = handover
 
-    def decode(self, raws: list[RawRecord]) -> tuple[list[Record], list[RawRecord], list[DeadLetter]]:
+    def decode(self, raws: list[RawRecord]) -> Decoded:
+        """Decode and validate. Catalog records go first (each partition keeps its order), so a
+        click in the same batch as its product's first catalog record is not dead-lettered."""
         records, origins, letters = [], [], []
-        for raw in raws:
+        ordered = raws
+        if len(raws) > 1 and any(r.topic == self.catalog_topic for r in raws):
+            ordered = sorted(raws, key=lambda r: r.topic != self.catalog_topic)
+        for raw in ordered:
             try:
                 if raw.value is None:
                     raise InvalidEvent("empty record (null value)")
@@ -71,26 +91,28 @@ class Processor:
                 continue
             records.append(Record(ev, Source(raw.topic, raw.partition, raw.offset)))
             origins.append(raw)
-        return records, origins, letters
+        return Decoded(records, origins, letters)
 
     def apply(self, raws: list[RawRecord]) -> int:
-        """Apply a batch, handing its dead letters (invalid, or naming an unknown product) over
-        first; returns how many there were."""
+        """Decode and commit a batch; returns how many dead letters it had."""
+        return self.commit(self.decode(raws))
+
+    def commit(self, batch: Decoded) -> int:
+        """Apply a decoded batch, handing its dead letters (invalid, or naming an unknown
+        product) over first; returns how many there were."""
         started = time.perf_counter()
-        records, origins, letters = self.decode(raws)
+        letters, origins = list(batch.letters), batch.origins
         if letters:
             self.handover(letters)
-        if records:
+        if batch.records:
 
             def hand_over(rejected: list[tuple[int, str]]) -> None:
                 unknown = [_letter(origins[i], reason) for i, reason in rejected]
                 letters.extend(unknown)
                 self.handover(unknown)
 
-            outcome = self._apply_with_retry(records, hand_over)
-            topic = raws[0].topic
-            metrics.EVENTS.labels(topic, "applied").inc(outcome.applied)
-            metrics.EVENTS.labels(topic, "duplicate").inc(outcome.duplicates)
+            outcome = self._apply_with_retry(batch.records, hand_over)
+            _count(origins, outcome)
         metrics.BATCH_SECONDS.observe(time.perf_counter() - started)
         return len(letters)
 
@@ -106,6 +128,20 @@ class Processor:
                 log.warning("redis_unavailable", error=str(exc), retry_in_s=delay)
                 time.sleep(delay)
                 delay = min(delay * 2, 5.0)
+
+
+def _count(origins: list[RawRecord], outcome: Outcome) -> None:
+    """Applied and duplicate events by source topic (dead letters are counted where noted)."""
+    not_applied = {i for i, _ in outcome.rejected}
+    skipped = set(outcome.skipped)
+    counts: Counter[tuple[str, str]] = Counter()
+    for i, raw in enumerate(origins):
+        if i in skipped:
+            counts[raw.topic, "duplicate"] += 1
+        elif i not in not_applied:
+            counts[raw.topic, "applied"] += 1
+    for (topic, outcome_name), n in counts.items():
+        metrics.EVENTS.labels(topic, outcome_name).inc(n)
 
 
 def _letter(raw: RawRecord, reason: str) -> DeadLetter:
