@@ -13,6 +13,7 @@ product, query-product and category statistics are commutative operations the st
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from core.events import CatalogProduct, Purchase, Query, RankedResult
 from core.events import Interaction as InteractionT
@@ -28,17 +29,16 @@ FeatureEvent = Query | RankedResult | CatalogProduct | InteractionT
 INTERACTIONS = tuple(KIND_OF)
 
 
-@dataclass(frozen=True)
-class Source:
-    """Where a record was read from; None for events applied offline."""
+class Source(NamedTuple):
+    """Where a record was read from; None for events applied offline. (Named tuples, not frozen
+    dataclasses: a worker builds one per event, and they are five times cheaper to make.)"""
 
     topic: str
     partition: int
     offset: int
 
 
-@dataclass(frozen=True)
-class Record:
+class Record(NamedTuple):
     event: FeatureEvent
     source: Source | None = None
 

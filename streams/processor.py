@@ -10,7 +10,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import redis
 import structlog
@@ -27,8 +27,7 @@ from streams.deadletter import DeadLetter
 log = structlog.get_logger(__name__)
 
 
-@dataclass(frozen=True)
-class RawRecord:
+class RawRecord(NamedTuple):
     topic: str
     partition: int
     offset: int
