@@ -18,9 +18,10 @@ records (item and query operations, markers, guards) travel as newline-separated
 hold whitespace; normalized query text holds single spaces only).
 
 ARGV: 1 h_item, 2 h_query, 3 qi_ttl_ms, 4 user_ttl_ms, 5 marker hash, 6 its expiry (unix s),
-7 text hash, 8 previous text hash, 9 its expiry, 10 pending ttl_ms, 11-16 text sections (guards,
-items, queries, query_items, markers, offsets), 17-20 counts of users, products, documents, price
-fields, 21 duplicates skipped (a metric), then those (key, value) / (field, delta) pairs.
+7 text hash, 8 previous text hash, 9 its expiry, 10 pending ttl_ms, 11-17 text sections (guards,
+items, queries, query_items, markers, offsets, impressions), 18-21 counts of users, products,
+documents, price fields, 22 duplicates skipped (a metric), then those (key, value) / (field,
+delta) pairs. An impressions line is ``t\tpid pid ...``: one per shown result.
 """
 
 from __future__ import annotations
@@ -62,9 +63,9 @@ if #g_keys > 0 then
 end
 
 -- 2. shopper and product states, product documents, category price sums
-local pos = 22
-local n_users, n_products, n_docs, n_fields = tonumber(ARGV[17]), tonumber(ARGV[18]),
-  tonumber(ARGV[19]), tonumber(ARGV[20])
+local pos = 23
+local n_users, n_products, n_docs, n_fields = tonumber(ARGV[18]), tonumber(ARGV[19]),
+  tonumber(ARGV[20]), tonumber(ARGV[21])
 for i = 1, n_users do
   redis.call('SET', ARGV[pos], ARGV[pos + 1], 'PX', user_ttl)
   pos = pos + 2
@@ -119,6 +120,15 @@ for pid, kind, t in string.gmatch(ARGV[12], '(%S+)\t(%d)\t(%S+)\n') do
   local k = '${ITEM}' .. pid
   want(k, 10)
   items[#items + 1] = {k, tonumber(kind), tonumber(t)}
+end
+local shown = {}
+for t, pids in string.gmatch(ARGV[17], '(%S+)\t([^\n]+)\n') do
+  local tn = tonumber(t)
+  for pid in string.gmatch(pids, '%S+') do
+    local k = '${ITEM}' .. pid
+    want(k, 10)
+    shown[#shown + 1] = {k, tn}
+  end
 end
 local queries, texts = {}, {}
 for qid, text in string.gmatch(ARGV[13], '(%S+)\t([^\t\n]+)\n') do
@@ -186,6 +196,11 @@ for _, op in ipairs(items) do
   s[kind + 5] = s[kind + 5] + 1
   if kind ~= 4 and t > s[10] then s[10] = t end
 end
+for _, op in ipairs(shown) do
+  local s = states[op[1]]
+  bump(s, 4, 4, op[2], h_item)
+  s[9] = s[9] + 1
+end
 if #queries > 0 then
   local fields = {}
   for _, q in ipairs(queries) do
@@ -233,7 +248,7 @@ if #markers > 0 then
   redis.call('HINCRBY', '${STATS}', 'applied', #markers / 2)
 end
 for k, v in string.gmatch(ARGV[16], '(%S+)\t(%S+)\n') do redis.call('SET', k, v) end
-if ARGV[21] ~= '0' then redis.call('HINCRBY', '${STATS}', 'duplicates', ARGV[21]) end
+if ARGV[22] ~= '0' then redis.call('HINCRBY', '${STATS}', 'duplicates', ARGV[22]) end
 return 0
 """)
 

@@ -69,6 +69,9 @@ class MemoryStore:
         h_item = self.config.item_half_life_s
         for pid, kind, t in p.items:
             self._items[pid] = item.apply(self._items.get(pid, item.EMPTY), kind, t, h_item)
+        for t, pids in p.impressions:
+            for pid in pids:
+                self._items[pid] = item.apply(self._items.get(pid, item.EMPTY), item.IMPRESSION, t, h_item)
         for query_id, text in p.queries:
             self._query_texts[query_id] = text
             for pid, kind, t in self._pending.pop(query_id, []):

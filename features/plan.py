@@ -22,11 +22,9 @@ from core.settings import FeatureSettings
 from core.text import normalize_query
 from features import catalog, keys, user
 from features.catalog import ProductAttrs
-from features.item import IMPRESSION
 from features.user import KIND_OF, UserState
 
 FeatureEvent = Query | RankedResult | CatalogProduct | InteractionT
-INTERACTIONS = tuple(KIND_OF)
 
 
 class Source(NamedTuple):
@@ -69,7 +67,10 @@ class Plan:
     products: dict[str, ProductAttrs] = field(default_factory=dict)
     product_docs: dict[str, bytes] = field(default_factory=dict)
     price_deltas: dict[str, tuple[int, int]] = field(default_factory=dict)
-    items: list[tuple[str, int, float]] = field(default_factory=list)
+    items: list[tuple[str, int, float]] = field(default_factory=list)  # (product, kind, t)
+    # One entry per shown result, (t, product ids): a third of all events, each showing ~10
+    # products, so they travel compactly. Stores apply them after ``items``.
+    impressions: list[tuple[float, list[str]]] = field(default_factory=list)
     queries: list[tuple[str, str]] = field(default_factory=list)
     query_items: list[tuple[str, str, int, float]] = field(default_factory=list)
     applied: list[str] = field(default_factory=list)
@@ -88,33 +89,34 @@ class Plan:
 
 def marker(event: FeatureEvent) -> str | None:
     """The "applied" marker key of an event; catalog updates are idempotent by themselves."""
-    if isinstance(event, INTERACTIONS):
-        return keys.applied("e", event.event_id)
-    if isinstance(event, Query):
-        return keys.applied("q", event.query_id)
-    if isinstance(event, RankedResult):
-        return keys.applied("r", event.query_id)
+    kind = type(event)  # exact types of the contract: cheaper than isinstance chains per event
+    if kind in KIND_OF:
+        return keys.applied("e", event.event_id)  # type: ignore[union-attr]
+    if kind is Query:
+        return keys.applied("q", event.query_id)  # type: ignore[union-attr]
+    if kind is RankedResult:
+        return keys.applied("r", event.query_id)  # type: ignore[union-attr]
     return None
 
 
 def needs(records: list[Record]) -> Needs:
     n = Needs()
-    for r in records:
-        ev = r.event
-        if r.source is not None:
-            n.partitions.add((r.source.topic, r.source.partition))
+    for ev, source in records:
+        if source is not None:
+            n.partitions.add((source.topic, source.partition))
         m = marker(ev)
         if m is not None:
             n.markers.add(m)
-        if isinstance(ev, CatalogProduct):
-            n.products.add(ev.product_id)
-        elif isinstance(ev, Query):
-            n.users.add(ev.user_id)
-        elif isinstance(ev, RankedResult):
-            n.products.update(p.product_id for p in ev.products)
+        kind = type(ev)
+        if kind is CatalogProduct:
+            n.products.add(ev.product_id)  # type: ignore[union-attr]
+        elif kind is Query:
+            n.users.add(ev.user_id)  # type: ignore[union-attr]
+        elif kind is RankedResult:
+            n.products.update([p.product_id for p in ev.products])  # type: ignore[union-attr]
         else:
-            n.users.add(ev.user_id)
-            n.products.add(ev.product_id)
+            n.users.add(ev.user_id)  # type: ignore[union-attr]
+            n.products.add(ev.product_id)  # type: ignore[union-attr]
     return n
 
 
@@ -204,11 +206,12 @@ class _Planner:
             self.plan.price_deltas[cat] = (pn + dn, pc + dc)
 
     def _impressions(self, ev: RankedResult) -> str | None:
-        unknown = next((p.product_id for p in ev.products if p.product_id not in self.products), None)
-        if unknown is not None:
+        pids = [p.product_id for p in ev.products]
+        if not self.products.keys() >= set(pids):
+            unknown = next(pid for pid in pids if pid not in self.products)
             return f"unknown product_id {unknown!r} - at `$.products`"
-        t = ev.timestamp.timestamp()
-        self.plan.items.extend((p.product_id, IMPRESSION, t) for p in ev.products)
+        if pids:
+            self.plan.impressions.append((ev.timestamp.timestamp(), pids))
         return None
 
     def _interaction(self, ev: InteractionT) -> str | None:

@@ -150,8 +150,8 @@ class RedisStore:
         fields = []
         for cat, (dn, dc) in p.price_deltas.items():
             fields += [(keys.price_count_field(cat), str(dn)), (keys.price_cents_field(cat), str(dc))]
-        if not (users or products or fields or p.items or p.queries or p.query_items or p.applied
-                or p.offsets):
+        if not (users or products or fields or p.items or p.impressions or p.queries or p.query_items
+                or p.applied or p.offsets):
             if p.duplicates:  # a metric only: redeliveries and replays that were skipped
                 self.client.hincrby(keys.STATS, "duplicates", p.duplicates)
             return None
@@ -169,12 +169,13 @@ class RedisStore:
             keys.query_texts(text_bucket - 1),
             str((text_bucket + 2) * s.query_text_ttl_s),
             str(s.query_text_ttl_s * 1000),
-            b"".join(b"%s\t%s\t%s\n" % (k.encode(), m.encode(), e) for k, m, e in guards),
-            "".join(f"{pid}\t{kind}\t{t!r}\n" for pid, kind, t in p.items),
-            "".join(f"{qid}\t{text}\n" for qid, text in p.queries),
-            "".join(f"{qid}\t{pid}\t{kind}\t{t!r}\n" for qid, pid, kind, t in p.query_items),
-            "".join(f"{m}\n" for m in p.applied),
-            "".join(f"{keys.offset(topic, part)}\t{off}\n" for (topic, part), off in p.offsets.items()),
+            b"".join([b"%s\t%s\t%s\n" % (k.encode(), m.encode(), e) for k, m, e in guards]),
+            "".join([f"{pid}\t{kind}\t{t!r}\n" for pid, kind, t in p.items]),
+            "".join([f"{qid}\t{text}\n" for qid, text in p.queries]),
+            "".join([f"{qid}\t{pid}\t{kind}\t{t!r}\n" for qid, pid, kind, t in p.query_items]),
+            "".join([f"{m}\n" for m in p.applied]),
+            "".join([f"{keys.offset(topic, part)}\t{off}\n" for (topic, part), off in p.offsets.items()]),
+            "".join([f"{t!r}\t{' '.join(pids)}\n" for t, pids in p.impressions]),
             str(len(users)),
             str(len(products)),
             str(len(docs)),

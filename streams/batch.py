@@ -21,6 +21,7 @@ killed at any moment leaves Redis with whole batches only.
 
 from __future__ import annotations
 
+import gc
 import queue
 import signal
 import threading
@@ -41,6 +42,7 @@ log = structlog.get_logger(__name__)
 
 QUEUE_DEPTH = 2  # decoded batches waiting for the applier
 DLQ_FLUSH_TIMEOUT_S = 30.0
+GC_YOUNG_THRESHOLD = 50_000
 
 
 class DeadLetterPublisher:
@@ -102,6 +104,11 @@ class BatchWorker:
     def run(self) -> int:
         """Consume until :meth:`stop` (or SIGTERM/SIGINT when run from the main thread); 0 on a
         clean stop, 70 when a batch could not be applied (it is redelivered after a restart)."""
+        # Every event allocates a few dozen short-lived containers: with the default threshold
+        # (700) the young generation is collected thousands of times a second; measured 15% of
+        # the worker's CPU. Raise it, and move what was allocated at start out of the collector.
+        gc.set_threshold(GC_YOUNG_THRESHOLD, 20, 20)
+        gc.freeze()
         applier = threading.Thread(target=self._apply_loop, name="features-applier", daemon=True)
         applier.start()
         self.consumer.subscribe(self.topics, on_assign=self._on_assign, on_revoke=self._on_revoke,
