@@ -246,8 +246,8 @@ def run(args: argparse.Namespace) -> dict[str, object]:
         noop = faust_noop_eps(settings, client, len(events)) if args.noop else None
         if noop is not None:
             print(f"faust_noop_eps   {noop:12,.0f}   (faust alone, agents that only count)", flush=True)
-        env = environment(settings, group_id=f"bench-{uuid.uuid4().hex[:6]}", batch_size=args.batch,
-                          batch_within_s=args.within)
+        env = environment(settings, group_id=f"bench-{uuid.uuid4().hex[:6]}", engine=args.engine,
+                          batch_size=args.batch, batch_within_s=args.within)
         log = Path(args.log)
         worker = Worker(env, log)
         try:
@@ -295,6 +295,7 @@ def run(args: argparse.Namespace) -> dict[str, object]:
         "shoppers": n_users,
         "events": len(events),
         "workers": 1,
+        "engine": args.engine,
         "batch_size": args.batch,
         "batch_within_s": args.within,
         "machine": {"cpus": os.cpu_count(), "loadavg_at_start": [round(x, 2) for x in load]},
@@ -315,7 +316,10 @@ def main() -> int:
     parser.add_argument("--probe-every", type=int, default=25)
     parser.add_argument("--log", default="var/bench-streams-worker.log")
     parser.add_argument("--out", type=Path, default=RESULTS)
-    parser.add_argument("--no-noop", dest="noop", action="store_false", help="skip faust_noop_eps")
+    parser.add_argument("--engine", choices=["batch", "faust"], default=Settings().streams.engine,
+                        help="the worker's engine (SHOPRANK_STREAMS_ENGINE)")
+    parser.add_argument("--noop", action="store_true",
+                        help="also measure faust_noop_eps: faust agents that only count")
     parser.add_argument("--noop-worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.noop_worker:

@@ -32,6 +32,8 @@ from streams.testing import Worker, environment, publish, wait_until
 
 SHAPE = Shape(users=300, products=400)
 MakeWorker = Callable[..., Worker]
+# The default librdkafka batch engine, and faust agents (SHOPRANK_STREAMS_ENGINE=faust).
+ENGINES = pytest.mark.parametrize("engine", ["batch", "faust"])
 
 
 @pytest.fixture
@@ -91,10 +93,11 @@ def assert_matches_offline(client: redis.Redis, events: list[Event]) -> None:
         assert all(math.isclose(x, y, rel_tol=1e-9) for x, y in zip(a, b, strict=True)), pid
 
 
+@ENGINES
 def test_events_reach_redis_and_bad_input_goes_to_dead_letters(
-    settings: Settings, redis_client: redis.Redis, start_worker: MakeWorker
+    settings: Settings, redis_client: redis.Redis, start_worker: MakeWorker, engine: str
 ) -> None:
-    worker = start_worker(settings)
+    worker = start_worker(settings, engine=engine)
     products = load_catalog(settings, redis_client, worker)
     events = list(sessions(SHAPE, 1500))
     t = settings.topics
@@ -139,12 +142,13 @@ def read_dead_letters(settings: Settings, n: int) -> list[dict[str, str]]:
     return out
 
 
+@ENGINES
 def test_sigkill_mid_stream_loses_and_double_counts_nothing(
-    settings: Settings, redis_client: redis.Redis, start_worker: MakeWorker
+    settings: Settings, redis_client: redis.Redis, start_worker: MakeWorker, engine: str
 ) -> None:
     # Static membership: a restarted worker takes its partitions back without waiting for the
     # dead one's session to expire.
-    worker = start_worker(settings, instance_id="w1", batch_size=500)
+    worker = start_worker(settings, instance_id="w1", batch_size=500, engine=engine)
     products = load_catalog(settings, redis_client, worker)
     events = list(sessions(SHAPE, 8000))
     total = counted_events(events)
@@ -155,7 +159,7 @@ def test_sigkill_mid_stream_loses_and_double_counts_nothing(
         worker.kill()
         kills += 1
         assert applied(redis_client) < total, "the stream ended before the kill"
-        worker = start_worker(settings, instance_id="w1", batch_size=500)
+        worker = start_worker(settings, instance_id="w1", batch_size=500, engine=engine)
     wait_applied(redis_client, total, [worker])
     assert kills == 3
     assert applied(redis_client) == total
@@ -164,18 +168,20 @@ def test_sigkill_mid_stream_loses_and_double_counts_nothing(
     assert_matches_offline(redis_client, [*products, *events])
 
 
+@ENGINES
 def test_workers_join_and_leave_mid_stream(
-    settings_factory: Callable[..., Settings], redis_client: redis.Redis, start_worker: MakeWorker
+    settings_factory: Callable[..., Settings], redis_client: redis.Redis, start_worker: MakeWorker,
+    engine: str,
 ) -> None:
     settings = settings_factory(partitions=4)
-    first = start_worker(settings, batch_size=300)
+    first = start_worker(settings, batch_size=300, engine=engine)
     products = load_catalog(settings, redis_client, first)
     events = list(sessions(SHAPE, 9000))
     total = counted_events(events)
     producer = threading.Thread(target=publish_paced, args=(settings, events, 6.0))
     producer.start()
     wait_applied(redis_client, total // 5, [first])
-    second = start_worker(settings, batch_size=300)
+    second = start_worker(settings, batch_size=300, engine=engine)
     wait_until(lambda: group_size(settings) == 2, 30, what="second worker in the group")
     wait_applied(redis_client, total * 3 // 5, [first, second])
     assert first.stop() == 0  # leaves the group; its partitions move to the second worker
