@@ -12,6 +12,11 @@ Two threads, so Python work overlaps Redis's:
 - the applier thread reads, plans and commits each batch to Redis (:meth:`Processor.commit`);
   while it waits for the commit script, the consumer thread decodes the next batch.
 
+Shopper events wait for the catalog: at start, a worker pauses its shopper-event partitions until
+the group has committed every catalog partition up to the end it had when the worker started (a
+catalog record is committed only once it is in Redis), so a backlog's clicks are not
+dead-lettered for naming products whose catalog records were simply not read yet.
+
 Delivery is at least once and the effect exactly once, as with the faust engine: offsets reach
 Kafka only after their batch is in Redis, and the partition offsets the commit script stores
 make any redelivered record a no-op. When partitions are revoked (a worker joins or leaves), the
@@ -43,6 +48,9 @@ log = structlog.get_logger(__name__)
 QUEUE_DEPTH = 2  # decoded batches waiting for the applier
 DLQ_FLUSH_TIMEOUT_S = 30.0
 GC_YOUNG_THRESHOLD = 50_000
+CATALOG_CHECK_S = 0.2  # how often a starting worker asks whether the catalog is in
+CATALOG_TIMEOUT_S = 10.0
+CATALOG_LOG_S = 5.0
 
 
 class DeadLetterPublisher:
@@ -76,6 +84,7 @@ class BatchWorker:
     def __init__(self, settings: Settings, processor: Processor | None = None) -> None:
         self.settings = settings
         s, t = settings.streams, settings.topics
+        self.catalog_topic = t.catalog
         self.topics = [t.catalog, t.queries, t.results, t.interactions]
         self.processor = processor or Processor(
             settings, RedisStore(connect(settings.redis), settings.features, s),
@@ -98,6 +107,10 @@ class BatchWorker:
         self._finished: dict[tuple[str, int], int] = {}  # next offset to read, per partition
         self._lock = threading.Lock()
         self._assigned: set[tuple[str, int]] = set()
+        self._paused: set[tuple[str, int]] = set()
+        self._catalog_ends: dict[int, int] | None = None  # None once the catalog is in
+        self._catalog_checked = self._catalog_logged = 0.0
+        self._started = time.monotonic()
 
     # --- lifecycle --------------------------------------------------------------------------
 
@@ -111,6 +124,7 @@ class BatchWorker:
         gc.freeze()
         applier = threading.Thread(target=self._apply_loop, name="features-applier", daemon=True)
         applier.start()
+        self._catalog_ends = self._catalog_backlog()
         self.consumer.subscribe(self.topics, on_assign=self._on_assign, on_revoke=self._on_revoke,
                                 on_lost=self._on_lost)
         log.info("streams_worker_started", engine="batch", topics=self.topics,
@@ -121,6 +135,8 @@ class BatchWorker:
                 msgs = self.consumer.consume(self.batch_size, timeout=self.within_s)
                 if msgs:
                     self._enqueue(msgs)
+                if self._catalog_ends is not None:
+                    self._check_catalog()
                 if time.monotonic() - last_commit >= self.commit_interval_s:
                     self._commit(asynchronous=True)
                     last_commit = time.monotonic()
@@ -224,6 +240,12 @@ class BatchWorker:
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         self._assigned.update((p.topic, p.partition) for p in partitions)
+        if self._catalog_ends is not None:  # still loading the catalog: shopper events wait
+            consumer.incremental_assign(partitions)
+            waiting = [p for p in partitions if p.topic != self.catalog_topic]
+            if waiting:
+                consumer.pause(waiting)
+                self._paused.update((p.topic, p.partition) for p in waiting)
         log.info("partitions_assigned", partitions=_names(partitions))
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
@@ -239,9 +261,50 @@ class BatchWorker:
 
     def _release(self, partitions: set[tuple[str, int]]) -> None:
         self._assigned -= partitions
+        self._paused -= partitions
         with self._lock:
             for tp in partitions:
                 self._finished.pop(tp, None)
+
+
+    # --- the catalog first ---------------------------------------------------------------------
+
+    def _catalog_backlog(self) -> dict[int, int] | None:
+        """End offset of each non-empty catalog partition now; None when there is none."""
+        topic = self.catalog_topic
+        meta = self.consumer.list_topics(topic, timeout=CATALOG_TIMEOUT_S).topics[topic]
+        if meta.error is not None:
+            raise KafkaException(meta.error)
+        ends = {}
+        for p in meta.partitions:
+            low, high = self.consumer.get_watermark_offsets(TopicPartition(topic, p),
+                                                            timeout=CATALOG_TIMEOUT_S)
+            if high > low:
+                ends[p] = high
+        return ends or None
+
+    def _check_catalog(self) -> None:
+        """Resume shopper events once the group's committed catalog offsets reach the ends."""
+        now = time.monotonic()
+        if now - self._catalog_checked < CATALOG_CHECK_S or self._catalog_ends is None:
+            return
+        self._catalog_checked = now
+        ends = self._catalog_ends
+        committed = self.consumer.committed([TopicPartition(self.catalog_topic, p) for p in ends],
+                                            timeout=CATALOG_TIMEOUT_S)
+        behind = {tp.partition: ends[tp.partition] - tp.offset for tp in committed
+                  if tp.offset < ends[tp.partition]}  # no commit yet reads as -1001
+        if behind:
+            if now - self._catalog_logged >= CATALOG_LOG_S:
+                self._catalog_logged = now
+                log.info("catalog_loading", records_behind=sum(behind.values()),
+                         partitions_behind=len(behind))
+            return
+        self._catalog_ends = None
+        if self._paused:
+            self.consumer.resume([TopicPartition(t, p) for t, p in self._paused])
+            self._paused.clear()
+        log.info("catalog_loaded", partitions=len(ends), seconds=round(now - self._started, 2))
 
 
 def _names(partitions: list[TopicPartition]) -> list[str]:

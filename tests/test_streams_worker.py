@@ -128,6 +128,20 @@ def test_events_reach_redis_and_bad_input_goes_to_dead_letters(
     assert_matches_offline(redis_client, [*products, *events, late])
 
 
+def test_a_backlog_waits_for_its_catalog(
+    settings: Settings, redis_client: redis.Redis, start_worker: MakeWorker
+) -> None:
+    # Catalog and shopper events are all waiting when the worker starts: without the catalog
+    # gate, clicks read before their products' catalog records would be dead-lettered.
+    products = catalog(SHAPE)
+    events = list(sessions(SHAPE, 3000))
+    publish(settings, [*products, *events])
+    worker = start_worker(settings, batch_size=200)
+    wait_applied(redis_client, counted_events(events), [worker])
+    assert_matches_offline(redis_client, [*products, *events])
+    assert "dead_letter" not in worker.log_tail(200)
+
+
 def read_dead_letters(settings: Settings, n: int) -> list[dict[str, str]]:
     consumer = kafka.consumer(settings, group_id=f"dlq-reader-{settings.topics.dead_letter}")
     consumer.assign([TopicPartition(settings.topics.dead_letter, 0, 0)])
