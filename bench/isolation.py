@@ -5,8 +5,7 @@ from __future__ import annotations
 import uuid
 
 from core.settings import RedisSettings, Settings, TopicSettings
-
-TOPIC_KEYS = ("queries", "results", "interactions", "catalog", "model_updates", "dead_letter")
+from core.topics import TOPIC_KEYS
 
 
 def isolated_settings(redis_db: int) -> Settings:

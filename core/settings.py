@@ -77,6 +77,7 @@ class TopicSettings(BaseSettings):
     catalog: str = "shoprank.catalog"
     model_updates: str = "shoprank.model-updates"
     dead_letter: str = "shoprank.dead-letter"
+    forgotten: str = "shoprank.forgotten"  # `forget` requests, compacted: rebuilds honour them
     partitions: int = Field(default=4, ge=1)
 
 

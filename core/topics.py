@@ -2,7 +2,8 @@
 
 Keys: queries, results and interactions are keyed by user id (one shopper's events stay in order
 on one partition, so a worker owns a shopper); the catalog by product id on a compacted topic
-(the latest version of each product is kept forever); model updates on one partition, in order.
+(the latest version of each product is kept forever); model updates on one partition, in order;
+``forget`` requests by user id on a compacted topic.
 """
 
 from __future__ import annotations
@@ -13,11 +14,13 @@ import structlog
 from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from core.settings import Settings
+from core.settings import Settings, TopicSettings
 
 log = structlog.get_logger(__name__)
 
 RETAIN_FOREVER = {"retention.ms": "-1"}
+# The settings field of each topic (for tools that name a whole set, like isolated test topics).
+TOPIC_KEYS = tuple(name for name in TopicSettings.model_fields if name != "partitions")
 
 
 @dataclass(frozen=True)
@@ -44,6 +47,9 @@ def topic_specs(settings: Settings) -> list[TopicSpec]:
         ),
         TopicSpec(t.model_updates, 1, RETAIN_FOREVER),
         TopicSpec(t.dead_letter, 1, RETAIN_FOREVER),
+        # Keyed by user id, the latest request kept forever: a rebuild after Redis was lost
+        # restores every tombstone before it replays the events.
+        TopicSpec(t.forgotten, 1, {"cleanup.policy": "compact"}),
     ]
 
 

@@ -19,21 +19,23 @@ def cmd_rebuild(args: argparse.Namespace, settings: Settings) -> int:
 
     report = rebuild(settings, progress=not args.quiet)
     print(f"rebuild: {report.events} events from {report.records} records in {report.seconds:.1f} s, "
-          f"{report.dead_letters} dead letters, {report.cleared} keys cleared first")
+          f"{report.dead_letters} dead letters, {report.cleared} keys cleared first, "
+          f"{report.tombstones} forgotten shoppers kept forgotten")
     return 0
 
 
 def cmd_forget(args: argparse.Namespace, settings: Settings) -> int:
     from features.redis_store import RedisStore, connect
+    from streams.forget import forget
 
     at = args.at if args.at is not None else time.time()
-    RedisStore(connect(settings.redis), settings.features, settings.streams).forget(args.user, at)
+    forget(settings, RedisStore(connect(settings.redis), settings.features, settings.streams), args.user, at)
     print(f"forget: {args.user} removed; their events up to {at:.3f} (epoch s) stay ignored")
     return 0
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("streams", help="run a feature worker (faust): events -> features in Redis")
+    p = sub.add_parser("streams", help="run a feature worker: events -> features in Redis")
     p.set_defaults(func=cmd_streams)
     p = sub.add_parser("rebuild", help="recompute all features in Redis from the retained Kafka log")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -1,6 +1,7 @@
 """Recompute every feature from the retained Kafka log into Redis (after Redis was lost).
 
-Clears the feature keys (tombstones of forgotten shoppers stay), then reads the catalog topic to
+Clears the feature keys (tombstones of forgotten shoppers stay, and are restored from the
+``forgotten`` topic when Redis lost them too), then reads the catalog topic to
 its end, then queries, results and interactions to the ends they had when the rebuild started,
 through the same processor as the workers. The partition offsets it records let workers that
 resume afterwards skip what the rebuild already applied. Stop the workers while it runs.
@@ -19,6 +20,7 @@ from core import kafka
 from core.settings import Settings
 from features.redis_store import RedisStore, connect
 from streams.deadletter import DeadLetters
+from streams.forget import restore_tombstones
 from streams.processor import Processor, RawRecord
 
 log = structlog.get_logger(__name__)
@@ -30,6 +32,7 @@ class RebuildReport:
     events: int
     dead_letters: int
     cleared: int
+    tombstones: int
     seconds: float
 
 
@@ -37,6 +40,7 @@ def rebuild(settings: Settings, progress: bool = True) -> RebuildReport:
     started = time.perf_counter()
     store = RedisStore(connect(settings.redis), settings.features, settings.streams)
     cleared = store.clear()
+    tombstones = restore_tombstones(settings, store)
     letters = DeadLetters()  # already published when first consumed: count, do not republish
     processor = Processor(settings, store, letters.note_all)
     consumer = kafka.consumer(settings, group_id=f"{settings.streams.group_id}-rebuild")
@@ -48,9 +52,10 @@ def rebuild(settings: Settings, progress: bool = True) -> RebuildReport:
     finally:
         consumer.close()
     applied = int(store.client.hget("stats", "applied") or 0)
-    report = RebuildReport(records, applied, letters.count, cleared, time.perf_counter() - started)
+    report = RebuildReport(records, applied, letters.count, cleared, tombstones,
+                           time.perf_counter() - started)
     log.info("rebuild_done", records=report.records, events=report.events,
-             dead_letters=report.dead_letters, seconds=round(report.seconds, 2))
+             dead_letters=report.dead_letters, tombstones=tombstones, seconds=round(report.seconds, 2))
     return report
 
 

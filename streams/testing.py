@@ -65,6 +65,7 @@ def environment(settings: Settings, **streams: object) -> dict[str, str]:
         "SHOPRANK_TOPIC_INTERACTIONS": t.interactions,
         "SHOPRANK_TOPIC_CATALOG": t.catalog,
         "SHOPRANK_TOPIC_DEAD_LETTER": t.dead_letter,
+        "SHOPRANK_TOPIC_FORGOTTEN": t.forgotten,
         "SHOPRANK_TOPIC_PARTITIONS": str(t.partitions),
         "SHOPRANK_LOG_LEVEL": "WARNING",
     })

@@ -16,7 +16,7 @@ import redis
 
 from core import kafka
 from core.settings import RedisSettings, Settings, TopicSettings
-from core.topics import ensure_topics, topic_specs
+from core.topics import TOPIC_KEYS, ensure_topics, topic_specs
 
 # Another database for a second suite running beside this one on the same Redis.
 TEST_REDIS_DB = int(os.environ.get("SHOPRANK_TEST_REDIS_DB", "15"))
@@ -29,15 +29,7 @@ def settings_factory() -> Iterator[Callable[..., Settings]]:
 
     def make(partitions: int = 2) -> Settings:
         tag = uuid.uuid4().hex[:10]
-        topics = TopicSettings(
-            queries=f"test.{tag}.queries",
-            results=f"test.{tag}.results",
-            interactions=f"test.{tag}.interactions",
-            catalog=f"test.{tag}.catalog",
-            model_updates=f"test.{tag}.model-updates",
-            dead_letter=f"test.{tag}.dead-letter",
-            partitions=partitions,
-        )
+        topics = TopicSettings(**{k: f"test.{tag}.{k}" for k in TOPIC_KEYS}, partitions=partitions)
         base = Settings()
         url = base.redis.url.rsplit("/", 1)[0] + f"/{TEST_REDIS_DB}"
         s = Settings(topics=topics, redis=RedisSettings(url=url))

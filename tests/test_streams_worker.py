@@ -250,5 +250,8 @@ def test_rebuild_after_redis_loss_then_forget(
     assert worker.stop() == 0
     rebuild(settings, progress=False)  # the tombstone survives a rebuild
     assert not redis_client.exists(keys.user(victim))
+    redis_client.flushdb()  # ... and the loss of Redis itself: it is restored from Kafka
+    assert rebuild(settings, progress=False).tombstones == 1
+    assert not redis_client.exists(keys.user(victim))
     others = {e.user_id for e in events if isinstance(e, Click)} - {victim}  # type: ignore[union-attr]
     assert all(redis_client.exists(keys.user(u)) for u in others)
