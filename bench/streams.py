@@ -4,10 +4,12 @@ All figures are measured in one run, on this machine, against the local Kafka an
 
 - ``raw_broker_eps``: a consume-only librdkafka loop over the same events (the broker's ceiling);
 - ``raw_redis_ops``: pipelined SETs measured by redis-benchmark (Redis's ceiling);
-- ``worker_eps``: one ``shoprank streams`` worker draining a backlog of the events (10%-90%);
+- ``worker_eps``: one ``shoprank streams`` worker (``--engine``, default the settings' engine)
+  draining a backlog of the events (10%-90%);
 - ``freshness_p50_ms`` / ``freshness_p99_ms``: publish -> readable in Redis, for probe clicks
   of new shoppers inside a steady 5,000 events/s stream;
-- ``bytes_per_user``: MEMORY USAGE of a shopper's key, mean over a sample, 100,000 shoppers.
+- ``bytes_per_user``: MEMORY USAGE of a shopper's key, mean over a sample, 100,000 shoppers;
+- ``faust_noop_eps`` (``--noop``): faust agents that only count, faust's own ceiling here.
 
 Topics are fresh (``bench.<tag>.*``, deleted afterwards) and Redis DB 14 is flushed first.
 """
