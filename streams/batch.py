@@ -35,61 +35,32 @@ from types import FrameType
 from typing import Any
 
 import structlog
-from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
+from confluent_kafka import Consumer, KafkaException, Message, TopicPartition
 
 from core import kafka
 from core.settings import Settings
 from features.redis_store import RedisStore, connect
-from streams.deadletter import DeadLetter, DeadLetters
+from streams.deadletter import DeadLetterPublisher
 from streams.processor import Decoded, Processor, RawRecord
 
 log = structlog.get_logger(__name__)
 
 QUEUE_DEPTH = 2  # decoded batches waiting for the applier
-DLQ_FLUSH_TIMEOUT_S = 30.0
 GC_YOUNG_THRESHOLD = 50_000
 CATALOG_CHECK_S = 0.2  # how often a starting worker asks whether the catalog is in
 CATALOG_TIMEOUT_S = 10.0
 CATALOG_LOG_S = 5.0
 
 
-class DeadLetterPublisher:
-    """Publishes a batch's dead letters and returns once the broker has acknowledged them all."""
-
-    def __init__(self, settings: Settings) -> None:
-        self.topic = settings.topics.dead_letter
-        self.producer = kafka.producer(settings, **{"linger.ms": 0})
-        self.notes = DeadLetters()
-        self._failed: list[KafkaError] = []
-
-    def _delivered(self, err: KafkaError | None, msg: Message) -> None:
-        if err is not None:
-            self._failed.append(err)
-
-    def __call__(self, letters: list[DeadLetter]) -> None:
-        self.notes.note_all(letters)
-        for letter in letters:
-            self.producer.produce(self.topic, value=letter.value, key=letter.key,
-                                  headers=letter.headers(), on_delivery=self._delivered)
-        remaining = self.producer.flush(DLQ_FLUSH_TIMEOUT_S)
-        if remaining or self._failed:
-            errors, self._failed = self._failed, []
-            raise RuntimeError(f"{remaining} dead letters unacknowledged, {len(errors)} failed: "
-                               f"{errors[:1]}")
-
-
 class BatchWorker:
     """One feature worker: consumes the four feature topics in the streams consumer group."""
 
-    def __init__(self, settings: Settings, processor: Processor | None = None) -> None:
-        self.settings = settings
+    def __init__(self, settings: Settings) -> None:
         s, t = settings.streams, settings.topics
         self.catalog_topic = t.catalog
         self.topics = [t.catalog, t.queries, t.results, t.interactions]
-        self.processor = processor or Processor(
-            settings, RedisStore(connect(settings.redis), settings.features, s),
-            DeadLetterPublisher(settings),
-        )
+        self.processor = Processor(settings, RedisStore(connect(settings.redis), settings.features, s),
+                                   DeadLetterPublisher(settings))
         overrides: dict[str, Any] = {
             "session.timeout.ms": int(s.session_timeout_s * 1000),
             "heartbeat.interval.ms": int(s.session_timeout_s * 1000 / 5),

@@ -14,10 +14,15 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import structlog
+from confluent_kafka import KafkaError, Message
 
+from core import kafka
+from core.settings import Settings
 from streams import metrics
 
 log = structlog.get_logger(__name__)
+
+DLQ_FLUSH_TIMEOUT_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -49,8 +54,10 @@ class DeadLetters:
     """Counts and logs every dead letter; publishes it when given a ``publish`` coroutine (the
     worker), not when replaying history (``rebuild``: it was published when first consumed)."""
 
-    def __init__(self, publish: Publish | None = None) -> None:
+    def __init__(self, publish: Publish | None = None, *, publishes: bool | None = None) -> None:
         self._publish = publish
+        # Whether the letters reach the topic (through ``publish`` or a caller that sends them).
+        self.publishes = publish is not None if publishes is None else publishes
         self.count = 0
 
     def note(self, letter: DeadLetter) -> None:
@@ -63,7 +70,7 @@ class DeadLetters:
             partition=letter.partition,
             offset=letter.offset,
             reason=letter.reason,
-            published=self._publish is not None,
+            published=self.publishes,
         )
 
     def note_all(self, letters: list[DeadLetter]) -> None:
@@ -75,3 +82,29 @@ class DeadLetters:
             self.note(letter)
             if self._publish is not None:
                 await self._publish(letter)
+
+
+class DeadLetterPublisher:
+    """Publishes a batch's dead letters synchronously (the batch engine's ``handover``): returns
+    once the broker has acknowledged them all, raises if it has not."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.topic = settings.topics.dead_letter
+        self.producer = kafka.producer(settings, **{"linger.ms": 0})
+        self.notes = DeadLetters(publishes=True)
+        self._failed: list[KafkaError] = []
+
+    def _delivered(self, err: KafkaError | None, msg: Message) -> None:
+        if err is not None:
+            self._failed.append(err)
+
+    def __call__(self, letters: list[DeadLetter]) -> None:
+        self.notes.note_all(letters)
+        for letter in letters:
+            self.producer.produce(self.topic, value=letter.value, key=letter.key,
+                                  headers=letter.headers(), on_delivery=self._delivered)
+        remaining = self.producer.flush(DLQ_FLUSH_TIMEOUT_S)
+        if remaining or self._failed:
+            errors, self._failed = self._failed, []
+            raise RuntimeError(f"{remaining} dead letters unacknowledged, {len(errors)} failed: "
+                               f"{errors[:1]}")
