@@ -127,7 +127,9 @@ class FeatureSettings(BaseSettings):
 
     user_half_life_s: float = Field(default=14 * 86400.0, gt=0)
     item_half_life_s: float = Field(default=7 * 86400.0, gt=0)
-    query_half_life_s: float = Field(default=30 * 86400.0, gt=0)
+    # 7 d rather than 30: which product a query means drifts with launches (best of 3/7/30 d on
+    # Best Buy validation); rarely typed queries keep their evidence through the click share.
+    query_half_life_s: float = Field(default=7 * 86400.0, gt=0)
     recent_half_life_s: float = Field(default=2 * 86400.0, gt=0)
     recent_n: int = Field(default=16, ge=1, le=64)
     affinity_top_k: int = Field(default=8, ge=1, le=32)

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from core.events import CatalogProduct
-from core.text import normalize_query
+from core.text import normalize_query, words
 from evaluation.ranker import BaseRanker, SearchRow
 
 DAY_S = 86_400.0
@@ -142,7 +142,7 @@ class BM25Ranker(BaseRanker):
 
 
 def _tokens(text: str) -> list[str]:
-    return [t for t in normalize_query(text).split() if t not in _stopwords()]
+    return [t for t in words(text) if t not in _stopwords()]
 
 
 @cache

@@ -47,6 +47,8 @@ FEATURE_NAMES: Final[tuple[str, ...]] = (
     "query_item_clicks_log",  # log1p(decayed clicks on the candidate after this query text)
     "query_item_purchases_log",  # log1p(decayed purchases after this query text)
     "query_item_click_share",  # the candidate's share of this query's decayed clicks
+    "query_clicks_log",  # log1p(decayed clicks after this query text): how much the share says
+    "query_item_idle_hours_log",  # log1p(hours since this query text last led to the candidate)
     "position",  # the candidate's original position when given, else 0
 )
 INDEX: Final = {name: i for i, name in enumerate(FEATURE_NAMES)}
@@ -93,6 +95,7 @@ def _featurize(req: Request, snap: Snapshot, now: float, cfg: FeatureSettings) -
             _user_item_columns(out[row], state, attrs, snap, interest.get(pid, 0.0))
         _item_columns(out[row], snap.items.get(pid), attrs, now, cfg)
         if req.query:
+            out[row, INDEX["query_clicks_log"]] = math.log1p(q_clicks)
             _query_columns(out[row], snap.query_items.get((req.query, pid)), q_clicks, now, cfg)
     if req.positions is not None:
         out[:, INDEX["position"]] = np.asarray(req.positions, dtype=np.float32)
@@ -163,3 +166,6 @@ def _query_columns(
     purchases = decay.value_at(st[query_item.PURCHASES], t_ref, now, h)
     row[INDEX["query_item_purchases_log"]] = math.log1p(purchases)
     row[INDEX["query_item_click_share"]] = clicks / q_clicks if q_clicks > 0 else 0.0
+    # t_ref of a pair is its latest event: with a half-life long enough to remember rare queries,
+    # this says whether the query still leads to the product (a game replaced by its sequel).
+    row[INDEX["query_item_idle_hours_log"]] = math.log1p(max(0.0, now - t_ref) / 3600.0)

@@ -15,7 +15,7 @@ import pytest
 from core.events import CatalogProduct
 from core.pretrained import MINILM_SHA256, PretrainedModelError, minilm_path, verify_files
 from core.settings import Settings
-from core.text import normalize_query
+from core.text import normalize_query, words
 from evaluation import baselines, report
 from evaluation.commands import METHODS, methods
 from evaluation.harness import Result, evaluate_bestbuy, evaluate_crowdflower
@@ -125,11 +125,25 @@ def test_minilm_ranks_the_matching_title_first() -> None:
     assert scores.argmax(axis=1).tolist() == [0, 1, 2]
 
 
-def test_normalize_query() -> None:
-    assert normalize_query("  Call of Duty: MW3! ") == "call of duty mw3"
+def test_words() -> None:
+    assert words("  Call of Duty: MW3! ") == ["call", "of", "duty", "mw3"]
+    assert words("Assassin's Creed") == words("assassins creed")
+    assert words("Spider-Man") == ["spider", "man"]
+    assert words("\uff26\uff29\uff26\uff21\t12") == ["fifa", "12"]  # full-width letters
+
+
+def test_normalize_query_gives_the_spellings_of_a_query_one_key() -> None:
+    key = normalize_query("kinect xbox 360")
+    for typed in ("xbox360 kinect", "Kinect for Xbox 360", "KINECTS, xbox 360!", "xbox 360 kinect xbox"):
+        assert normalize_query(typed) == key, typed
+    assert normalize_query("rock smith") == normalize_query("Rocksmith")
     assert normalize_query("Assassin's Creed") == normalize_query("assassins creed")
-    assert normalize_query("Spider-Man") == "spider man"
-    assert normalize_query("\uff26\uff29\uff26\uff21\t12") == "fifa 12"  # full-width letters
+    assert normalize_query("\uff26\uff29\uff26\uff21\t12") == normalize_query("fifa 12")
+    assert normalize_query("battlefield 3") != normalize_query("battlefield")
+    assert normalize_query("bass guitar") != normalize_query("bas guitar")  # -ss is no plural
+    assert normalize_query("the") == "the"  # only stopwords: kept
+    assert normalize_query(" !! ") == ""
+    assert not any(c.isspace() or c == ":" for c in normalize_query("Call of Duty: MW3"))  # Redis keys
 
 
 def test_pretrained_files_are_verified(tmp_path: Path) -> None:

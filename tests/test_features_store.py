@@ -12,6 +12,7 @@ import redis
 
 from core.events import CatalogProduct, Click, Purchase, Query, RankedProduct, RankedResult
 from core.settings import FeatureSettings
+from core.text import normalize_query
 from features.memory import MemoryStore
 from features.plan import Record, Source
 from features.read import FEATURE_NAMES, INDEX, Request, read_batch
@@ -99,11 +100,14 @@ def test_click_joins_its_query_text_whichever_arrives_first(store: FeatureStore)
     store.apply(query("q2", text="big tv", minutes=2))
     store.apply(click("e2", "p2", query_id="q2", minutes=3))
     now = (T0 + timedelta(minutes=3)).timestamp()
-    [res] = read_batch(store, [Request("u1", "big tv", ["p1", "p2", "p3"])], now)
+    [res] = read_batch(store, [Request("u1", normalize_query("big tv"), ["p1", "p2", "p3"])], now)
     f = res.features
     assert f[0, INDEX["query_item_clicks_log"]] == pytest.approx(np.log1p(1.0), rel=1e-4)
     assert f[0, INDEX["query_item_click_share"]] == pytest.approx(0.5, rel=1e-4)
     assert f[2, INDEX["query_item_clicks_log"]] == 0.0
+    assert f[:, INDEX["query_clicks_log"]] == pytest.approx(np.log1p(2.0), rel=1e-4)
+    assert f[0, INDEX["query_item_idle_hours_log"]] == pytest.approx(np.log1p(2 / 60), rel=1e-4)
+    assert f[1, INDEX["query_item_idle_hours_log"]] == 0.0
 
 
 def test_forget_removes_shopper_and_late_events_do_not_bring_them_back(store: FeatureStore) -> None:

@@ -25,7 +25,7 @@ from core.events import CatalogProduct
 from core.pretrained import minilm_path
 from core.registry import ModelVersion, publish_version
 from core.settings import Settings
-from core.text import normalize_query, product_text
+from core.text import normalize_query, product_text, words
 from evaluation.ranker import SearchRow
 from features.memory import MemoryStore
 from features.read import FEATURE_NAMES
@@ -85,9 +85,14 @@ def train_run(settings: Settings, rows: Sequence[SearchRow], products: Mapping[s
     ids = list(products)
     catalog = Catalog(ids, embed_texts(model.query, tokenizer, [product_text(products[p]) for p in ids],
                                        progress=progress))
-    texts = sorted({normalize_query(r.query) for r in rows})
-    vectors = dict(zip(texts, embed_texts(model.query, tokenizer, texts, max_len=cfg.max_query_len,
-                                          progress=progress), strict=True))
+    # One vector per query key (the candidates' nearest products), embedded from the first way the
+    # key was typed: the key itself (sorted, unspaced words) is no text a model can read.
+    typed: dict[str, str] = {}
+    for r in rows:
+        typed.setdefault(normalize_query(r.query), " ".join(words(r.query)))
+    keys = sorted(typed)
+    vectors = dict(zip(keys, embed_texts(model.query, tokenizer, [typed[k] for k in keys],
+                                         max_len=cfg.max_query_len, progress=progress), strict=True))
     times = sorted(r.query_time for r in rows if r.query_time)
     val_from = times[int(len(times) * (1 - VALIDATION_FRACTION))]
     store = MemoryStore(settings.features)
