@@ -310,7 +310,7 @@ def main() -> int:
     parser.add_argument("--users", type=int, default=100_000)
     parser.add_argument("--products", type=int, default=5_000)
     parser.add_argument("--queries", type=int, default=145_000, help="searches (about 3 events each)")
-    parser.add_argument("--batch", type=int, default=2000)
+    parser.add_argument("--batch", type=int, default=Settings().streams.batch_size)
     parser.add_argument("--within", type=float, default=Settings().streams.batch_within_s,
                         help="seconds an agent waits to fill a batch")
     parser.add_argument("--rate", type=int, default=5000, help="events/s of the freshness stream")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import unicodedata
+from functools import lru_cache
 from typing import Final
 
 from core.events import CatalogProduct
@@ -30,6 +31,7 @@ def words(text: str) -> list[str]:
     return _NON_WORD.sub(" ", _APOSTROPHES.sub("", folded)).split()
 
 
+@lru_cache(maxsize=65536)  # shoppers repeat queries (85-89% of Best Buy's texts recur)
 def normalize_query(text: str) -> str:
     """The key under which a query's evidence is kept: one key for the spellings of one query.
 

@@ -160,24 +160,47 @@ class BatchWorker:
                 continue
 
     def _apply_loop(self) -> None:
-        while True:
-            batch = self._queue.get()
+        last = False
+        while not last:
+            batch, taken, last = self._take()
             try:
-                if batch is None:
-                    return
-                if self.failure is not None:
-                    continue  # not applied: not committed, redelivered to whoever takes over
-                try:
-                    self.processor.commit(batch)
-                except BaseException as exc:  # reported by run(); the worker stops
-                    log.critical("batch_failed", error=repr(exc), events=len(batch.origins),
-                                 exc_info=True)
-                    self.failure = exc
-                    self.stopping.set()
-                    continue
-                self._finish(batch)
+                # After a failure nothing more is applied (nor committed): it is redelivered.
+                if batch is not None and self.failure is None:
+                    self._apply(batch)
             finally:
-                self._queue.task_done()
+                for _ in range(taken):
+                    self._queue.task_done()
+
+    def _apply(self, batch: Decoded) -> None:
+        try:
+            self.processor.commit(batch)
+        except BaseException as exc:  # reported by run(); the worker stops
+            log.critical("batch_failed", error=repr(exc), events=len(batch.origins), exc_info=True)
+            self.failure = exc
+            self.stopping.set()
+            return
+        self._finish(batch)
+
+    def _take(self) -> tuple[Decoded | None, int, bool]:
+        """The next batch, merged with those queued behind it up to ``batch_size`` events: when
+        the applier falls behind, its batches grow, and the per-batch costs (two round trips,
+        the script's fixed work) are shared by more events. Returns (batch, items taken, whether
+        the stop sentinel was among them)."""
+        first = self._queue.get()
+        if first is None:
+            return None, 1, True
+        parts, size, taken = [first], len(first.origins) + len(first.letters), 1
+        while size < self.batch_size:
+            try:
+                more = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            taken += 1
+            if more is None:
+                return _merged(parts), taken, True
+            parts.append(more)
+            size += len(more.origins) + len(more.letters)
+        return _merged(parts), taken, False
 
     def _finish(self, batch: Decoded) -> None:
         ends: dict[tuple[str, int], int] = {}
@@ -276,6 +299,13 @@ class BatchWorker:
             self.consumer.resume([TopicPartition(t, p) for t, p in self._paused])
             self._paused.clear()
         log.info("catalog_loaded", partitions=len(ends), seconds=round(now - self._started, 2))
+
+
+def _merged(parts: list[Decoded]) -> Decoded:
+    if len(parts) == 1:
+        return parts[0]
+    return Decoded([r for p in parts for r in p.records], [o for p in parts for o in p.origins],
+                   [letter for p in parts for letter in p.letters])
 
 
 def _names(partitions: list[TopicPartition]) -> list[str]:
