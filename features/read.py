@@ -52,6 +52,8 @@ FEATURE_NAMES: Final[tuple[str, ...]] = (
     "position",  # the candidate's original position when given, else 0
 )
 INDEX: Final = {name: i for i, name in enumerate(FEATURE_NAMES)}
+# The columns that depend only on the product (and the time of reading), see _item_columns.
+ITEM_COLUMNS: Final = [INDEX[n] for n in FEATURE_NAMES if n.startswith("item_")]
 
 
 @dataclass(frozen=True)
@@ -77,14 +79,38 @@ def read_batch(store: FeatureStore, requests: Sequence[Request], now: float) -> 
     snap = store.snapshot(
         (r.user_id for r in requests), (pid for r in requests for pid in r.candidates), pairs
     )
-    return [_featurize(r, snap, now, store.config) for r in requests]
+    items = _ItemRows(snap, now, store.config, capacity=sum(len(r.candidates) for r in requests))
+    return [_featurize(r, snap, now, store.config, items) for r in requests]
 
 
-def _featurize(req: Request, snap: Snapshot, now: float, cfg: FeatureSettings) -> Result:
+class _ItemRows:
+    """Each product's item columns, computed once per batch: requests of one batch share most of
+    their candidates, and the item columns depend only on the product and ``now``."""
+
+    def __init__(self, snap: Snapshot, now: float, cfg: FeatureSettings, capacity: int) -> None:
+        self.snap, self.now, self.cfg = snap, now, cfg
+        self.index: dict[str, int] = {}
+        self.rows = np.zeros((capacity, len(FEATURE_NAMES)), dtype=np.float32)
+
+    def block(self, candidates: Sequence[str]) -> np.ndarray:
+        """The item columns of ``candidates``, one row each (full feature width)."""
+        idx = []
+        for pid in candidates:
+            i = self.index.get(pid)
+            if i is None:
+                i = self.index[pid] = len(self.index)
+                _item_columns(self.rows[i], self.snap.items.get(pid), self.snap.products.get(pid),
+                              self.now, self.cfg)
+            idx.append(i)
+        return self.rows[idx]
+
+
+def _featurize(req: Request, snap: Snapshot, now: float, cfg: FeatureSettings, items: _ItemRows) -> Result:
     state = snap.users.get(req.user_id)
     if state is not None and not user.is_live(state, now, cfg):
         state = None
     out = np.zeros((len(req.candidates), len(FEATURE_NAMES)), dtype=np.float32)
+    out[:, ITEM_COLUMNS] = items.block(req.candidates)[:, ITEM_COLUMNS]
     interest = user.interest(state, now, cfg) if state is not None else {}
     if state is not None:
         _user_columns(out, state, now)
@@ -93,7 +119,6 @@ def _featurize(req: Request, snap: Snapshot, now: float, cfg: FeatureSettings) -
         attrs = snap.products.get(pid)
         if state is not None:
             _user_item_columns(out[row], state, attrs, snap, interest.get(pid, 0.0))
-        _item_columns(out[row], snap.items.get(pid), attrs, now, cfg)
         if req.query:
             out[row, INDEX["query_clicks_log"]] = math.log1p(q_clicks)
             _query_columns(out[row], snap.query_items.get((req.query, pid)), q_clicks, now, cfg)
