@@ -1,4 +1,5 @@
-"""The faust app, built from the frozen settings (no module-level app): one agent per consumed topic.
+"""The faust engine (``SHOPRANK_STREAMS_ENGINE=faust``): the app, built from the frozen settings (no
+module-level app), with one agent per consumed topic.
 
 Each agent takes batches (``stream.take_events``), applies them to Redis through the processor in
 a worker thread (redis-py, pipelined; the event loop keeps heartbeating meanwhile), publishes the
