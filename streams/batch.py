@@ -75,6 +75,7 @@ class BatchWorker:
         self.stopping = threading.Event()
         self.failure: BaseException | None = None
         self._queue: queue.Queue[Decoded | None] = queue.Queue(QUEUE_DEPTH)
+        self._held: Decoded | None = None  # taken from the queue, applied with the next batch
         self._finished: dict[tuple[str, int], int] = {}  # next offset to read, per partition
         self._lock = threading.Lock()
         self._assigned: set[tuple[str, int]] = set()
@@ -184,22 +185,26 @@ class BatchWorker:
     def _take(self) -> tuple[Decoded | None, int, bool]:
         """The next batch, merged with those queued behind it up to ``batch_size`` events: when
         the applier falls behind, its batches grow, and the per-batch costs (two round trips,
-        the script's fixed work) are shared by more events. Returns (batch, items taken, whether
-        the stop sentinel was among them)."""
-        first = self._queue.get()
+        the script's fixed work) are shared by more events. Returns (batch, queue items it
+        accounts for, whether the stop sentinel was among them). A batch that would not fit is
+        held for the next call (it stays unacknowledged in the queue's count until then)."""
+        first, self._held = (self._held, None) if self._held is not None else (self._queue.get(), None)
         if first is None:
             return None, 1, True
-        parts, size, taken = [first], len(first.origins) + len(first.letters), 1
+        parts, size, taken = [first], _size(first), 1
         while size < self.batch_size:
             try:
                 more = self._queue.get_nowait()
             except queue.Empty:
                 break
-            taken += 1
             if more is None:
-                return _merged(parts), taken, True
+                return _merged(parts), taken + 1, True
+            if size + _size(more) > self.batch_size:
+                self._held = more
+                break
             parts.append(more)
-            size += len(more.origins) + len(more.letters)
+            size += _size(more)
+            taken += 1
         return _merged(parts), taken, False
 
     def _finish(self, batch: Decoded) -> None:
@@ -299,6 +304,10 @@ class BatchWorker:
             self.consumer.resume([TopicPartition(t, p) for t, p in self._paused])
             self._paused.clear()
         log.info("catalog_loaded", partitions=len(ends), seconds=round(now - self._started, 2))
+
+
+def _size(batch: Decoded) -> int:
+    return len(batch.origins) + len(batch.letters)
 
 
 def _merged(parts: list[Decoded]) -> Decoded:
