@@ -1,0 +1,43 @@
+"""The batch engine's applier queue: how decoded batches are merged when the applier falls behind.
+
+The worker is built against the real broker and Redis (it connects when constructed); the queue
+logic is exercised directly, without consuming.
+"""
+
+from __future__ import annotations
+
+from core.settings import Settings
+from streams.batch import BatchWorker
+from streams.processor import Decoded, RawRecord
+
+
+def decoded(n: int, start: int = 0) -> Decoded:
+    origins = [RawRecord("t", 0, start + i, None, b"{}") for i in range(n)]
+    return Decoded([], origins, [])
+
+
+def test_queued_batches_merge_up_to_the_batch_size(settings: Settings) -> None:
+    worker = BatchWorker(settings.model_copy(update={
+        "streams": settings.streams.model_copy(update={"batch_size": 10})}))
+    try:
+        a, b, c = decoded(4), decoded(5, 4), decoded(3, 9)
+        worker._queue.put(a)
+        worker._queue.put(b)
+        batch, taken, last = worker._take()
+        assert batch is not None and len(batch.origins) == 9 and (taken, last) == (2, False)
+        assert [r.offset for r in batch.origins] == list(range(9))  # partition order kept
+
+        worker._queue.put(c)
+        worker._queue.put(decoded(2, 12))
+        batch, taken, last = worker._take()
+        assert batch is not None and len(batch.origins) == 5 and taken == 2
+
+        worker._queue.put(decoded(8, 14))
+        worker._queue.put(decoded(4, 22))
+        batch, taken, _ = worker._take()  # 8 + 4 > 10: the second waits for the next call
+        assert len(batch.origins) == 8 and taken == 1  # type: ignore[union-attr]
+        worker._queue.put(None)
+        batch, taken, last = worker._take()  # the held batch, then the stop sentinel
+        assert len(batch.origins) == 4 and (taken, last) == (2, True)  # type: ignore[union-attr]
+    finally:
+        worker.consumer.close()
