@@ -19,6 +19,7 @@ import structlog
 from tokenizers import Tokenizer
 
 from core.registry import ModelVersion, load_version
+from features.read import FEATURE_NAMES
 
 log = structlog.get_logger(__name__)
 
@@ -161,6 +162,11 @@ class ServedModel:
 def load_served_model(registry: Path, version: str, device: str = "auto", threads: int = 0) -> ServedModel:
     """Verify, load and warm a version; raises when any of that fails."""
     model = ServedModel(load_version(registry, version), device=device, threads=threads)
+    if model.feature_names != FEATURE_NAMES:
+        # Its input layout differs from what features.read builds: every query would fail.
+        differ = sorted(set(FEATURE_NAMES) ^ set(model.feature_names)) or ["their order"]
+        raise RuntimeError(f"model {version} reads {len(model.feature_names)} features, this code serves "
+                           f"{len(FEATURE_NAMES)} (differing: {', '.join(differ)}): retrain it")
     warm = Batch(query_emb=model.encode(["warm up"]), cand_idx=np.zeros((1, 2), np.int64),
                  hist_idx=np.full((1, 1), model.unknown_row, np.int64), hist_w=np.zeros((1, 1), np.float32),
                  dense=np.zeros((1, 2, len(model.feature_names)), np.float32), n_candidates=[2])

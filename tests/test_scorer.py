@@ -3,6 +3,7 @@ reason, hot swaps that drop nothing, the HTTP API, and a serving process without
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
@@ -16,11 +17,12 @@ from fastapi.testclient import TestClient
 
 from core import kafka
 from core.events import RESULTS, ModelUpdate, Query, RankedResult, encode
-from core.registry import set_serving
+from core.registry import MANIFEST, set_serving
 from core.settings import ModelSettings, ScorerSettings, Settings
 from features.read import FEATURE_NAMES
 from scorer.app import Scorer, build_scorer
 from scorer.http import create_app
+from scorer.runtime import load_served_model
 from tests.model_factory import split, tiny_version
 
 NOW = datetime(2011, 10, 1, tzinfo=UTC)
@@ -146,6 +148,15 @@ def test_hot_swap_drops_nothing_and_rejects_a_bad_version(scorer: Scorer, scorer
     versions = {r.model_version for r in results}
     assert versions <= {"v1", "v2"} and "v2" in versions
     assert scorer.holder.current.version == "v2"
+
+
+def test_a_version_trained_on_other_features_is_refused(tmp_path: Path) -> None:
+    old = tiny_version(tmp_path, "old")
+    manifest = json.loads((old.path / MANIFEST).read_text())
+    manifest["config"]["feature_names"] = manifest["config"]["feature_names"][:-2]
+    (old.path / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(RuntimeError, match="retrain it"):
+        load_served_model(tmp_path, "old")
 
 
 def test_http_api(scorer: Scorer) -> None:
