@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
-from confluent_kafka import Consumer, Producer
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
 from core.settings import Settings
@@ -34,3 +35,46 @@ def consumer(settings: Settings, group_id: str, **overrides: Any) -> Consumer:
         "enable.partition.eof": False,
     }
     return Consumer(conf | overrides)
+
+
+def watermarks(consumer: Consumer, topics: Iterable[str], timeout_s: float = 10.0
+               ) -> dict[tuple[str, int], tuple[int, int]]:
+    """(low, high) offsets of every non-empty partition of ``topics``, as they are now."""
+    out = {}
+    for topic in topics:
+        meta = consumer.list_topics(topic, timeout=timeout_s).topics[topic]
+        if meta.error is not None:
+            raise KafkaException(meta.error)
+        for p in meta.partitions:
+            low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=timeout_s)
+            if high > low:
+                out[topic, p] = (low, high)
+    return out
+
+
+def drop_reached(consumer: Consumer, ends: dict[tuple[str, int], int]) -> None:
+    """Remove the partitions whose position has reached their end from ``ends``. Positions, not
+    the offsets of records seen: compaction leaves gaps, so the last offset may never be read."""
+    for tp in consumer.position([TopicPartition(t, p) for t, p in ends]):
+        if tp.offset >= ends[(tp.topic, tp.partition)]:
+            del ends[(tp.topic, tp.partition)]
+
+
+def send_acked(producer: Producer, topic: str, messages: Iterable[tuple[bytes | None, bytes | None,
+               list[tuple[str, bytes]] | None]], timeout_s: float = 30.0) -> None:
+    """Produce ``(key, value, headers)`` messages and return once the broker has acknowledged every
+    one; raise if any failed or is still unacknowledged after ``timeout_s``."""
+    failed: list[KafkaError] = []
+
+    def delivered(err: KafkaError | None, _msg: Message) -> None:
+        if err is not None:
+            failed.append(err)
+
+    n = 0
+    for key, value, headers in messages:
+        producer.produce(topic, value=value, key=key, headers=headers, on_delivery=delivered)
+        n += 1
+    remaining = producer.flush(timeout_s)
+    if remaining or failed:
+        raise RuntimeError(f"{topic}: {remaining} of {n} messages unacknowledged after {timeout_s:.0f} s, "
+                           f"{len(failed)} failed{f': {failed[0]}' if failed else ''}")

@@ -265,22 +265,12 @@ class BatchWorker:
             for tp in partitions:
                 self._finished.pop(tp, None)
 
-
     # --- the catalog first ---------------------------------------------------------------------
 
     def _catalog_backlog(self) -> dict[int, int] | None:
         """End offset of each non-empty catalog partition now; None when there is none."""
-        topic = self.catalog_topic
-        meta = self.consumer.list_topics(topic, timeout=CATALOG_TIMEOUT_S).topics[topic]
-        if meta.error is not None:
-            raise KafkaException(meta.error)
-        ends = {}
-        for p in meta.partitions:
-            low, high = self.consumer.get_watermark_offsets(TopicPartition(topic, p),
-                                                            timeout=CATALOG_TIMEOUT_S)
-            if high > low:
-                ends[p] = high
-        return ends or None
+        marks = kafka.watermarks(self.consumer, [self.catalog_topic], CATALOG_TIMEOUT_S)
+        return {p: high for (_, p), (_, high) in marks.items()} or None
 
     def _check_catalog(self) -> None:
         """Resume shopper events once the group's committed catalog offsets reach the ends."""

@@ -14,7 +14,6 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import structlog
-from confluent_kafka import KafkaError, Message
 
 from core import kafka
 from core.settings import Settings
@@ -92,19 +91,9 @@ class DeadLetterPublisher:
         self.topic = settings.topics.dead_letter
         self.producer = kafka.producer(settings, **{"linger.ms": 0})
         self.notes = DeadLetters(publishes=True)
-        self._failed: list[KafkaError] = []
-
-    def _delivered(self, err: KafkaError | None, msg: Message) -> None:
-        if err is not None:
-            self._failed.append(err)
 
     def __call__(self, letters: list[DeadLetter]) -> None:
         self.notes.note_all(letters)
-        for letter in letters:
-            self.producer.produce(self.topic, value=letter.value, key=letter.key,
-                                  headers=letter.headers(), on_delivery=self._delivered)
-        remaining = self.producer.flush(DLQ_FLUSH_TIMEOUT_S)
-        if remaining or self._failed:
-            errors, self._failed = self._failed, []
-            raise RuntimeError(f"{remaining} dead letters unacknowledged, {len(errors)} failed: "
-                               f"{errors[:1]}")
+        kafka.send_acked(self.producer, self.topic,
+                         [(letter.key, letter.value, letter.headers()) for letter in letters],
+                         DLQ_FLUSH_TIMEOUT_S)

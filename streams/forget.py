@@ -24,12 +24,8 @@ TIMEOUT_S = 30.0
 
 
 def forget(settings: Settings, store: RedisStore, user_id: str, at: float) -> None:
-    producer = kafka.producer(settings, **{"linger.ms": 0})
-    failed: list[str] = []
-    producer.produce(settings.topics.forgotten, key=user_id.encode(), value=repr(at).encode(),
-                     on_delivery=lambda err, _msg: failed.append(str(err)) if err else None)
-    if producer.flush(TIMEOUT_S) or failed:
-        raise RuntimeError(f"the forget request was not acknowledged by Kafka: {failed or 'timeout'}")
+    kafka.send_acked(kafka.producer(settings, **{"linger.ms": 0}), settings.topics.forgotten,
+                     [(user_id.encode(), repr(at).encode(), None)], TIMEOUT_S)
     store.forget(user_id, at)
     log.info("shopper_forgotten", user=hash_user(user_id), at=at)
 
@@ -39,15 +35,8 @@ def restore_tombstones(settings: Settings, store: RedisStore) -> int:
     topic = settings.topics.forgotten
     consumer = kafka.consumer(settings, group_id=f"{settings.streams.group_id}-forgotten")
     try:
-        meta = consumer.list_topics(topic, timeout=TIMEOUT_S).topics[topic]
-        if meta.error is not None:
-            raise KafkaException(meta.error)
-        ends = {}
-        for p in meta.partitions:
-            low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=TIMEOUT_S)
-            if high > low:
-                ends[p] = high
-        consumer.assign([TopicPartition(topic, p, 0) for p in ends])
+        ends = {tp: high for tp, (_, high) in kafka.watermarks(consumer, [topic], TIMEOUT_S).items()}
+        consumer.assign([TopicPartition(t, p, 0) for t, p in ends])
         latest: dict[str, float] = {}
         while ends:
             for m in consumer.consume(1000, timeout=1.0):
@@ -56,9 +45,7 @@ def restore_tombstones(settings: Settings, store: RedisStore) -> int:
                 if m.key() is not None and m.value() is not None:
                     user_id, at = m.key().decode(), float(m.value())
                     latest[user_id] = max(at, latest.get(user_id, at))
-            for tp in consumer.position([TopicPartition(topic, p) for p in ends]):
-                if tp.offset >= ends[tp.partition]:  # compaction leaves gaps: compare positions
-                    del ends[tp.partition]
+            kafka.drop_reached(consumer, ends)
     finally:
         consumer.close()
     for user_id, at in latest.items():

@@ -61,15 +61,9 @@ def rebuild(settings: Settings, progress: bool = True) -> RebuildReport:
 
 def _replay(consumer: Consumer, topics: list[str], processor: Processor, batch: int,
             progress: bool) -> int:
-    ends: dict[tuple[str, int], int] = {}
-    starts = []
-    meta = consumer.list_topics(timeout=10)
-    for topic in topics:
-        for p in meta.topics[topic].partitions:
-            low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
-            if high > low:
-                ends[(topic, p)] = high
-                starts.append(TopicPartition(topic, p, low))
+    marks = kafka.watermarks(consumer, topics)
+    ends = {tp: high for tp, (_, high) in marks.items()}
+    starts = [TopicPartition(t, p, low) for (t, p), (low, _) in marks.items()]
     total = sum(ends[(tp.topic, tp.partition)] - tp.offset for tp in starts)
     if not starts:
         return 0
@@ -91,14 +85,6 @@ def _replay(consumer: Consumer, topics: list[str], processor: Processor, batch: 
                 processor.apply(raws)
                 seen += len(raws)
                 bar.update(len(raws))
-            _drop_finished(consumer, ends)
+            kafka.drop_reached(consumer, ends)
     consumer.unassign()
     return seen
-
-
-def _drop_finished(consumer: Consumer, ends: dict[tuple[str, int], int]) -> None:
-    """Partitions whose position reached the end they had at the start (gaps of compaction too)."""
-    positions = consumer.position([TopicPartition(t, p) for t, p in ends])
-    for tp in positions:
-        if tp.offset >= ends[(tp.topic, tp.partition)]:
-            del ends[(tp.topic, tp.partition)]

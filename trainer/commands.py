@@ -68,10 +68,8 @@ def announce(settings: Settings, version) -> None:  # type: ignore[no-untyped-de
                          uri=str(version.path), manifest_sha256=version.manifest_sha256,
                          metrics={k: float(v) for k, v in version.manifest.get("metrics", {}).items()},
                          created_at=datetime.now(UTC))
-    producer = kafka.producer(settings)
-    producer.produce(settings.topics.model_updates, key=b"model", value=encode(update))
-    if producer.flush(30) != 0:
-        raise RuntimeError("the model update was not acknowledged by the broker")
+    kafka.send_acked(kafka.producer(settings), settings.topics.model_updates,
+                     [(b"model", encode(update), None)])
     print(f"announced {version.version} on {settings.topics.model_updates}")
 
 
