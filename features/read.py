@@ -115,12 +115,12 @@ def _featurize(req: Request, snap: Snapshot, now: float, cfg: FeatureSettings, i
     if state is not None:
         _user_columns(out, state, now)
     q_clicks = _query_clicks(snap, req.query, now, cfg)
+    if req.query:
+        out[:, INDEX["query_clicks_log"]] = math.log1p(q_clicks)
     for row, pid in enumerate(req.candidates):
-        attrs = snap.products.get(pid)
         if state is not None:
-            _user_item_columns(out[row], state, attrs, snap, interest.get(pid, 0.0))
+            _user_item_columns(out[row], state, snap.products.get(pid), snap, interest.get(pid, 0.0))
         if req.query:
-            out[row, INDEX["query_clicks_log"]] = math.log1p(q_clicks)
             _query_columns(out[row], snap.query_items.get((req.query, pid)), q_clicks, now, cfg)
     if req.positions is not None:
         out[:, INDEX["position"]] = np.asarray(req.positions, dtype=np.float32)
