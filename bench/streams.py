@@ -184,7 +184,8 @@ def freshness(settings: Settings, client: redis.Redis, shape: Shape, rate: int, 
     # or the first ~0.5 s of events queue behind it and are charged to the worker.
     warmup = Click(event_id=f"warmup{tag}", user_id=f"warmup{tag}", session_id="s", product_id="p1",
                    timestamp=events[0].timestamp)
-    producer.produce(*topic_and_key(settings, warmup)[:1], encode(warmup), key=b"warmup")
+    warmup_topic, warmup_key = topic_and_key(settings, warmup)
+    producer.produce(warmup_topic, encode(warmup), key=warmup_key.encode())
     producer.flush(30)
     tick, per_tick = 0.01, max(1, rate // 100)
     started = time.perf_counter()
