@@ -148,6 +148,7 @@ class CatalogProduct(_Event, kw_only=True, tag="product"):
     category_path: Annotated[list[Label], Meta(max_length=16)] = []
     price: Money | None = None
     attributes: dict[Label, Annotated[str, Meta(max_length=2000)]] = {}
+    released_at: Timestamp | None = None  # when it went (or goes) on sale; a pre-order is before it
     updated_at: Timestamp
 
 

@@ -95,6 +95,8 @@ class ModelSettings(BaseSettings):
     encoder_learning_rate: float = 2e-5
     patience: int = Field(default=1, ge=0)
     max_minutes: float = 20.0
+    # After early stopping picks the epochs, fit a fresh model on the validation period too.
+    refit: bool = True
 
 
 class ScorerSettings(BaseSettings):
@@ -130,6 +132,9 @@ class FeatureSettings(BaseSettings):
     # 7 d rather than 30: which product a query means drifts with launches (best of 3/7/30 d on
     # Best Buy validation); rarely typed queries keep their evidence through the click share.
     query_half_life_s: float = Field(default=7 * 86400.0, gt=0)
+    # Clicks after a query also decay with a short half-life: which edition or platform a busy
+    # query leads to shifts within a day (a 7 d + 6 h query table beats 7 d alone on Best Buy).
+    query_burst_half_life_s: float = Field(default=6 * 3600.0, gt=0)
     recent_half_life_s: float = Field(default=2 * 86400.0, gt=0)
     recent_n: int = Field(default=16, ge=1, le=64)
     affinity_top_k: int = Field(default=8, ge=1, le=32)

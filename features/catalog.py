@@ -13,13 +13,16 @@ from core.events import CatalogProduct
 
 
 class ProductAttrs(msgspec.Struct, array_like=True, frozen=True):
-    """What features need of a product. ``first_seen``: earliest ``updated_at`` (item age)."""
+    """What features need of a product. ``first_seen``: earliest ``updated_at`` (item age);
+    ``released``: the catalog's ``released_at`` (epoch s), None when it gives none (last, with a
+    default, so values stored before it existed still decode)."""
 
     category: str | None
     brand: str | None
     price: float | None
     first_seen: float
     updated_at: float
+    released: float | None = None
 
 
 _encoder = msgspec.msgpack.Encoder()
@@ -57,7 +60,8 @@ def on_product(old: ProductAttrs | None, product: CatalogProduct) -> ProductAttr
     if old is not None and t < old.updated_at:
         return None
     first = t if old is None else min(old.first_seen, t)
-    return ProductAttrs(category_of(product), brand_key(product.brand), product.price, first, t)
+    released = product.released_at.timestamp() if product.released_at is not None else None
+    return ProductAttrs(category_of(product), brand_key(product.brand), product.price, first, t, released)
 
 
 def price_deltas(old: ProductAttrs | None, new: ProductAttrs) -> dict[str, tuple[int, int]]:

@@ -10,10 +10,12 @@ key                    value                                                  ex
 ``cp``                 hash ``n:{category}`` / ``c:{category}``: products,     none
                        summed price in cents (typical price = c / n / 100)
 ``i:{product}``        10 little-endian doubles, :mod:`features.item`          none
-``qi:{product}:{q}``   4 doubles, :mod:`features.query_item` (q = normalized   query_item_ttl_s
-                       query text, which never holds ``:``)
-``qc:{q}``             4 doubles, the query's totals                          query_item_ttl_s
-``qt:{bucket}``        hash query_id -> normalized text, for joining clicks   1-2 x query_text_ttl_s
+``qi:{product}:{q}``   6 doubles, :mod:`features.query_item` (q = normalized   query_item_ttl_s
+                       query text, or ``_{word}`` for one of its words; never
+                       holds ``:``)
+``qc:{q}``             6 doubles, the query's (or word's) totals               query_item_ttl_s
+``qt:{bucket}``        hash query_id -> stored text (key and words), for      1-2 x query_text_ttl_s
+                       joining clicks
 ``qp:{query_id}``      clicks waiting for their query's text, one per line    query_text_ttl_s
 ``d:{bucket}``         hash of "event applied" markers ``{kind}:{id}``; kind  1-2 x dedup_ttl_s
                        e (interaction), q (query), r (ranked result)

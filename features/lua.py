@@ -15,23 +15,24 @@ node, not a cluster.
 Cost is dominated by the number of ``redis.call``s, so statistics are read with MGET and written
 with MSET in chunks, markers and query texts go to one hash per time bucket, and the many small
 records (item and query operations, markers, guards) travel as newline-separated text (ids never
-hold whitespace; normalized query text holds single spaces only).
+hold whitespace; a stored query text holds single spaces only).
 
 ARGV: 1 h_item, 2 h_query, 3 qi_ttl_ms, 4 user_ttl_ms, 5 marker hash, 6 its expiry (unix s),
 7 text hash, 8 previous text hash, 9 its expiry, 10 pending ttl_ms, 11-17 text sections (guards,
 items, queries, query_items, markers, offsets, impressions), 18-21 counts of users, products,
-documents, price fields, 22 duplicates skipped (a metric), then those (key, value) / (field,
-delta) pairs. An impressions line is ``t\tpid pid ...``: one per shown result.
+documents, price fields, 22 duplicates skipped (a metric), 23 h_burst (query clicks' short
+half-life), then those (key, value) / (field, delta) pairs. An impressions line is
+``t\tpid pid ...``: one per shown result.
 """
 
 from __future__ import annotations
 
 from string import Template
 
-from features import keys
+from features import keys, query_item
 
 _SOURCE = Template(r"""
-local h_item, h_query = tonumber(ARGV[1]), tonumber(ARGV[2])
+local h_item, h_query, h_burst = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[23])
 local qi_ttl, user_ttl = ARGV[3], ARGV[4]
 local marker_hash, marker_expiry = ARGV[5], ARGV[6]
 local text_hash, old_text_hash, text_expiry, pending_ttl = ARGV[7], ARGV[8], ARGV[9], ARGV[10]
@@ -63,7 +64,7 @@ if #g_keys > 0 then
 end
 
 -- 2. shopper and product states, product documents, category price sums
-local pos = 23
+local pos = 24
 local n_users, n_products, n_docs, n_fields = tonumber(ARGV[18]), tonumber(ARGV[19]),
   tonumber(ARGV[20]), tonumber(ARGV[21])
 for i = 1, n_users do
@@ -92,12 +93,12 @@ local function load_all()
   local raw = mget(order)
   for i, k in ipairs(order) do
     local n, s = sizes[k], {}
-    if raw[i] then
-      local v = {struct.unpack('<' .. string.rep('d', n), raw[i])}
-      for j = 1, n do s[j] = v[j] end
-    else
-      for j = 1, n do s[j] = 0 end
+    local stored = raw[i] and math.min(n, math.floor(#raw[i] / 8)) or 0  -- older, shorter layouts
+    if stored > 0 then
+      local v = {struct.unpack('<' .. string.rep('d', stored), raw[i])}
+      for j = 1, stored do s[j] = v[j] end
     end
+    for j = stored + 1, n do s[j] = 0 end
     states[k] = s
   end
 end
@@ -111,6 +112,18 @@ local function bump(s, n, slot, t, h)
     s[slot + 1] = s[slot + 1] + 1
   else
     s[slot + 1] = s[slot + 1] + 1 * 2 ^ (-(t_ref - t) / h)
+  end
+end
+
+-- features.query_item.apply: clicks also count in slots 5-6 (t_ref, value), short half-life
+local function bump_burst(s, t, h)
+  if t > s[5] then
+    local f = 2 ^ (-(t - s[5]) / h)
+    s[6] = s[6] * f
+    s[5] = t
+    s[6] = s[6] + 1
+  else
+    s[6] = s[6] + 1 * 2 ^ (-(s[5] - t) / h)
   end
 end
 
@@ -177,12 +190,20 @@ for _, c in ipairs(clicks) do
     redis.call('PEXPIRE', pk, pending_ttl)
   end
 end
+-- A stored text is "key word word ...": the interaction counts under the key and each "_word"
+-- (features.query_item.evidence_keys).
 local function qi_keys(list)
   for _, e in ipairs(list) do
-    e[5] = '${QUERY_ITEM}' .. e[2] .. ':' .. e[1]
-    e[6] = '${QUERY_TOTAL}' .. e[1]
-    want(e[5], 4)
-    want(e[6], 4)
+    local ks, prefix = {}, ''
+    for part in string.gmatch(e[1], '%S+') do
+      local qi, qc = '${QUERY_ITEM}' .. e[2] .. ':' .. prefix .. part, '${QUERY_TOTAL}' .. prefix .. part
+      want(qi, 6)
+      want(qc, 6)
+      ks[#ks + 1] = qi
+      ks[#ks + 1] = qc
+      prefix = '${WORD}'
+    end
+    e[5] = ks
   end
 end
 qi_keys(waiting)
@@ -214,8 +235,10 @@ if #queries > 0 then
 end
 for _, list in ipairs({waiting, joined}) do
   for _, e in ipairs(list) do
-    bump(states[e[5]], 3, e[3], e[4], h_query)
-    bump(states[e[6]], 3, e[3], e[4], h_query)
+    for _, k in ipairs(e[5]) do
+      bump(states[k], 3, e[3], e[4], h_query)
+      if e[3] == 1 then bump_burst(states[k], e[4], h_burst) end
+    end
   end
 end
 
@@ -262,4 +285,5 @@ COMMIT = _SOURCE.substitute(
     ITEM=keys.ITEM,
     QUERY_PENDING=keys.QUERY_PENDING,
     STATS=keys.STATS,
+    WORD=query_item.WORD,
 )

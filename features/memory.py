@@ -85,13 +85,12 @@ class MemoryStore:
         self._applied.update(p.applied)
         self._offsets.update(p.offsets)
 
-    def _query_item(self, text: str, pid: str, kind: int, t: float) -> None:
-        h = self.config.query_half_life_s
-        key = (text, pid)
-        self._query_items[key] = query_item.apply(self._query_items.get(key, query_item.EMPTY), kind, t, h)
-        self._query_totals[text] = query_item.apply(
-            self._query_totals.get(text, query_item.EMPTY), kind, t, h
-        )
+    def _query_item(self, stored: str, pid: str, kind: int, t: float) -> None:
+        h, hb = self.config.query_half_life_s, self.config.query_burst_half_life_s
+        items, totals, empty = self._query_items, self._query_totals, query_item.EMPTY
+        for text in query_item.evidence_keys(stored):
+            items[text, pid] = query_item.apply(items.get((text, pid), empty), kind, t, h, hb)
+            totals[text] = query_item.apply(totals.get(text, empty), kind, t, h, hb)
 
     def forget(self, user_id: str, at: float) -> None:
         self._tombstones[user_id] = max(at, self._tombstones.get(user_id, at))

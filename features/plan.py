@@ -19,8 +19,7 @@ from core.events import CatalogProduct, Purchase, Query, RankedResult
 from core.events import Interaction as InteractionT
 from core.events import encode as encode_event
 from core.settings import FeatureSettings
-from core.text import normalize_query
-from features import catalog, keys, user
+from features import catalog, keys, query_item, user
 from features.catalog import ProductAttrs
 from features.user import KIND_OF, UserState
 
@@ -71,7 +70,7 @@ class Plan:
     # One entry per shown result, (t, product ids): a third of all events, each showing ~10
     # products, so they travel compactly. Stores apply them after ``items``.
     impressions: list[tuple[float, list[str]]] = field(default_factory=list)
-    queries: list[tuple[str, str]] = field(default_factory=list)
+    queries: list[tuple[str, str]] = field(default_factory=list)  # (query id, query_item.stored_text)
     query_items: list[tuple[str, str, int, float]] = field(default_factory=list)
     applied: list[str] = field(default_factory=list)
     offsets: dict[tuple[str, int], int] = field(default_factory=dict)
@@ -173,7 +172,7 @@ class _Planner:
         if isinstance(ev, CatalogProduct):
             self._product(ev)
         elif isinstance(ev, Query):
-            self.plan.queries.append((ev.query_id, normalize_query(ev.text)))
+            self.plan.queries.append((ev.query_id, query_item.stored_text(ev.text)))
             if self._tracks(ev.user_id, ev.timestamp.timestamp()):
                 self._set_user(ev.user_id, user.on_query(self.users.get(ev.user_id), ev, self.cfg))
         elif isinstance(ev, RankedResult):

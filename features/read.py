@@ -2,7 +2,8 @@
 
     store = MemoryStore(settings.features)          # or RedisStore(connect(settings.redis), ...)
     for event in history_in_time_order: store.apply(event)
-    results = read_batch(store, [Request(user_id, normalize_query(text), candidates)], now)
+    results = read_batch(store, [Request(user_id, normalize_query(text), candidates,
+                                         words=query_words(text))], now)
     results[0].features            # float32 [len(candidates), len(FEATURE_NAMES)]
     results[0].recent_products     # the shopper's recent products, strongest first
     results[0].recent_weights      # float32 weights (kind x recency as of ``now``)
@@ -42,6 +43,8 @@ FEATURE_NAMES: Final[tuple[str, ...]] = (
     "item_impressions_log",  # log1p(decayed impressions)
     "item_ctr",  # decayed clicks / decayed impressions, smoothed toward ctr_prior
     "item_age_days_log",  # log1p(days since the catalog first listed it)
+    "item_release_days_log",  # sign(d) log1p(|d|), d = days since release (< 0: a pre-order), or
+    # since the catalog first listed it when no release date is given
     "item_idle_hours_log",  # log1p(hours since its last interaction)
     "item_price_log",  # log1p(catalog price)
     "query_item_clicks_log",  # log1p(decayed clicks on the candidate after this query text)
@@ -49,6 +52,10 @@ FEATURE_NAMES: Final[tuple[str, ...]] = (
     "query_item_click_share",  # the candidate's share of this query's decayed clicks
     "query_clicks_log",  # log1p(decayed clicks after this query text): how much the share says
     "query_item_idle_hours_log",  # log1p(hours since this query text last led to the candidate)
+    "query_item_burst_share",  # its share of this query's clicks, decayed with the short half-life
+    "query_word_share_mean",  # the candidate's share of each query word's decayed clicks, mean over words
+    "query_word_share_min",  # ... the least of them: every word led to the candidate
+    "query_word_share_max",  # ... the most of them: some word did
     "position",  # the candidate's original position when given, else 0
 )
 INDEX: Final = {name: i for i, name in enumerate(FEATURE_NAMES)}
@@ -58,12 +65,14 @@ ITEM_COLUMNS: Final = [INDEX[n] for n in FEATURE_NAMES if n.startswith("item_")]
 
 @dataclass(frozen=True)
 class Request:
-    """One query to featurize: ``query`` is normalized text (core.text.normalize_query), "" if none."""
+    """One query to featurize: ``query`` is normalized text (core.text.normalize_query), "" if none;
+    ``words`` its core.text.query_words."""
 
     user_id: str
     query: str
     candidates: Sequence[str]
     positions: Sequence[int] | None = None
+    words: Sequence[str] = ()
 
 
 @dataclass(frozen=True)
@@ -75,12 +84,19 @@ class Result:
 
 def read_batch(store: FeatureStore, requests: Sequence[Request], now: float) -> list[Result]:
     """Features for many requests from one snapshot (one Redis round trip)."""
-    pairs = {(r.query, pid) for r in requests if r.query for pid in r.candidates}
+    pairs = {(text, pid) for r in requests for text in _evidence_keys(r) for pid in r.candidates}
     snap = store.snapshot(
         (r.user_id for r in requests), (pid for r in requests for pid in r.candidates), pairs
     )
     items = _ItemRows(snap, now, store.config, capacity=sum(len(r.candidates) for r in requests))
     return [_featurize(r, snap, now, store.config, items) for r in requests]
+
+
+def _evidence_keys(r: Request) -> list[str]:
+    """The query-product evidence a request reads: its query's, then each of its words'."""
+    if not r.query:
+        return []
+    return [r.query, *(query_item.word_key(w) for w in r.words)]
 
 
 class _ItemRows:
@@ -115,13 +131,16 @@ def _featurize(req: Request, snap: Snapshot, now: float, cfg: FeatureSettings, i
     if state is not None:
         _user_columns(out, state, now)
     q_clicks = _query_clicks(snap, req.query, now, cfg)
+    q_burst = _query_burst(snap, req.query, now, cfg)
     if req.query:
         out[:, INDEX["query_clicks_log"]] = math.log1p(q_clicks)
     for row, pid in enumerate(req.candidates):
         if state is not None:
             _user_item_columns(out[row], state, snap.products.get(pid), snap, interest.get(pid, 0.0))
         if req.query:
-            _query_columns(out[row], snap.query_items.get((req.query, pid)), q_clicks, now, cfg)
+            _query_columns(out[row], snap.query_items.get((req.query, pid)), q_clicks, q_burst, now, cfg)
+    if req.query and req.words:
+        _word_columns(out, req, snap, now, cfg)
     if req.positions is not None:
         out[:, INDEX["position"]] = np.asarray(req.positions, dtype=np.float32)
     ranked = sorted(interest.items(), key=lambda kv: (-kv[1], kv[0]))
@@ -162,6 +181,9 @@ def _item_columns(
     if attrs is not None:
         row[INDEX["item_age_days_log"]] = math.log1p(max(0.0, now - attrs.first_seen) / 86400.0)
         row[INDEX["item_price_log"]] = math.log1p(attrs.price or 0.0)
+        released = attrs.first_seen if attrs.released is None else attrs.released
+        days = (now - released) / 86400.0
+        row[INDEX["item_release_days_log"]] = math.copysign(math.log1p(abs(days)), days)
     st = st or item.EMPTY
     h, t_ref = cfg.item_half_life_s, st[item.T]
     for name, slot in (("item_clicks_log", item.CLICKS), ("item_carts_log", item.CARTS),
@@ -180,8 +202,17 @@ def _query_clicks(snap: Snapshot, text: str, now: float, cfg: FeatureSettings) -
     return decay.value_at(st[query_item.CLICKS], st[query_item.T], now, cfg.query_half_life_s)
 
 
+def _query_burst(snap: Snapshot, text: str, now: float, cfg: FeatureSettings) -> float:
+    st = snap.query_totals.get(text)
+    if not text or st is None:
+        return 0.0
+    h = cfg.query_burst_half_life_s
+    return decay.value_at(st[query_item.BURST_CLICKS], st[query_item.T_BURST], now, h)
+
+
 def _query_columns(
-    row: np.ndarray, st: tuple[float, ...] | None, q_clicks: float, now: float, cfg: FeatureSettings
+    row: np.ndarray, st: tuple[float, ...] | None, q_clicks: float, q_burst: float, now: float,
+    cfg: FeatureSettings,
 ) -> None:
     if st is None:
         return
@@ -194,3 +225,24 @@ def _query_columns(
     # t_ref of a pair is its latest event: with a half-life long enough to remember rare queries,
     # this says whether the query still leads to the product (a game replaced by its sequel).
     row[INDEX["query_item_idle_hours_log"]] = math.log1p(max(0.0, now - t_ref) / 3600.0)
+    if q_burst > 0:
+        burst = decay.value_at(st[query_item.BURST_CLICKS], st[query_item.T_BURST], now,
+                               cfg.query_burst_half_life_s)
+        row[INDEX["query_item_burst_share"]] = burst / q_burst
+
+
+def _word_columns(out: np.ndarray, req: Request, snap: Snapshot, now: float, cfg: FeatureSettings) -> None:
+    h = cfg.query_half_life_s
+    shares = np.zeros((len(req.words), len(req.candidates)), dtype=np.float32)
+    for i, word in enumerate(req.words):
+        key = query_item.word_key(word)
+        total = _query_clicks(snap, key, now, cfg)
+        if total <= 0:
+            continue
+        for j, pid in enumerate(req.candidates):
+            st = snap.query_items.get((key, pid))
+            if st is not None:
+                shares[i, j] = decay.value_at(st[query_item.CLICKS], st[query_item.T], now, h) / total
+    out[:, INDEX["query_word_share_mean"]] = shares.mean(axis=0)
+    out[:, INDEX["query_word_share_min"]] = shares.min(axis=0)
+    out[:, INDEX["query_word_share_max"]] = shares.max(axis=0)

@@ -181,6 +181,7 @@ class RedisStore:
             str(len(docs)),
             str(len(fields)),
             str(p.duplicates),
+            repr(cfg.query_burst_half_life_s),
         ]
         for pairs in (users, products, docs, fields):
             for k, v in pairs:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, date, datetime
 from pathlib import Path
 
 from core.events import CatalogProduct, Click, Event, Query
@@ -91,8 +91,13 @@ def catalog_product(p: Product, updated_at: datetime) -> CatalogProduct:
         category_path=list(p.category_path),
         price=p.price,
         attributes=_attributes(p),
+        released_at=_midnight(p.release_date),
         updated_at=updated_at,
     )
+
+
+def _midnight(day: date | None) -> datetime | None:
+    return None if day is None else datetime(day.year, day.month, day.day, tzinfo=UTC)
 
 
 def _attributes(p: Product) -> dict[str, str]:
@@ -102,7 +107,6 @@ def _attributes(p: Product) -> dict[str, str]:
         "category_ids": "|".join(p.category_ids),
         "regular_price": p.regular_price,
         "sale_price": p.sale_price,
-        "release_date": p.release_date,
         "start_date": p.start_date,
         "customer_review_count": p.review_count,
         "customer_review_average": p.review_average,

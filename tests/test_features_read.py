@@ -5,11 +5,12 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 import numpy as np
+import pytest
 import redis
 
 from core.events import AddToCart, CatalogProduct, Click, Purchase
 from core.settings import FeatureSettings
-from core.text import normalize_query
+from core.text import normalize_query, query_words
 from features.memory import MemoryStore
 from features.plan import Record
 from features.read import FEATURE_NAMES, INDEX, Request, read_batch
@@ -32,14 +33,18 @@ def test_memory_and_redis_give_identical_matrices(redis_client: redis.Redis) -> 
     now = events[-1].timestamp.timestamp() + 3600
     texts = ["tv case", "laptop phone", "nothing like it"]
     requests = [Request(f"u{u}", normalize_query(texts[u % 3]), [f"p{p}" for p in range(0, 120, 3)],
-                        positions=list(range(1, 41))) for u in range(50)]
+                        positions=list(range(1, 41)), words=query_words(texts[u % 3])) for u in range(50)]
+    requests.append(Request("u1", normalize_query("case for a phone"), [f"p{p}" for p in range(120)],
+                            words=query_words("case for a phone")))  # a new query of known words
     requests.append(Request("stranger", "", ["p1", "unknown-product"]))
     for a, b in zip(read_batch(memory, requests, now), read_batch(online, requests, now), strict=True):
         assert a.features.shape == (len(a.features), len(FEATURE_NAMES))
         np.testing.assert_array_equal(a.features, b.features)
         assert a.recent_products == b.recent_products
         np.testing.assert_array_equal(a.recent_weights, b.recent_weights)
-    assert any(r.features[:, INDEX["query_item_clicks_log"]].any() for r in read_batch(memory, requests, now))
+    results = read_batch(memory, requests, now)
+    assert any(r.features[:, INDEX["query_item_clicks_log"]].any() for r in results)
+    assert results[-2].features[:, INDEX["query_word_share_max"]].any()  # the new query
 
 
 def test_recent_products_rank_purchase_over_cart_over_click_and_decay() -> None:
@@ -71,3 +76,14 @@ def test_reads_are_point_in_time() -> None:
     assert week.features[0, clicks] == np.float32(np.log1p(0.5))
     [gone] = read_batch(store, [Request("u", "", ["a"])], t0.timestamp() + CFG.user_ttl_s + 1)
     assert gone.features[0, INDEX["user_has_history"]] == 0.0
+
+
+def test_release_days_are_signed_and_fall_back_to_the_first_listing() -> None:
+    t0 = datetime(2026, 3, 1, tzinfo=UTC)
+    store = MemoryStore(CFG)
+    store.apply(CatalogProduct(product_id="preorder", title="a", released_at=t0 + timedelta(days=3),
+                               updated_at=t0))
+    store.apply(CatalogProduct(product_id="listed", title="b", updated_at=t0 - timedelta(days=9)))
+    [res] = read_batch(store, [Request("u", "", ["preorder", "listed", "unknown"])], t0.timestamp())
+    days = res.features[:, INDEX["item_release_days_log"]]
+    assert days.tolist() == pytest.approx([-np.log1p(3.0), np.log1p(9.0), 0.0], rel=1e-5)

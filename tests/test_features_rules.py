@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import struct
 from datetime import UTC, datetime, timedelta
 
 import msgspec
@@ -10,7 +11,7 @@ import pytest
 
 from core.events import AddToCart, CatalogProduct, Click, Purchase, Query, QueryContext
 from core.settings import FeatureSettings
-from features import catalog, decay, item, user
+from features import catalog, decay, item, query_item, user
 from features.catalog import ProductAttrs
 
 T0 = datetime(2026, 3, 1, tzinfo=UTC)
@@ -127,3 +128,10 @@ def test_rules_are_pure() -> None:
     before = msgspec.msgpack.encode(s)
     user.on_interaction(s, click(2, "p2"), attrs("other"), None, CFG)
     assert msgspec.msgpack.encode(s) == before
+
+
+def test_a_query_state_stored_before_the_burst_counter_reads_it_as_zero() -> None:
+    old = struct.pack("<4d", 100.0, 2.0, 1.0, 0.5)
+    assert query_item.decode(old) == (100.0, 2.0, 1.0, 0.5, 0.0, 0.0)
+    state = query_item.apply(query_item.decode(old), query_item.CLICKS, 200.0, 1e9, 3600.0)
+    assert state[query_item.T_BURST] == 200.0 and state[query_item.BURST_CLICKS] == 1.0

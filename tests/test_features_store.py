@@ -12,7 +12,7 @@ import redis
 
 from core.events import CatalogProduct, Click, Purchase, Query, RankedProduct, RankedResult
 from core.settings import FeatureSettings
-from core.text import normalize_query
+from core.text import normalize_query, query_words
 from features.memory import MemoryStore
 from features.plan import Record, Source
 from features.read import FEATURE_NAMES, INDEX, Request, read_batch
@@ -108,6 +108,41 @@ def test_click_joins_its_query_text_whichever_arrives_first(store: FeatureStore)
     assert f[:, INDEX["query_clicks_log"]] == pytest.approx(np.log1p(2.0), rel=1e-4)
     assert f[0, INDEX["query_item_idle_hours_log"]] == pytest.approx(np.log1p(2 / 60), rel=1e-4)
     assert f[1, INDEX["query_item_idle_hours_log"]] == 0.0
+
+
+def test_a_new_query_finds_what_its_words_led_to(store: FeatureStore) -> None:
+    load_catalog(store)
+    store.apply(query("q1", text="Big TV"))
+    store.apply(click("e1", "p1", query_id="q1", minutes=1))
+    store.apply(query("q2", text="cheap phone", minutes=2))
+    store.apply(click("e2", "p3", query_id="q2", minutes=3))
+    store.apply(query("q3", text="tv", minutes=4))
+    store.apply(click("e3", "p2", query_id="q3", minutes=5))
+    text = "cheap TV"  # never searched as a whole
+    now = (T0 + timedelta(minutes=6)).timestamp()
+    [res] = read_batch(store, [Request("u1", normalize_query(text), ["p1", "p2", "p3"],
+                                       words=query_words(text))], now)
+    f = res.features
+    assert not f[:, INDEX["query_item_clicks_log"]].any()
+    # "tv" led to p1 and p2 (half each), "cheap" to p3
+    assert f[:, INDEX["query_word_share_max"]] == pytest.approx([0.5, 0.5, 1.0], rel=1e-3)
+    assert f[:, INDEX["query_word_share_mean"]] == pytest.approx([0.25, 0.25, 0.5], rel=1e-3)
+    assert f[:, INDEX["query_word_share_min"]].tolist() == [0.0, 0.0, 0.0]
+
+
+def test_the_burst_share_follows_the_last_hours(store: FeatureStore) -> None:
+    load_catalog(store)
+    store.apply(query("q1", text="tv"))
+    for i in range(3):  # three clicks on p1 two days ago, one on p2 an hour ago
+        store.apply(click(f"e{i}", "p1", query_id="q1", minutes=1 + i))
+    store.apply(query("q2", text="tv", minutes=47 * 60))
+    store.apply(click("e9", "p2", query_id="q2", minutes=47 * 60 + 1))
+    now = (T0 + timedelta(hours=48)).timestamp()
+    [res] = read_batch(store, [Request("u1", normalize_query("tv"), ["p1", "p2"])], now)
+    share = res.features[:, INDEX["query_item_click_share"]]
+    burst = res.features[:, INDEX["query_item_burst_share"]]
+    assert share[0] > share[1]  # over a week p1 still leads
+    assert burst[1] > 0.9 > 0.1 > burst[0]  # over the last hours p2 does (6 h half-life: 2^-8 left of p1)
 
 
 def test_forget_removes_shopper_and_late_events_do_not_bring_them_back(store: FeatureStore) -> None:

@@ -16,7 +16,7 @@ from features.memory import MemoryStore
 from features.read import FEATURE_NAMES, INDEX, Request, read_batch
 from scorer.runtime import load_served_model
 from tests.model_factory import SLICE, split, tiny_run, tiny_version
-from trainer.examples import Catalog, ListBuilder, build_lists
+from trainer.examples import TRAIN, Catalog, ListBuilder, build_lists
 from trainer.export import max_abs_difference
 from trainer.fit import grouped_order
 from trainer.losses import listwise_softmax_loss
@@ -57,8 +57,8 @@ def test_training_lists_are_point_in_time() -> None:
     store = MemoryStore()
     for product in split().catalog.values():
         store.apply(product)
-    lists, full = build_lists(rows, store, ListBuilder(catalog, vectors, 16, 4, 0), progress=False)
-    assert not full.any() and len(lists) == len({r.query_id for r in rows})
+    lists, roles = build_lists(rows, store, ListBuilder(catalog, vectors, 16, 4, 0), progress=False)
+    assert (roles == TRAIN).all() and len(lists) == len({r.query_id for r in rows})
     evidence = [INDEX[n] for n in ("item_clicks_log", "query_item_clicks_log", "user_has_history")]
     assert not lists.dense[0][:, evidence].any()
     first_search: dict[str, SearchRow] = {}

@@ -6,9 +6,9 @@ applied, exactly as the scorer reads them when the query arrives, and every prod
 after it is a positive (grade 1). So training sees only what was knowable when the shopper
 searched, and sees it through the same read path (``features.read``) the scorer serves from.
 
-Each list holds the positives, the products clicked before after the same query text, the
-products whose pretrained embedding is closest to the query, and random products, up to
-``list_size``; validation lists hold the whole catalog, as the evaluation ranks it.
+Each list holds the positives, the products clicked before after the same query text and after
+each of its words, the products whose pretrained embedding is closest to the query, and random
+products, up to ``list_size``; validation lists hold the whole catalog, as the evaluation ranks it.
 """
 
 from __future__ import annotations
@@ -17,14 +17,16 @@ from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Final
 
 import numpy as np
 import structlog
 from tqdm import tqdm
 
 from core.events import Click, Query
-from core.text import normalize_query
+from core.text import normalize_query, query_words
 from evaluation.ranker import SearchRow
+from features import query_item
 from features.memory import MemoryStore
 from features.read import FEATURE_NAMES, Request, read_batch
 from replay.bestbuy import stable_id
@@ -113,14 +115,13 @@ class ListBuilder:
         self.rng = np.random.default_rng(seed)
         self.clicked_after: dict[str, dict[str, int]] = defaultdict(dict)
 
-    def candidates(self, text: str, positives: set[str], full: bool) -> list[str]:
+    def candidates(self, text: str, positives: set[str], full: bool, words: Sequence[str] = ()) -> list[str]:
         if full:
             return list(self.catalog.product_ids)
         chosen = dict.fromkeys(p for p in positives if p in self.index)
-        seen = self.clicked_after.get(text, {})
-        for pid, _ in sorted(seen.items(), key=lambda kv: -kv[1])[:16]:
-            if pid in self.index:
-                chosen.setdefault(pid)
+        self._most_clicked(chosen, text, 16)
+        for word in words:  # what each word led to: the hard cases of a query never seen whole
+            self._most_clicked(chosen, query_item.word_key(word), 8)
         sims = self.catalog.embeddings @ self.query_vectors[text]
         for i in np.argsort(-sims)[:16]:
             chosen.setdefault(self.catalog.product_ids[i])
@@ -128,22 +129,35 @@ class ListBuilder:
             chosen.setdefault(self.catalog.product_ids[self.rng.integers(len(self.catalog.product_ids))])
         return list(chosen)[: self.list_size]
 
+    def _most_clicked(self, chosen: dict[str, None], key: str, n: int) -> None:
+        seen = self.clicked_after.get(key, {})
+        for pid, _ in sorted(seen.items(), key=lambda kv: -kv[1])[:n]:
+            if pid in self.index:
+                chosen.setdefault(pid)
+
     def remember_click(self, row: SearchRow) -> None:
-        text = normalize_query(row.query)
-        counts = self.clicked_after[text]
-        counts[row.product_id or ""] = counts.get(row.product_id or "", 0) + 1
+        pid = row.product_id or ""
+        for key in (normalize_query(row.query), *map(query_item.word_key, query_words(row.query))):
+            counts = self.clicked_after[key]
+            counts[pid] = counts.get(pid, 0) + 1
+
+
+# The role of each list build_lists returns.
+TRAIN: Final = 0  # a training list (hard negatives and random fill)
+VALIDATE: Final = 1  # a search at or after ``full_from``, over the whole catalog
+REFIT: Final = 2  # the same search as a training list, for a final fit on the whole period
 
 
 def build_lists(rows: Sequence[SearchRow], store: MemoryStore, builder: ListBuilder,
                 full_from: datetime | None = None, progress: bool = True) -> tuple[Examples, np.ndarray]:
-    """Replay ``rows`` through ``store``; one list per search (see module docstring).
+    """Replay ``rows`` through ``store``; lists per search (see module docstring), and their roles.
 
-    Searches at or after ``full_from`` get the whole catalog as candidates (validation lists);
-    the boolean array returned with the lists says which those are.
+    A search before ``full_from`` gives one TRAIN list; one at or after it a VALIDATE list (the
+    whole catalog as candidates) and a REFIT list (its training list, features from the same read).
     """
     texts: dict[str, int] = {}
     lists: list[tuple[int, list[str], set[str], np.ndarray, np.ndarray, np.ndarray]] = []
-    full_lists: list[bool] = []
+    roles: list[int] = []
     rejected, first_reason = 0, None
     n_search = len({r.query_id for r in rows})
     bar = tqdm(total=n_search, desc="point-in-time lists", unit="search", disable=not progress, leave=False)
@@ -161,20 +175,26 @@ def build_lists(rows: Sequence[SearchRow], store: MemoryStore, builder: ListBuil
         text = normalize_query(first.query)
         positives = {r.product_id for r in group if r.product_id}
         full = full_from is not None and _t(first.query_time) >= full_from
-        cands = builder.candidates(text, positives, full)
+        cands = builder.candidates(text, positives, full, query_words(first.query))
         now = _t(first.query_time).timestamp()
-        result = read_batch(store, [Request(first.user_id or "anonymous", text, cands)], now)[0]
+        request = Request(first.user_id or "anonymous", text, cands, words=query_words(first.query))
+        result = read_batch(store, [request], now)[0]
         hist_idx, hist_w = history(result.recent_products, result.recent_weights, builder.index,
                                    builder.catalog.unknown_row, builder.history_len)
-        lists.append((texts.setdefault(first.query, len(texts)), cands, positives, result.features,
-                      hist_idx, hist_w))
-        full_lists.append(full)
+        text_id = texts.setdefault(first.query, len(texts))
+        lists.append((text_id, cands, positives, result.features, hist_idx, hist_w))
+        roles.append(VALIDATE if full else TRAIN)
+        if full:  # full candidates are the catalog in table order: a training list is some of its rows
+            narrow = builder.candidates(text, positives, False, query_words(first.query))
+            rows_of = builder.catalog.rows(narrow)
+            lists.append((text_id, narrow, positives, result.features[rows_of], hist_idx, hist_w))
+            roles.append(REFIT)
         store.apply(query_event(first))
         bar.update(1)
     bar.close()
     if rejected:
         log.warning("clicks_rejected", count=rejected, first_reason=first_reason)
-    return _stack(list(texts), lists, builder), np.array(full_lists, dtype=bool)
+    return _stack(list(texts), lists, builder), np.array(roles, dtype=np.int8)
 
 
 def _stack(texts: list[str], lists: list, builder: ListBuilder) -> Examples:

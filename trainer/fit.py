@@ -79,6 +79,7 @@ class FitResult:
     history: list[dict[str, float]] = field(default_factory=list)
     seconds: float = 0.0
     stopped: str = "epochs"
+    refit_epochs: int = 0  # then refit on training and validation lists for this many (0: no refit)
 
 
 class TextBatcher:
@@ -179,7 +180,8 @@ def fit(model: PersonalRanker, tokenizer: Tokenizer, product_emb: np.ndarray, tr
 
     best = validate()
     result = FitResult(best_epoch=0, best_metric=best, history=[{"epoch": 0, "val_metric": best}])
-    log.info("train_epoch", epoch=0, val_metric=round(best, 4), examples=len(train))
+    log.info("train_epoch", epoch=0, examples=len(train),
+             **({"val_metric": round(best, 4)} if val is not None else {}))
     best_state = copy.deepcopy(model.state_dict())
     stale = 0
     for epoch in range(1, cfg.epochs + 1):
@@ -202,8 +204,8 @@ def fit(model: PersonalRanker, tokenizer: Tokenizer, product_emb: np.ndarray, tr
         current = validate()
         elapsed = (time.monotonic() - started) / 60
         result.history.append({"epoch": epoch, "loss": float(np.mean(losses)), "val_metric": current})
-        log.info("train_epoch", epoch=epoch, loss=round(float(np.mean(losses)), 4),
-                 val_metric=round(current, 4), minutes=round(elapsed, 2))
+        log.info("train_epoch", epoch=epoch, loss=round(float(np.mean(losses)), 4), minutes=round(elapsed, 2),
+                 **({"val_metric": round(current, 4)} if val is not None else {}))
         if current > best + 1e-4 or val is None:
             best, stale = current, 0
             result.best_epoch, result.best_metric = epoch, best

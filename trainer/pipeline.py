@@ -12,7 +12,7 @@ import platform
 import shutil
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -29,7 +29,7 @@ from core.text import normalize_query, product_text, words
 from evaluation.ranker import SearchRow
 from features.memory import MemoryStore
 from features.read import FEATURE_NAMES
-from trainer.examples import Catalog, ListBuilder, build_lists
+from trainer.examples import TRAIN, VALIDATE, Catalog, ListBuilder, build_lists
 from trainer.export import export_onnx, max_abs_difference
 from trainer.fit import FitConfig, FitResult, fit
 from trainer.model import PersonalRanker, RankerConfig, encoder_config_of, load_encoder
@@ -101,11 +101,22 @@ def train_run(settings: Settings, rows: Sequence[SearchRow], products: Mapping[s
     width = settings.model.negatives + 1
     builder = ListBuilder(catalog, vectors, width, cfg.history_len, settings.model.seed)
     started = time.monotonic()
-    lists, is_val = build_lists(rows, store, builder, full_from=val_from, progress=progress)
-    train = lists.subset(np.flatnonzero(~is_val)).narrowed(width)
-    val = lists.subset(np.flatnonzero(is_val))
+    lists, roles = build_lists(rows, store, builder, full_from=val_from, progress=progress)
+    train = lists.subset(np.flatnonzero(roles == TRAIN)).narrowed(width)
+    val = lists.subset(np.flatnonzero(roles == VALIDATE))
     log.info("training_lists", train=len(train), val=len(val), seconds=round(time.monotonic() - started, 1))
-    result = fit(model, tokenizer, catalog.table(), train, val, fit_config(settings, progress))
+    config = fit_config(settings, progress)
+    result = fit(model, tokenizer, catalog.table(), train, val, config)
+    if settings.model.refit and result.best_epoch > 0:
+        # The validation period is the freshest evidence, and what comes right after it is what
+        # the model will rank: a fresh model fits the whole period for the epochs validation chose.
+        torch.manual_seed(settings.model.seed)
+        model = PersonalRanker(cfg, load_encoder(None if tiny else path, encoder))
+        whole = lists.subset(np.flatnonzero(roles != VALIDATE)).narrowed(width)
+        log.info("refit", lists=len(whole), epochs=result.best_epoch)
+        refit = fit(model, tokenizer, catalog.table(), whole, None, replace(config, epochs=result.best_epoch))
+        result.seconds += refit.seconds
+        result.refit_epochs = result.best_epoch
     return TrainRun(model, tokenizer, catalog, store, result, (times[0], times[-1]), len(rows))
 
 
@@ -135,6 +146,7 @@ def write_version(registry: Path, run: TrainRun, metrics: dict[str, float], pare
                         "rows": run.n_rows},
         "metrics": metrics,
         "training": {"best_epoch": run.result.best_epoch, "val_map5": run.result.best_metric,
+                     "refit_epochs": run.result.refit_epochs,
                      "seconds": round(run.result.seconds, 1), "stopped": run.result.stopped,
                      "history": run.result.history},
         "config": run.model.cfg.to_dict(),
