@@ -93,6 +93,7 @@ class ModelSettings(BaseSettings):
     negatives: int = Field(default=63, ge=1)
     learning_rate: float = 1e-3
     encoder_learning_rate: float = 2e-5
+    train_layers: int = Field(default=2, ge=0, le=24)  # top encoder layers fine-tuned, the rest frozen
     patience: int = Field(default=1, ge=0)
     max_minutes: float = 20.0
     # After early stopping picks the epochs, fit a fresh model on the validation period too.

@@ -16,7 +16,7 @@ from features.memory import MemoryStore
 from features.read import FEATURE_NAMES, INDEX, Request, read_batch
 from scorer.runtime import load_served_model
 from tests.model_factory import SLICE, split, tiny_run, tiny_version
-from trainer.examples import TRAIN, Catalog, ListBuilder, build_lists
+from trainer.examples import REFIT, TRAIN, VALIDATE, Catalog, ListBuilder, build_lists
 from trainer.export import max_abs_difference
 from trainer.fit import grouped_order
 from trainer.losses import listwise_softmax_loss
@@ -72,6 +72,28 @@ def test_training_lists_are_point_in_time() -> None:
         for j in np.flatnonzero(lists.valid[i]):
             pid = ids[lists.cand_idx[i, j]]
             assert (lists.dense[i, j, INDEX["query_item_clicks_log"]] > 0) == (pid in seen), (i, pid)
+
+
+def test_each_validation_search_also_gives_its_training_list_for_the_refit() -> None:
+    rows = split().train[:400]
+    ids = list(split().catalog)
+    rng = np.random.default_rng(0)
+    catalog = Catalog(ids, rng.normal(size=(len(ids), 8)).astype(np.float32))
+    vectors = {normalize_query(r.query): rng.normal(size=8).astype(np.float32) for r in rows}
+    store = MemoryStore()
+    for product in split().catalog.values():
+        store.apply(product)
+    middle = sorted(r.query_time for r in rows)[200]
+    lists, roles = build_lists(rows, store, ListBuilder(catalog, vectors, 16, 4, 0), full_from=middle,
+                               progress=False)
+    validate, refit = np.flatnonzero(roles == VALIDATE), np.flatnonzero(roles == REFIT)
+    assert len(validate) == len(refit) > 0 and (refit == validate + 1).all()
+    for v, r in zip(validate, refit, strict=True):
+        assert lists.valid[v].sum() == len(ids) and 0 < lists.valid[r].sum() <= 16
+        assert lists.text_id[v] == lists.text_id[r]
+        cands = lists.cand_idx[r][lists.valid[r]]
+        np.testing.assert_array_equal(lists.dense[r][lists.valid[r]], lists.dense[v][cands])
+        assert lists.grades[r].sum() == lists.grades[v].sum()  # the same clicks
 
 
 def test_features_are_live_in_the_training_store() -> None:

@@ -70,6 +70,9 @@ class FitConfig:
     max_minutes: float = 20.0
     seed: int = 13
     progress: bool = True
+    # Learning rates warm up over the first 5% of steps, then fall linearly to zero at the end of
+    # this many epochs (``epochs`` when None): a refit that stops early follows the same path.
+    schedule_epochs: int | None = None
 
 
 @dataclass
@@ -169,6 +172,12 @@ def fit(model: PersonalRanker, tokenizer: Tokenizer, product_emb: np.ndarray, tr
         {"params": encoder_params, "lr": cfg.encoder_learning_rate},
     ], weight_decay=0.01)
 
+    steps_per_epoch = -(-len(train) // cfg.batch_size)
+    total = max(1, steps_per_epoch * (cfg.schedule_epochs or cfg.epochs))
+    warmup = max(1, total // 20)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: min((step + 1) / warmup, max(0.0, (total - step) / max(1, total - warmup))))
+
     texts = train.texts if val is None else val.texts
     if texts is not train.texts:
         raise ValueError("train and val examples must share one list of texts")
@@ -199,6 +208,7 @@ def fit(model: PersonalRanker, tokenizer: Tokenizer, product_emb: np.ndarray, tr
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
+            scheduler.step()
             losses.append(loss.item())
             bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
         current = validate()

@@ -80,7 +80,8 @@ def train_run(settings: Settings, rows: Sequence[SearchRow], products: Mapping[s
     if tiny:
         encoder = {**encoder, **TINY_ENCODER}
     cfg = RankerConfig(feature_names=FEATURE_NAMES, user_feature_names=USER_FEATURES,
-                       personalized=personalized, encoder=encoder, dim=encoder["hidden_size"])
+                       personalized=personalized, encoder=encoder, dim=encoder["hidden_size"],
+                       train_layers=settings.model.train_layers)
     model = PersonalRanker(cfg, load_encoder(None if tiny else path, encoder))
     ids = list(products)
     catalog = Catalog(ids, embed_texts(model.query, tokenizer, [product_text(products[p]) for p in ids],
@@ -114,7 +115,8 @@ def train_run(settings: Settings, rows: Sequence[SearchRow], products: Mapping[s
         model = PersonalRanker(cfg, load_encoder(None if tiny else path, encoder))
         whole = lists.subset(np.flatnonzero(roles != VALIDATE)).narrowed(width)
         log.info("refit", lists=len(whole), epochs=result.best_epoch)
-        refit = fit(model, tokenizer, catalog.table(), whole, None, replace(config, epochs=result.best_epoch))
+        refit = fit(model, tokenizer, catalog.table(), whole, None,
+                    replace(config, epochs=result.best_epoch, schedule_epochs=config.epochs))
         result.seconds += refit.seconds
         result.refit_epochs = result.best_epoch
     return TrainRun(model, tokenizer, catalog, store, result, (times[0], times[-1]), len(rows))
