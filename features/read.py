@@ -56,6 +56,7 @@ FEATURE_NAMES: Final[tuple[str, ...]] = (
     "query_word_share_mean",  # the candidate's share of each query word's decayed clicks, mean over words
     "query_word_share_min",  # ... the least of them: every word led to the candidate
     "query_word_share_max",  # ... the most of them: some word did
+    "query_words_log",  # log1p(number of query words): how far apart mean, min and max can be
     "position",  # the candidate's original position when given, else 0
 )
 INDEX: Final = {name: i for i, name in enumerate(FEATURE_NAMES)}
@@ -246,3 +247,4 @@ def _word_columns(out: np.ndarray, req: Request, snap: Snapshot, now: float, cfg
     out[:, INDEX["query_word_share_mean"]] = shares.mean(axis=0)
     out[:, INDEX["query_word_share_min"]] = shares.min(axis=0)
     out[:, INDEX["query_word_share_max"]] = shares.max(axis=0)
+    out[:, INDEX["query_words_log"]] = math.log1p(len(req.words))

@@ -128,6 +128,7 @@ def test_a_new_query_finds_what_its_words_led_to(store: FeatureStore) -> None:
     assert f[:, INDEX["query_word_share_max"]] == pytest.approx([0.5, 0.5, 1.0], rel=1e-3)
     assert f[:, INDEX["query_word_share_mean"]] == pytest.approx([0.25, 0.25, 0.5], rel=1e-3)
     assert f[:, INDEX["query_word_share_min"]].tolist() == [0.0, 0.0, 0.0]
+    assert f[:, INDEX["query_words_log"]] == pytest.approx(np.log1p(2.0))
 
 
 def test_the_burst_share_follows_the_last_hours(store: FeatureStore) -> None:
