@@ -10,12 +10,15 @@ import pytest
 import torch
 
 from core.registry import RegistryError, load_version, publish_version, serving_version, set_serving
+from core.settings import ModelSettings, Settings
 from core.text import normalize_query
 from evaluation.ranker import SearchRow
 from features.memory import MemoryStore
 from features.read import FEATURE_NAMES, INDEX, Request, read_batch
 from scorer.runtime import load_served_model
 from tests.model_factory import SLICE, split, tiny_run, tiny_version
+from trainer import bert_ranker
+from trainer.bert_ranker import PersonalizedBertRanker
 from trainer.examples import REFIT, TRAIN, VALIDATE, Catalog, ListBuilder, build_lists
 from trainer.export import max_abs_difference
 from trainer.fit import grouped_order
@@ -162,3 +165,19 @@ def test_a_feature_constant_in_training_cannot_move_scores() -> None:
         dense[0, :, INDEX["item_impressions_log"]] = torch.tensor([0.0, 5.0, 50.0])
         after = model.rank(*args, dense)
     assert torch.allclose(before, after)
+
+
+def test_a_worse_version_is_not_served_unless_the_serving_one_cannot_be(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ranker = PersonalizedBertRanker(Settings(model=ModelSettings(registry_dir=tmp_path)), progress=False)
+    ranker.run = tiny_run()
+    good = ranker.promote({"map@5": 0.6})
+    assert serving_version(tmp_path) == good.version
+    worse = ranker.promote({"map@5": 0.5})
+    assert serving_version(tmp_path) == good.version and worse.version != good.version
+    # This code now reads one more feature than the serving version was trained on: the scorer
+    # would refuse that version, so it is no reason to keep a servable one out.
+    monkeypatch.setattr(bert_ranker, "FEATURE_NAMES", (*FEATURE_NAMES, "a_new_feature"))
+    servable = ranker.promote({"map@5": 0.5})
+    assert serving_version(tmp_path) == servable.version

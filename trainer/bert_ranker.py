@@ -21,7 +21,7 @@ from core.registry import ModelVersion, load_version, serving_version, set_servi
 from core.settings import Settings
 from core.text import normalize_query, query_words
 from evaluation.ranker import BaseRanker, SearchRow
-from features.read import Request, read_batch
+from features.read import FEATURE_NAMES, Request, read_batch
 from scorer.runtime import Batch, ServedModel
 from trainer.examples import click_event, history, query_event
 from trainer.pipeline import TrainRun, train_run, write_version
@@ -86,8 +86,11 @@ class PersonalizedBertRanker(BaseRanker):
         registry = self._settings.model.registry_dir
         current = serving_version(registry)
         published = write_version(registry, self.run, metrics, parent=current)
-        if current is not None:
-            before = load_version(registry, current).manifest.get("metrics", {}).get(key, 0.0)
+        serving = load_version(registry, current).manifest if current is not None else {}
+        # A version read on other features than this code builds cannot be served (the scorer
+        # refuses it), so it is no standard to hold the new one to.
+        if tuple(serving.get("config", {}).get("feature_names", ())) == FEATURE_NAMES:
+            before = serving.get("metrics", {}).get(key, 0.0)
             if metrics.get(key, 0.0) < before - PROMOTION_TOLERANCE:
                 log.warning("model_not_promoted", model_version=published.version, serving=current,
                             metric=key, candidate=metrics.get(key), serving_value=before)
