@@ -70,8 +70,10 @@ class FitConfig:
     max_minutes: float = 20.0
     seed: int = 13
     progress: bool = True
-    # Learning rates warm up over the first 5% of steps, then fall linearly to zero at the end of
-    # this many epochs (``epochs`` when None): a refit that stops early follows the same path.
+    # With ``decay``, learning rates warm up over the first 5% of steps, then fall linearly to zero
+    # at the end of ``schedule_epochs`` epochs (``epochs`` when None), so a refit that stops early
+    # follows the same path; without it they stay constant.
+    decay: bool = False
     schedule_epochs: int | None = None
 
 
@@ -176,7 +178,8 @@ def fit(model: PersonalRanker, tokenizer: Tokenizer, product_emb: np.ndarray, tr
     total = max(1, steps_per_epoch * (cfg.schedule_epochs or cfg.epochs))
     warmup = max(1, total // 20)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: min((step + 1) / warmup, max(0.0, (total - step) / max(1, total - warmup))))
+        optimizer, lambda step: min((step + 1) / warmup, max(0.0, (total - step) / max(1, total - warmup)))
+        if cfg.decay else 1.0)
 
     texts = train.texts if val is None else val.texts
     if texts is not train.texts:

@@ -60,7 +60,7 @@ def fit_config(settings: Settings, progress: bool = True) -> FitConfig:
     m = settings.model
     return FitConfig(epochs=m.epochs, batch_size=m.batch_size, learning_rate=m.learning_rate,
                      encoder_learning_rate=m.encoder_learning_rate, patience=m.patience,
-                     max_minutes=m.max_minutes, seed=m.seed, progress=progress)
+                     max_minutes=m.max_minutes, seed=m.seed, progress=progress, decay=True)
 
 
 TINY_ENCODER = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64}
