@@ -78,14 +78,15 @@ class PersonalizedBertRanker(BaseRanker):
         if self.run is not None and row.product_id:
             self.run.store.apply(click_event(row))
 
-    def promote(self, metrics: dict[str, float], key: str = "map@5") -> ModelVersion | None:
+    def promote(self, metrics: dict[str, float], key: str = "map@5",
+                name: str | None = None) -> ModelVersion | None:
         """Publish the evaluated version with its metrics; serve it unless it is worse than the
         version serving now (a bad model never replaces a good one). Returns the published version."""
         if self.run is None:
             raise RuntimeError("fit must run before promote")
         registry = self._settings.model.registry_dir
         current = serving_version(registry)
-        published = write_version(registry, self.run, metrics, parent=current)
+        published = write_version(registry, self.run, metrics, parent=current, name=name)
         serving = load_version(registry, current).manifest if current is not None else {}
         # A version read on other features than this code builds cannot be served (the scorer
         # refuses it), so it is no standard to hold the new one to.
