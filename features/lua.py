@@ -103,27 +103,18 @@ local function load_all()
   end
 end
 
-local function bump(s, n, slot, t, h)
-  local t_ref = s[1]
+-- One decayed group of a state: s[at] its reference time, s[at + 1 .. at + n] its sums (``at``
+-- defaults to 1: the state's first group). features.query_item keeps a second group at 5.
+local function bump(s, n, slot, t, h, at)
+  at = at or 1
+  local t_ref = s[at]
   if t > t_ref then
     local f = 2 ^ (-(t - t_ref) / h)
-    for i = 2, n + 1 do s[i] = s[i] * f end
-    s[1] = t
-    s[slot + 1] = s[slot + 1] + 1
+    for i = at + 1, at + n do s[i] = s[i] * f end
+    s[at] = t
+    s[at + slot] = s[at + slot] + 1
   else
-    s[slot + 1] = s[slot + 1] + 1 * 2 ^ (-(t_ref - t) / h)
-  end
-end
-
--- features.query_item.apply: clicks also count in slots 5-6 (t_ref, value), short half-life
-local function bump_burst(s, t, h)
-  if t > s[5] then
-    local f = 2 ^ (-(t - s[5]) / h)
-    s[6] = s[6] * f
-    s[5] = t
-    s[6] = s[6] + 1
-  else
-    s[6] = s[6] + 1 * 2 ^ (-(s[5] - t) / h)
+    s[at + slot] = s[at + slot] + 1 * 2 ^ (-(t_ref - t) / h)
   end
 end
 
@@ -237,7 +228,7 @@ for _, list in ipairs({waiting, joined}) do
   for _, e in ipairs(list) do
     for _, k in ipairs(e[5]) do
       bump(states[k], 3, e[3], e[4], h_query)
-      if e[3] == 1 then bump_burst(states[k], e[4], h_burst) end
+      if e[3] == 1 then bump(states[k], 1, 1, e[4], h_burst, 5) end  -- clicks, short half-life
     end
   end
 end
