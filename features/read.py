@@ -131,8 +131,8 @@ def _featurize(req: Request, snap: Snapshot, now: float, cfg: FeatureSettings, i
     interest = user.interest(state, now, cfg) if state is not None else {}
     if state is not None:
         _user_columns(out, state, now)
-    q_clicks = _query_clicks(snap, req.query, now, cfg)
-    q_burst = _query_burst(snap, req.query, now, cfg)
+    totals = snap.query_totals.get(req.query) if req.query else None
+    q_clicks, q_burst = _clicks(totals, now, cfg), _burst(totals, now, cfg)
     if req.query:
         out[:, INDEX["query_clicks_log"]] = math.log1p(q_clicks)
     for row, pid in enumerate(req.candidates):
@@ -196,16 +196,16 @@ def _item_columns(
         row[INDEX["item_idle_hours_log"]] = math.log1p(max(0.0, now - st[item.LAST]) / 3600.0)
 
 
-def _query_clicks(snap: Snapshot, text: str, now: float, cfg: FeatureSettings) -> float:
-    st = snap.query_totals.get(text)
-    if not text or st is None:
+def _clicks(st: tuple[float, ...] | None, now: float, cfg: FeatureSettings) -> float:
+    """Decayed clicks of a query-product state or a query's totals (0 when there is none)."""
+    if st is None:
         return 0.0
     return decay.value_at(st[query_item.CLICKS], st[query_item.T], now, cfg.query_half_life_s)
 
 
-def _query_burst(snap: Snapshot, text: str, now: float, cfg: FeatureSettings) -> float:
-    st = snap.query_totals.get(text)
-    if not text or st is None:
+def _burst(st: tuple[float, ...] | None, now: float, cfg: FeatureSettings) -> float:
+    """The same clicks, decayed with the short half-life."""
+    if st is None:
         return 0.0
     h = cfg.query_burst_half_life_s
     return decay.value_at(st[query_item.BURST_CLICKS], st[query_item.T_BURST], now, h)
@@ -218,7 +218,7 @@ def _query_columns(
     if st is None:
         return
     h, t_ref = cfg.query_half_life_s, st[query_item.T]
-    clicks = decay.value_at(st[query_item.CLICKS], t_ref, now, h)
+    clicks = _clicks(st, now, cfg)
     row[INDEX["query_item_clicks_log"]] = math.log1p(clicks)
     purchases = decay.value_at(st[query_item.PURCHASES], t_ref, now, h)
     row[INDEX["query_item_purchases_log"]] = math.log1p(purchases)
@@ -227,23 +227,20 @@ def _query_columns(
     # this says whether the query still leads to the product (a game replaced by its sequel).
     row[INDEX["query_item_idle_hours_log"]] = math.log1p(max(0.0, now - t_ref) / 3600.0)
     if q_burst > 0:
-        burst = decay.value_at(st[query_item.BURST_CLICKS], st[query_item.T_BURST], now,
-                               cfg.query_burst_half_life_s)
-        row[INDEX["query_item_burst_share"]] = burst / q_burst
+        row[INDEX["query_item_burst_share"]] = _burst(st, now, cfg) / q_burst
 
 
 def _word_columns(out: np.ndarray, req: Request, snap: Snapshot, now: float, cfg: FeatureSettings) -> None:
-    h = cfg.query_half_life_s
     shares = np.zeros((len(req.words), len(req.candidates)), dtype=np.float32)
     for i, word in enumerate(req.words):
         key = query_item.word_key(word)
-        total = _query_clicks(snap, key, now, cfg)
+        total = _clicks(snap.query_totals.get(key), now, cfg)
         if total <= 0:
             continue
         for j, pid in enumerate(req.candidates):
             st = snap.query_items.get((key, pid))
             if st is not None:
-                shares[i, j] = decay.value_at(st[query_item.CLICKS], st[query_item.T], now, h) / total
+                shares[i, j] = _clicks(st, now, cfg) / total
     out[:, INDEX["query_word_share_mean"]] = shares.mean(axis=0)
     out[:, INDEX["query_word_share_min"]] = shares.min(axis=0)
     out[:, INDEX["query_word_share_max"]] = shares.max(axis=0)
