@@ -59,7 +59,7 @@ def prepare(bundle: Path, force_tiny: bool) -> None:
     from bench.scorer import choose_model, query_specs, seed_features
     from core.registry import load_version
     from core.settings import Settings
-    from core.text import normalize_query, product_text, query_words
+    from core.text import product_text
     from evaluation.splits import bestbuy_split
     from features.memory import MemoryStore
     from features.read import Request, read_batch
@@ -87,9 +87,8 @@ def prepare(bundle: Path, force_tiny: bool) -> None:
     seed_features(store, split)  # type: ignore[arg-type]  # the same apply/apply_batch interface
     specs = query_specs(split)[:N_QUERIES]
     cfg = version.manifest["config"]
-    feats = read_batch(store, [Request(s.user_id, normalize_query(s.text), list(s.candidates),
-                                       positions=list(range(1, CANDIDATES + 1)), words=query_words(s.text))
-                                for s in specs],
+    feats = read_batch(store, [Request.for_text(s.user_id, s.text, list(s.candidates),
+                                                positions=list(range(1, CANDIDATES + 1))) for s in specs],
                        now=max(s.timestamp.timestamp() for s in specs))
     hist_len = cfg["history_len"]
     hist_idx = np.full((len(specs), hist_len), len(ids), np.int64)

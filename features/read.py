@@ -2,8 +2,7 @@
 
     store = MemoryStore(settings.features)          # or RedisStore(connect(settings.redis), ...)
     for event in history_in_time_order: store.apply(event)
-    results = read_batch(store, [Request(user_id, normalize_query(text), candidates,
-                                         words=query_words(text))], now)
+    results = read_batch(store, [Request.for_text(user_id, text, candidates)], now)
     results[0].features            # float32 [len(candidates), len(FEATURE_NAMES)]
     results[0].recent_products     # the shopper's recent products, strongest first
     results[0].recent_weights      # float32 weights (kind x recency as of ``now``)
@@ -23,6 +22,7 @@ from typing import Final
 import numpy as np
 
 from core.settings import FeatureSettings
+from core.text import normalize_query, query_words
 from features import catalog, decay, item, query_item, user
 from features.catalog import ProductAttrs
 from features.store import FeatureStore, Snapshot
@@ -74,6 +74,12 @@ class Request:
     candidates: Sequence[str]
     positions: Sequence[int] | None = None
     words: Sequence[str] = ()
+
+    @classmethod
+    def for_text(cls, user_id: str, text: str, candidates: Sequence[str],
+                 positions: Sequence[int] | None = None) -> Request:
+        """The request for a query as the shopper typed it: its key and its words."""
+        return cls(user_id, normalize_query(text), candidates, positions, query_words(text))
 
 
 @dataclass(frozen=True)

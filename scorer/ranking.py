@@ -19,7 +19,6 @@ import structlog
 
 from core.events import QUERIES, InvalidEvent, Query, RankedProduct, RankedResult
 from core.logs import hash_user
-from core.text import normalize_query, query_words
 from features.read import FEATURE_NAMES, Request, read_batch
 from features.store import FeatureStore
 from scorer.runtime import Batch, ServedModel
@@ -109,9 +108,8 @@ class QueryRanker:
                 cands.append(list(dict.fromkeys(q.candidates)))
             else:
                 cands.append([model.product_ids[r] for r in retrieved[i]])  # type: ignore[index]
-        requests = [Request(q.user_id, normalize_query(q.text), c,
-                            positions=list(range(1, len(c) + 1)) if q.candidates else None,
-                            words=query_words(q.text))
+        requests = [Request.for_text(q.user_id, q.text, c,
+                                     positions=list(range(1, len(c) + 1)) if q.candidates else None)
                     for q, c in zip(queries, cands, strict=True)]
         feats = read_batch(self.store, requests, now=max(q.timestamp.timestamp() for q in queries))
         return self._batch(model, query_emb, cands, feats)

@@ -19,7 +19,6 @@ import structlog
 from core.events import CatalogProduct
 from core.registry import ModelVersion, load_version, serving_version, set_serving
 from core.settings import Settings
-from core.text import normalize_query, query_words
 from evaluation.ranker import BaseRanker, SearchRow
 from features.read import FEATURE_NAMES, Request, read_batch
 from scorer.runtime import Batch, ServedModel
@@ -63,8 +62,7 @@ class PersonalizedBertRanker(BaseRanker):
         for i, q in enumerate(queries):
             user = q.user_id or "anonymous"
             now = q.query_time.timestamp() if q.query_time else 0.0
-            request = Request(user, normalize_query(q.query), ids, words=query_words(q.query))
-            feats = read_batch(store, [request], now)[0]
+            feats = read_batch(store, [Request.for_text(user, q.query, ids)], now)[0]
             hist_idx, hist_w = history(feats.recent_products, feats.recent_weights, served.product_index,
                                        served.unknown_row, served.history_len)
             batch = Batch(query_emb=served.encode([q.query]), cand_idx=rows[None, :],

@@ -172,20 +172,19 @@ def build_lists(rows: Sequence[SearchRow], store: MemoryStore, builder: ListBuil
             continue
         group: list[SearchRow] = payload  # type: ignore[assignment]
         first = group[0]
-        text = normalize_query(first.query)
+        text, words = normalize_query(first.query), query_words(first.query)
         positives = {r.product_id for r in group if r.product_id}
         full = full_from is not None and _t(first.query_time) >= full_from
-        cands = builder.candidates(text, positives, full, query_words(first.query))
+        cands = builder.candidates(text, positives, full, words)
         now = _t(first.query_time).timestamp()
-        request = Request(first.user_id or "anonymous", text, cands, words=query_words(first.query))
-        result = read_batch(store, [request], now)[0]
+        result = read_batch(store, [Request(first.user_id or "anonymous", text, cands, words=words)], now)[0]
         hist_idx, hist_w = history(result.recent_products, result.recent_weights, builder.index,
                                    builder.catalog.unknown_row, builder.history_len)
         text_id = texts.setdefault(first.query, len(texts))
         lists.append((text_id, cands, positives, result.features, hist_idx, hist_w))
         roles.append(VALIDATE if full else TRAIN)
         if full:  # full candidates are the catalog in table order: a training list is some of its rows
-            narrow = builder.candidates(text, positives, False, query_words(first.query))
+            narrow = builder.candidates(text, positives, False, words)
             rows_of = builder.catalog.rows(narrow)
             lists.append((text_id, narrow, positives, result.features[rows_of], hist_idx, hist_w))
             roles.append(REFIT)
