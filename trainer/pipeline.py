@@ -73,7 +73,6 @@ def train_run(settings: Settings, rows: Sequence[SearchRow], products: Mapping[s
     ``tiny`` swaps the pretrained encoder for a small random BERT (same tokenizer): the whole
     pipeline in seconds, for tests.
     """
-    torch.manual_seed(settings.model.seed)
     path = minilm_path()
     tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
     encoder = encoder_config_of(path)
@@ -82,7 +81,12 @@ def train_run(settings: Settings, rows: Sequence[SearchRow], products: Mapping[s
     cfg = RankerConfig(feature_names=FEATURE_NAMES, user_feature_names=USER_FEATURES,
                        personalized=personalized, encoder=encoder, dim=encoder["hidden_size"],
                        train_layers=settings.model.train_layers)
-    model = PersonalRanker(cfg, load_encoder(None if tiny else path, encoder))
+
+    def fresh_model() -> PersonalRanker:  # seeded: the refit starts where the first fit started
+        torch.manual_seed(settings.model.seed)
+        return PersonalRanker(cfg, load_encoder(None if tiny else path, encoder))
+
+    model = fresh_model()
     ids = list(products)
     catalog = Catalog(ids, embed_texts(model.query, tokenizer, [product_text(products[p]) for p in ids],
                                        progress=progress))
@@ -111,8 +115,7 @@ def train_run(settings: Settings, rows: Sequence[SearchRow], products: Mapping[s
     if settings.model.refit and result.best_epoch > 0:
         # The validation period is the freshest evidence, and what comes right after it is what
         # the model will rank: a fresh model fits the whole period for the epochs validation chose.
-        torch.manual_seed(settings.model.seed)
-        model = PersonalRanker(cfg, load_encoder(None if tiny else path, encoder))
+        model = fresh_model()
         whole = lists.subset(np.flatnonzero(roles != VALIDATE)).narrowed(width)
         log.info("refit", lists=len(whole), epochs=result.best_epoch)
         refit = fit(model, tokenizer, catalog.table(), whole, None,
