@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +22,7 @@ from trainer import bert_ranker
 from trainer.bert_ranker import PersonalizedBertRanker
 from trainer.examples import REFIT, TRAIN, VALIDATE, Catalog, ListBuilder, build_lists
 from trainer.export import max_abs_difference
-from trainer.fit import grouped_order
+from trainer.fit import Examples, grouped_order
 from trainer.losses import listwise_softmax_loss
 
 
@@ -48,10 +49,8 @@ def test_grouped_order_is_a_permutation_keeping_texts_together() -> None:
     assert len(runs) == len(set(text_id))
 
 
-def test_training_lists_are_point_in_time() -> None:
-    """A search's features are read before it and its clicks are applied: the very first search
-    has no evidence at all, and a repeated search sees exactly the clicks that came before it."""
-    rows = split().train[:400]
+def lists_of(rows: list[SearchRow], full_from: datetime | None = None) -> tuple[Examples, np.ndarray]:
+    """Lists of 16 over the Best Buy catalog, random product and query vectors."""
     ids = list(split().catalog)
     rng = np.random.default_rng(0)
     catalog = Catalog(ids, rng.normal(size=(len(ids), 8)).astype(np.float32))
@@ -60,7 +59,16 @@ def test_training_lists_are_point_in_time() -> None:
     store = MemoryStore()
     for product in split().catalog.values():
         store.apply(product)
-    lists, roles = build_lists(rows, store, ListBuilder(catalog, vectors, 16, 4, 0), progress=False)
+    return build_lists(rows, store, ListBuilder(catalog, vectors, 16, 4, 0), full_from=full_from,
+                       progress=False)
+
+
+def test_training_lists_are_point_in_time() -> None:
+    """A search's features are read before it and its clicks are applied: the very first search
+    has no evidence at all, and a repeated search sees exactly the clicks that came before it."""
+    rows = split().train[:400]
+    ids = list(split().catalog)
+    lists, roles = lists_of(rows)
     assert (roles == TRAIN).all() and len(lists) == len({r.query_id for r in rows})
     evidence = [INDEX[n] for n in ("item_clicks_log", "query_item_clicks_log", "user_has_history")]
     assert not lists.dense[0][:, evidence].any()
@@ -80,15 +88,7 @@ def test_training_lists_are_point_in_time() -> None:
 def test_each_validation_search_also_gives_its_training_list_for_the_refit() -> None:
     rows = split().train[:400]
     ids = list(split().catalog)
-    rng = np.random.default_rng(0)
-    catalog = Catalog(ids, rng.normal(size=(len(ids), 8)).astype(np.float32))
-    vectors = {normalize_query(r.query): rng.normal(size=8).astype(np.float32) for r in rows}
-    store = MemoryStore()
-    for product in split().catalog.values():
-        store.apply(product)
-    middle = sorted(r.query_time for r in rows)[200]
-    lists, roles = build_lists(rows, store, ListBuilder(catalog, vectors, 16, 4, 0), full_from=middle,
-                               progress=False)
+    lists, roles = lists_of(rows, full_from=sorted(r.query_time for r in rows)[200])
     validate, refit = np.flatnonzero(roles == VALIDATE), np.flatnonzero(roles == REFIT)
     assert len(validate) == len(refit) > 0 and (refit == validate + 1).all()
     for v, r in zip(validate, refit, strict=True):
