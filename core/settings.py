@@ -146,6 +146,11 @@ class FeatureSettings(BaseSettings):
     ctr_prior_strength: float = Field(default=20.0, gt=0)
     user_ttl_s: int = Field(default=90 * 86400, ge=60)
     query_item_ttl_s: int = Field(default=180 * 86400, ge=60)
+    # A query word that has led to fewer clicks borrows the evidence of the closest word that has
+    # led to at least this many ("kimect" -> "kinect", features.speller); 0 turns respelling off.
+    spelling_min_clicks: int = Field(default=3, ge=0)
+    # How often a scorer reloads that dictionary from Redis (the trainer's is always current).
+    spelling_refresh_s: float = Field(default=60.0, gt=0)
 
 
 class StreamsSettings(BaseSettings):

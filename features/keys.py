@@ -14,6 +14,8 @@ key                    value                                                  ex
                        query text, or ``_{word}`` for one of its words; never
                        holds ``:``)
 ``qc:{q}``             6 doubles, the query's (or word's) totals               query_item_ttl_s
+``qv``                 sorted set: query word -> clicks that followed it      none
+                       (:mod:`features.speller`'s dictionary)
 ``qt:{bucket}``        hash query_id -> stored text (key and words), for      1-2 x query_text_ttl_s
                        joining clicks
 ``qp:{query_id}``      clicks waiting for their query's text, one per line    query_text_ttl_s
@@ -36,6 +38,7 @@ CATEGORY_PRICES: Final = "cp"
 ITEM: Final = "i:"
 QUERY_ITEM: Final = "qi:"
 QUERY_TOTAL: Final = "qc:"
+QUERY_WORDS: Final = "qv"
 QUERY_TEXT: Final = "qt:"
 QUERY_PENDING: Final = "qp:"
 APPLIED: Final = "d:"

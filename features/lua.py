@@ -4,8 +4,8 @@ One EVALSHA per batch. If any guard fails (a shopper or product changed since it
 partition's offset moved: another writer got there first) nothing is written and the failed
 guard's index is returned; the caller re-reads and re-plans. Otherwise shopper and product
 states, the "applied" markers and the partition offsets are written together with the
-commutative product and query statistics, so a worker killed at any moment leaves either all of
-a batch or none of it.
+commutative product and query statistics (and the clicks per query word, ``qv``), so a
+worker killed at any moment leaves either all of a batch or none of it.
 
 ``bump`` repeats :func:`features.decay.bump` operation for operation (same IEEE doubles, same
 ``pow``), so Redis and the memory store agree bit for bit. Keys are built from the prefixes in
@@ -185,16 +185,18 @@ end
 -- (features.query_item.evidence_keys).
 local function qi_keys(list)
   for _, e in ipairs(list) do
-    local ks, prefix = {}, ''
+    local ks, ws, prefix = {}, {}, ''
     for part in string.gmatch(e[1], '%S+') do
       local qi, qc = '${QUERY_ITEM}' .. e[2] .. ':' .. prefix .. part, '${QUERY_TOTAL}' .. prefix .. part
       want(qi, 6)
       want(qc, 6)
       ks[#ks + 1] = qi
       ks[#ks + 1] = qc
+      if prefix ~= '' then ws[#ws + 1] = part end
       prefix = '${WORD}'
     end
     e[5] = ks
+    e[6] = ws
   end
 end
 qi_keys(waiting)
@@ -224,14 +226,19 @@ if #queries > 0 then
   end
   redis.call('EXPIREAT', text_hash, text_expiry)
 end
+local word_clicks = {}
 for _, list in ipairs({waiting, joined}) do
   for _, e in ipairs(list) do
     for _, k in ipairs(e[5]) do
       bump(states[k], 3, e[3], e[4], h_query)
       if e[3] == 1 then bump(states[k], 1, 1, e[4], h_burst, 5) end  -- clicks, short half-life
     end
+    if e[3] == 1 then
+      for _, w in ipairs(e[6]) do word_clicks[w] = (word_clicks[w] or 0) + 1 end
+    end
   end
 end
+for w, n in pairs(word_clicks) do redis.call('ZINCRBY', '${QUERY_WORDS}', n, w) end
 
 -- 5. write statistics back
 local mset = {}
@@ -273,6 +280,7 @@ COMMIT = _SOURCE.substitute(
     CATEGORY_PRICES=keys.CATEGORY_PRICES,
     QUERY_ITEM=keys.QUERY_ITEM,
     QUERY_TOTAL=keys.QUERY_TOTAL,
+    QUERY_WORDS=keys.QUERY_WORDS,
     ITEM=keys.ITEM,
     QUERY_PENDING=keys.QUERY_PENDING,
     STATS=keys.STATS,

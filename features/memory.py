@@ -13,6 +13,7 @@ from core.settings import FeatureSettings
 from features import item, query_item
 from features.catalog import ProductAttrs
 from features.plan import FeatureEvent, Plan, Record, View, categories_needed, needs, plan
+from features.speller import Speller
 from features.store import OnRejected, Outcome, Snapshot
 from features.user import UserState
 
@@ -29,6 +30,7 @@ class MemoryStore:
         self._query_items: dict[tuple[str, str], tuple[float, ...]] = {}
         self._query_totals: dict[str, tuple[float, ...]] = {}
         self._query_texts: dict[str, str] = {}
+        self._speller = Speller(self.config.spelling_min_clicks)
         self._pending: dict[str, list[tuple[str, int, float]]] = {}
         self._applied: set[str] = set()
         self._offsets: dict[tuple[str, int], int] = {}
@@ -91,6 +93,9 @@ class MemoryStore:
         for text in query_item.evidence_keys(stored):
             items[text, pid] = query_item.apply(items.get((text, pid), empty), kind, t, h, hb)
             totals[text] = query_item.apply(totals.get(text, empty), kind, t, h, hb)
+        if kind == query_item.CLICKS:
+            for word in query_item.stored_words(stored):
+                self._speller.add(word)
 
     def forget(self, user_id: str, at: float) -> None:
         self._tombstones[user_id] = max(at, self._tombstones.get(user_id, at))
@@ -112,6 +117,9 @@ class MemoryStore:
             query_totals={t: self._query_totals[t] for t in texts if t in self._query_totals},
             category_prices=dict(self._prices),
         )
+
+    def speller(self) -> Speller:
+        return self._speller
 
     def user(self, user_id: str) -> UserState | None:
         return self._users.get(user_id)

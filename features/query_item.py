@@ -47,6 +47,11 @@ def evidence_keys(stored: str) -> list[str]:
     return [key, *(WORD + w for w in rest)]
 
 
+def stored_words(stored: str) -> list[str]:
+    """The words of a :func:`stored_text`."""
+    return stored.split(" ")[1:]
+
+
 def apply(state: tuple[float, ...], kind: int, t: float, half_life: float,
           burst_half_life: float) -> tuple[float, ...]:
     """One click (1), add-to-cart (2) or purchase (3) after the query, at event time ``t``."""

@@ -9,7 +9,9 @@
 
 Decayed values are read as of ``now`` (event-time seconds). Unknown shoppers, products and queries
 read as cold-start defaults (zeros, ``user_has_history`` 0), never as errors. A shopper whose last
-activity is older than ``user_ttl_s`` reads as unknown, offline exactly as online.
+activity is older than ``user_ttl_s`` reads as unknown, offline exactly as online. A query, or
+a query word, that no click has followed yet reads the evidence of its respelling from the
+store's :meth:`~features.store.FeatureStore.speller` ("kimect sports" that of "kinect sports").
 """
 
 from __future__ import annotations
@@ -91,19 +93,33 @@ class Result:
 
 def read_batch(store: FeatureStore, requests: Sequence[Request], now: float) -> list[Result]:
     """Features for many requests from one snapshot (one Redis round trip)."""
-    pairs = {(text, pid) for r in requests for text in _evidence_keys(r) for pid in r.candidates}
+    speller = store.speller()
+    respelled = [speller.respell_all(r.words) if r.query else r.words for r in requests]
+    pairs = {(text, pid) for r, rs in zip(requests, respelled, strict=True)
+             for text in _evidence_keys(r, rs) for pid in r.candidates}
     snap = store.snapshot(
         (r.user_id for r in requests), (pid for r in requests for pid in r.candidates), pairs
     )
     items = _ItemRows(snap, now, store.config, capacity=sum(len(r.candidates) for r in requests))
-    return [_featurize(r, snap, now, store.config, items) for r in requests]
+    return [_featurize(r, rs, snap, now, store.config, items)
+            for r, rs in zip(requests, respelled, strict=True)]
 
 
-def _evidence_keys(r: Request) -> list[str]:
-    """The query-product evidence a request reads: its query's, then each of its words'."""
+def _evidence_keys(r: Request, respelled: Sequence[str]) -> list[str]:
+    """The query-product evidence a request reads: its query's, then each of its words', then
+    those of its respelling (:mod:`features.speller`), which stand in where the typed ones have none."""
     if not r.query:
         return []
-    return [r.query, *(query_item.word_key(w) for w in r.words)]
+    typed = [r.query, *(query_item.word_key(w) for w in r.words)]
+    if tuple(respelled) == tuple(r.words):
+        return typed
+    fixed = [w for w, typed_w in zip(respelled, r.words, strict=True) if w != typed_w]
+    return [*typed, _key_of(respelled), *(query_item.word_key(w) for w in fixed)]
+
+
+def _key_of(words: Sequence[str]) -> str:
+    """The query key of these words (core.text.normalize_query of a text made of them)."""
+    return "".join(sorted(set(words)))
 
 
 class _ItemRows:
@@ -128,7 +144,8 @@ class _ItemRows:
         return self.rows[idx]
 
 
-def _featurize(req: Request, snap: Snapshot, now: float, cfg: FeatureSettings, items: _ItemRows) -> Result:
+def _featurize(req: Request, respelled: Sequence[str], snap: Snapshot, now: float, cfg: FeatureSettings,
+               items: _ItemRows) -> Result:
     state = snap.users.get(req.user_id)
     if state is not None and not user.is_live(state, now, cfg):
         state = None
@@ -137,17 +154,20 @@ def _featurize(req: Request, snap: Snapshot, now: float, cfg: FeatureSettings, i
     interest = user.interest(state, now, cfg) if state is not None else {}
     if state is not None:
         _user_columns(out, state, now)
-    totals = snap.query_totals.get(req.query) if req.query else None
+    key = req.query
+    if key and key not in snap.query_totals:  # no click followed the query as typed: its respelling's
+        key = _key_of(respelled)
+    totals = snap.query_totals.get(key) if key else None
     q_clicks, q_burst = _clicks(totals, now, cfg), _burst(totals, now, cfg)
-    if req.query:
+    if key:
         out[:, INDEX["query_clicks_log"]] = math.log1p(q_clicks)
     for row, pid in enumerate(req.candidates):
         if state is not None:
             _user_item_columns(out[row], state, snap.products.get(pid), snap, interest.get(pid, 0.0))
-        if req.query:
-            _query_columns(out[row], snap.query_items.get((req.query, pid)), q_clicks, q_burst, now, cfg)
+        if key:
+            _query_columns(out[row], snap.query_items.get((key, pid)), q_clicks, q_burst, now, cfg)
     if req.query and req.words:
-        _word_columns(out, req, snap, now, cfg)
+        _word_columns(out, req, respelled, snap, now, cfg)
     if req.positions is not None:
         out[:, INDEX["position"]] = np.asarray(req.positions, dtype=np.float32)
     ranked = sorted(interest.items(), key=lambda kv: (-kv[1], kv[0]))
@@ -236,11 +256,15 @@ def _query_columns(
         row[INDEX["query_item_burst_share"]] = _burst(st, now, cfg) / q_burst
 
 
-def _word_columns(out: np.ndarray, req: Request, snap: Snapshot, now: float, cfg: FeatureSettings) -> None:
+def _word_columns(out: np.ndarray, req: Request, respelled: Sequence[str], snap: Snapshot, now: float,
+                  cfg: FeatureSettings) -> None:
     shares = np.zeros((len(req.words), len(req.candidates)), dtype=np.float32)
-    for i, word in enumerate(req.words):
+    for i, (word, fixed) in enumerate(zip(req.words, respelled, strict=True)):
         key = query_item.word_key(word)
         total = _clicks(snap.query_totals.get(key), now, cfg)
+        if total <= 0 and fixed != word:  # no click followed the word as typed: its respelling's
+            key = query_item.word_key(fixed)
+            total = _clicks(snap.query_totals.get(key), now, cfg)
         if total <= 0:
             continue
         for j, pid in enumerate(req.candidates):

@@ -21,6 +21,7 @@ from core.events import CatalogProduct, Purchase
 from core.settings import FeatureSettings, RedisSettings, StreamsSettings
 from features import catalog, item, keys, lua, query_item, user
 from features.plan import FeatureEvent, Plan, Record, View, needs, plan
+from features.speller import Speller
 from features.store import OnRejected, Outcome, Snapshot
 from features.user import UserState
 
@@ -57,6 +58,8 @@ class RedisStore:
         self._etag_prefix = os.urandom(3).hex().encode()
         self._etag_counter = itertools.count()  # next() on it is atomic: agents share the store
         self.conflicts = 0
+        self._speller: Speller | None = None
+        self._speller_loaded = 0.0
 
     # --- writing ----------------------------------------------------------------------------
 
@@ -209,7 +212,7 @@ class RedisStore:
                     batch = []
             if batch:
                 deleted += self.client.unlink(*batch)
-        deleted += self.client.unlink(keys.CATEGORY_PRICES, keys.STATS)
+        deleted += self.client.unlink(keys.CATEGORY_PRICES, keys.QUERY_WORDS, keys.STATS)
         return deleted
 
     # --- reading ----------------------------------------------------------------------------
@@ -254,6 +257,19 @@ class RedisStore:
                 snap.query_totals[t] = query_item.decode(raw)
         snap.category_prices = _category_prices(raw_prices)
         return snap
+
+    def speller(self) -> Speller:
+        """The trusted query words (at least ``spelling_min_clicks`` clicks), reloaded when older
+        than ``spelling_refresh_s``: one ZRANGEBYSCORE a minute, not one per query."""
+        cfg, now = self.config, time.monotonic()
+        if self._speller is None or now - self._speller_loaded >= cfg.spelling_refresh_s:
+            rows = []
+            if cfg.spelling_min_clicks > 0:
+                rows = self.client.zrangebyscore(keys.QUERY_WORDS, cfg.spelling_min_clicks, "+inf",
+                                                 withscores=True)
+            self._speller = Speller.of({w.decode(): int(n) for w, n in rows}, cfg.spelling_min_clicks)
+            self._speller_loaded = now
+        return self._speller
 
     def user(self, user_id: str) -> UserState | None:
         raw = self.client.get(keys.user(user_id))

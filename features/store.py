@@ -10,6 +10,7 @@ from typing import Protocol
 from core.settings import FeatureSettings
 from features.catalog import ProductAttrs
 from features.plan import FeatureEvent, Record
+from features.speller import Speller
 from features.user import UserState
 
 OnRejected = Callable[[list[tuple[int, str]]], None]
@@ -59,6 +60,11 @@ class FeatureStore(Protocol):
     ) -> Snapshot:
         """Everything the read path needs for these shoppers, products and (query text, product)
         pairs, in one round trip."""
+        ...
+
+    def speller(self) -> Speller:
+        """The dictionary of query words that respells untrusted ones (:mod:`features.speller`):
+        live offline, reloaded every ``spelling_refresh_s`` online."""
         ...
 
     def forget(self, user_id: str, at: float) -> None:

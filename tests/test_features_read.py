@@ -36,6 +36,7 @@ def test_memory_and_redis_give_identical_matrices(redis_client: redis.Redis) -> 
                         positions=list(range(1, 41)), words=query_words(texts[u % 3])) for u in range(50)]
     requests.append(Request("u1", normalize_query("case for a phone"), [f"p{p}" for p in range(120)],
                             words=query_words("case for a phone")))  # a new query of known words
+    requests.append(Request.for_text("u2", "lapotp phnoe", [f"p{p}" for p in range(120)]))  # typos
     requests.append(Request("stranger", "", ["p1", "unknown-product"]))
     for a, b in zip(read_batch(memory, requests, now), read_batch(online, requests, now), strict=True):
         assert a.features.shape == (len(a.features), len(FEATURE_NAMES))
@@ -44,7 +45,8 @@ def test_memory_and_redis_give_identical_matrices(redis_client: redis.Redis) -> 
         np.testing.assert_array_equal(a.recent_weights, b.recent_weights)
     results = read_batch(memory, requests, now)
     assert any(r.features[:, INDEX["query_item_clicks_log"]].any() for r in results)
-    assert results[-2].features[:, INDEX["query_word_share_max"]].any()  # the new query
+    assert results[-3].features[:, INDEX["query_word_share_max"]].any()  # the new query
+    assert results[-2].features[:, INDEX["query_item_click_share"]].any()  # "laptop phone"'s evidence
 
 
 def test_recent_products_rank_purchase_over_cart_over_click_and_decay() -> None:

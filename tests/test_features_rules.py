@@ -13,6 +13,7 @@ from core.events import AddToCart, CatalogProduct, Click, Purchase, Query, Query
 from core.settings import FeatureSettings
 from features import catalog, decay, item, query_item, user
 from features.catalog import ProductAttrs
+from features.speller import Speller
 
 T0 = datetime(2026, 3, 1, tzinfo=UTC)
 CFG = FeatureSettings(recent_n=3, affinity_top_k=2)
@@ -135,3 +136,27 @@ def test_a_query_state_stored_before_the_burst_counter_reads_it_as_zero() -> Non
     assert query_item.decode(old) == (100.0, 2.0, 1.0, 0.5, 0.0, 0.0)
     state = query_item.apply(query_item.decode(old), query_item.CLICKS, 200.0, 1e9, 3600.0)
     assert state[query_item.T_BURST] == 200.0 and state[query_item.BURST_CLICKS] == 1.0
+
+
+def test_a_word_few_clicks_followed_is_respelled_to_the_closest_trusted_word() -> None:
+    speller = Speller.of({"kinect": 40, "kinetic": 3, "battlefield": 9, "rocksmith": 5, "wii": 50,
+                          "ps3": 30, "halo": 3, "hale": 2}, min_clicks=3)
+    assert speller.respell_all(["kimect", "battlefielf", "nattlefiel", "rocksmoth"]) == (
+        "kinect", "battlefield", "battlefield", "rocksmith")  # 1 edit, 1, 2 (long word), 1
+    assert speller.respell("kinetc") == "kinect"  # neighbours swapped: one edit
+    assert speller.respell("kinetic") == "kinetic"  # trusted (3 clicks) itself
+    assert speller.respell("hale") == "halo"  # 2 clicks: not yet trusted
+    assert speller.respell("kitten") == "kitten"  # nothing within one edit
+    assert speller.respell("wiii") == "wii"
+    assert [speller.respell(w) for w in ("ps2", "wi", "halp3")] == ["ps2", "wi", "halp3"]  # digits, short
+
+
+def test_ties_go_to_the_word_with_more_clicks_and_new_trust_is_seen_at_once() -> None:
+    speller = Speller(min_clicks=2)
+    for word in ("cart", "card", "card"):
+        speller.add(word)
+    assert speller.respell("carx") == "card"  # "cart" has one click: not trusted yet
+    speller.add("cart", 5)
+    assert speller.respell("carx") == "cart"  # one edit from both: the one with more clicks
+    assert len(speller) == 2
+    assert Speller(min_clicks=0).respell("kimect") == "kimect"  # respelling off

@@ -131,6 +131,29 @@ def test_a_new_query_finds_what_its_words_led_to(store: FeatureStore) -> None:
     assert f[:, INDEX["query_words_log"]] == pytest.approx(np.log1p(2.0))
 
 
+def test_a_misspelled_query_reads_the_evidence_of_its_respelling(store: FeatureStore) -> None:
+    load_catalog(store)
+    for i in range(3):  # "kinect" and "sport" become trusted words (3 clicks each)
+        store.apply(query(f"q{i}", text="Kinect Sports", minutes=2 * i))
+        store.apply(click(f"e{i}", "p2", query_id=f"q{i}", minutes=2 * i + 1))
+    store.apply(query("q3", text="kinect", minutes=7))
+    store.apply(click("e3", "p1", query_id="q3", minutes=8))
+    now = (T0 + timedelta(minutes=10)).timestamp()
+    texts = ["kimect sports", "kimect", "kitten sports"]
+    typo, typo_alone, far = (r.features for r in read_batch(
+        store, [Request.for_text("u1", t, ["p1", "p2", "p3"]) for t in texts], now))
+    share, word_max = INDEX["query_item_click_share"], INDEX["query_word_share_max"]
+    assert typo[:, share].tolist() == [0.0, 1.0, 0.0]  # "kinect sports" led to p2
+    assert typo[:, word_max] == pytest.approx([0.25, 1.0, 0.0], rel=1e-3)
+    assert typo_alone[:, share].tolist() == [1.0, 0.0, 0.0]  # "kinect" alone led to p1
+    assert not far[:, share].any()  # "kitten" is two edits from "kinect": a word of its own
+    assert far[:, INDEX["query_word_share_min"]].tolist() == [0.0, 0.0, 0.0]
+    store.apply(query("q4", text="kimect", minutes=11))  # once a click follows the typo itself,
+    store.apply(click("e4", "p3", query_id="q4", minutes=12))  # its own evidence counts
+    [own] = read_batch(store, [Request.for_text("u1", "kimect", ["p1", "p2", "p3"])], now + 180)
+    assert own.features[:, share].tolist() == [0.0, 0.0, 1.0]
+
+
 def test_the_burst_share_follows_the_last_hours(store: FeatureStore) -> None:
     load_catalog(store)
     store.apply(query("q1", text="tv"))
