@@ -154,6 +154,17 @@ def test_a_misspelled_query_reads_the_evidence_of_its_respelling(store: FeatureS
     assert own.features[:, share].tolist() == [0.0, 0.0, 1.0]
 
 
+def test_a_scorer_reloads_the_spelling_dictionary_once_a_refresh_interval(redis_client: redis.Redis) -> None:
+    store = RedisStore(redis_client, FeatureSettings(spelling_refresh_s=3600))
+    load_catalog(store)
+    assert store.speller().respell("kimect") == "kimect"  # nobody has searched "kinect" yet
+    for i in range(3):
+        store.apply(query(f"q{i}", text="kinect", minutes=2 * i))
+        store.apply(click(f"e{i}", "p1", query_id=f"q{i}", minutes=2 * i + 1))
+    assert store.speller().respell("kimect") == "kimect"  # not one read per query: the loaded copy
+    assert RedisStore(redis_client, CFG).speller().respell("kimect") == "kinect"  # a fresh load
+
+
 def test_the_burst_share_follows_the_last_hours(store: FeatureStore) -> None:
     load_catalog(store)
     store.apply(query("q1", text="tv"))
