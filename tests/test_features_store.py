@@ -102,10 +102,11 @@ def test_click_joins_its_query_text_whichever_arrives_first(store: FeatureStore)
     now = (T0 + timedelta(minutes=3)).timestamp()
     [res] = read_batch(store, [Request("u1", normalize_query("big tv"), ["p1", "p2", "p3"])], now)
     f = res.features
-    assert f[0, INDEX["query_item_clicks_log"]] == pytest.approx(np.log1p(1.0), rel=1e-4)
-    assert f[0, INDEX["query_item_click_share"]] == pytest.approx(0.5, rel=1e-4)
+    p1_clicks = 2 ** (-120 / CFG.query_half_life_s)  # its click, two minutes before ``now``
+    assert f[0, INDEX["query_item_clicks_log"]] == pytest.approx(np.log1p(p1_clicks), rel=1e-5)
+    assert f[0, INDEX["query_item_click_share"]] == pytest.approx(p1_clicks / (1 + p1_clicks), rel=1e-5)
     assert f[2, INDEX["query_item_clicks_log"]] == 0.0
-    assert f[:, INDEX["query_clicks_log"]] == pytest.approx(np.log1p(2.0), rel=1e-4)
+    assert f[:, INDEX["query_clicks_log"]] == pytest.approx(np.log1p(1 + p1_clicks), rel=1e-5)
     assert f[0, INDEX["query_item_idle_hours_log"]] == pytest.approx(np.log1p(2 / 60), rel=1e-4)
     assert f[1, INDEX["query_item_idle_hours_log"]] == 0.0
 
