@@ -13,6 +13,10 @@ alphabet. Shorter words and words with digits are never respelled: one edit turn
 "ps2" and "mw3" into "mw2", other products, not typos. On the Best Buy time split, looking up
 an unseen query under its respelling raises the online query table from 0.738 to 0.746 MAP@5
 (141 of 8,473 test searches respelled).
+
+Cost: a word is looked up once per dictionary (cached until a word becomes trusted, or until the
+Redis store reloads the dictionary), against the trusted words within ``edits`` of its length:
+about 20 us a word against Best Buy's 869 trusted words, 1.4 ms against 50,000.
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ class Speller:
     def __init__(self, min_clicks: int) -> None:
         self.min_clicks = min_clicks
         self._clicks: dict[str, int] = {}
-        self._trusted: list[str] = []
+        self._trusted: dict[int, list[str]] = {}  # by length: a candidate is within ``edits`` of it
         self._respelled: dict[str, str] = {}  # cache; cleared whenever a word becomes trusted
 
     @classmethod
@@ -47,13 +51,13 @@ class Speller:
 
     def __len__(self) -> int:
         """How many words are trusted."""
-        return len(self._trusted)
+        return sum(len(words) for words in self._trusted.values())
 
     def add(self, word: str, clicks: int = 1) -> None:
         before = self._clicks.get(word, 0)
         self._clicks[word] = before + clicks
         if before < self.min_clicks <= before + clicks:
-            self._trusted.append(word)
+            self._trusted.setdefault(len(word), []).append(word)
             self._respelled.clear()
 
     def trusts(self, word: str) -> bool:
@@ -76,7 +80,8 @@ class Speller:
 
     def _closest(self, word: str) -> str:
         edits = 2 if len(word) >= TWO_EDITS_FROM else 1
-        found = process.extract(word, self._trusted, scorer=OSA.distance, score_cutoff=edits, limit=None)
+        near = [w for n in range(len(word) - edits, len(word) + edits + 1) for w in self._trusted.get(n, ())]
+        found = process.extract(word, near, scorer=OSA.distance, score_cutoff=edits, limit=None)
         if not found:
             return word
         best = min(found, key=lambda f: (f[1], -self._clicks[f[0]], f[0]))
