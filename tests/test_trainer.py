@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from core.registry import RegistryError, load_version, publish_version, serving_version, set_serving
-from core.settings import ModelSettings, Settings
+from core.settings import FeatureSettings, ModelSettings, Settings
 from core.text import normalize_query
 from evaluation.ranker import SearchRow
 from features.memory import MemoryStore
@@ -49,14 +49,15 @@ def test_grouped_order_is_a_permutation_keeping_texts_together() -> None:
     assert len(runs) == len(set(text_id))
 
 
-def lists_of(rows: list[SearchRow], full_from: datetime | None = None) -> tuple[Examples, np.ndarray]:
+def lists_of(rows: list[SearchRow], full_from: datetime | None = None,
+             features: FeatureSettings | None = None) -> tuple[Examples, np.ndarray]:
     """Lists of 16 over the Best Buy catalog, random product and query vectors."""
     ids = list(split().catalog)
     rng = np.random.default_rng(0)
     catalog = Catalog(ids, rng.normal(size=(len(ids), 8)).astype(np.float32))
     texts = {normalize_query(r.query) for r in rows}
     vectors = {t: rng.normal(size=8).astype(np.float32) for t in texts}
-    store = MemoryStore()
+    store = MemoryStore(features)
     for product in split().catalog.values():
         store.apply(product)
     return build_lists(rows, store, ListBuilder(catalog, vectors, 16, 4, 0), full_from=full_from,
@@ -65,10 +66,11 @@ def lists_of(rows: list[SearchRow], full_from: datetime | None = None) -> tuple[
 
 def test_training_lists_are_point_in_time() -> None:
     """A search's features are read before it and its clicks are applied: the very first search
-    has no evidence at all, and a repeated search sees exactly the clicks that came before it."""
+    has no evidence at all, and a repeated search sees exactly the clicks that came before it.
+    (Respelling off: otherwise a new query also sees the earlier clicks of its respelling.)"""
     rows = split().train[:400]
     ids = list(split().catalog)
-    lists, roles = lists_of(rows)
+    lists, roles = lists_of(rows, features=FeatureSettings(spelling_min_clicks=0))
     assert (roles == TRAIN).all() and len(lists) == len({r.query_id for r in rows})
     evidence = [INDEX[n] for n in ("item_clicks_log", "query_item_clicks_log", "user_has_history")]
     assert not lists.dense[0][:, evidence].any()
