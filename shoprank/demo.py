@@ -45,7 +45,7 @@ def ensure_model(settings: Settings) -> str:
     registry = settings.model.registry_dir
     version = serving_version(registry)
     if version is None:
-        print("no model version is serving: training one (shoprank train; about 15-20 minutes on 2 cores)")
+        print("no model version is serving: training one (shoprank train; about 5 minutes on 2 idle cores)")
         subprocess.run([sys.executable, "-m", "shoprank", "train", "--no-announce"], check=True)
         version = serving_version(registry)
         if version is None:
