@@ -12,7 +12,8 @@ Closest: optimal string alignment distance (a swap of two neighbours counts one 
 alphabet. Shorter words and words with digits are never respelled: one edit turns "ps3" into
 "ps2" and "mw3" into "mw2", other products, not typos. On the Best Buy time split, looking up
 an unseen query under its respelling raises the online query table from 0.738 to 0.746 MAP@5
-(141 of 8,473 test searches respelled).
+(141 of 8,473 test searches respelled), and the ranker, which already had per-word evidence,
+from 0.7952 to 0.7962 (queries never seen whole that hold a word never clicked: 0.50 to 0.55).
 
 Cost: a word is looked up once per dictionary (cached until a word becomes trusted, or until the
 Redis store reloads the dictionary), against the trusted words within ``edits`` of its length:
