@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import unicodedata
+from collections.abc import Iterable
 from functools import lru_cache
 from typing import Final
 
@@ -43,7 +44,12 @@ def normalize_query(text: str) -> str:
     meant to be read: models read the query as typed. ``""`` when the text has no word; a key
     never holds whitespace, ``:`` or ``_`` (features.keys builds Redis keys from it).
     """
-    return "".join(query_words(text))
+    return query_key(query_words(text))
+
+
+def query_key(words: Iterable[str]) -> str:
+    """The key of a query made of these :func:`query_words` (in any order, repeats allowed)."""
+    return "".join(sorted(set(words)))
 
 
 @lru_cache(maxsize=65536)

@@ -24,7 +24,7 @@ from typing import Final
 import numpy as np
 
 from core.settings import FeatureSettings
-from core.text import normalize_query, query_words
+from core.text import normalize_query, query_key, query_words
 from features import catalog, decay, item, query_item, user
 from features.catalog import ProductAttrs
 from features.store import FeatureStore, Snapshot
@@ -114,12 +114,7 @@ def _evidence_keys(r: Request, respelled: Sequence[str]) -> list[str]:
     if tuple(respelled) == tuple(r.words):
         return typed
     fixed = [w for w, typed_w in zip(respelled, r.words, strict=True) if w != typed_w]
-    return [*typed, _key_of(respelled), *(query_item.word_key(w) for w in fixed)]
-
-
-def _key_of(words: Sequence[str]) -> str:
-    """The query key of these words (core.text.normalize_query of a text made of them)."""
-    return "".join(sorted(set(words)))
+    return [*typed, query_key(respelled), *(query_item.word_key(w) for w in fixed)]
 
 
 class _ItemRows:
@@ -156,7 +151,7 @@ def _featurize(req: Request, respelled: Sequence[str], snap: Snapshot, now: floa
         _user_columns(out, state, now)
     key = req.query
     if key and key not in snap.query_totals:  # no click followed the query as typed: its respelling's
-        key = _key_of(respelled)
+        key = query_key(respelled)
     totals = snap.query_totals.get(key) if key else None
     q_clicks, q_burst = _clicks(totals, now, cfg), _burst(totals, now, cfg)
     if key:

@@ -137,7 +137,7 @@ class ListBuilder:
 
     def remember_click(self, row: SearchRow) -> None:
         pid = row.product_id or ""
-        for key in (normalize_query(row.query), *map(query_item.word_key, query_words(row.query))):
+        for key in query_item.evidence_keys(query_item.stored_text(row.query)):
             counts = self.clicked_after[key]
             counts[pid] = counts.get(pid, 0) + 1
 
