@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
+
 
 def factor(dt: float, half_life: float) -> float:
     """How much a weight shrinks over ``dt`` seconds."""
@@ -39,6 +41,11 @@ def value_at(value: float, t_ref: float, now: float, half_life: float) -> float:
     if now <= t_ref:
         return value
     return value * 2.0 ** (-(now - t_ref) / half_life)
+
+
+def values_at(values: np.ndarray, t_ref: np.ndarray, now: float, half_life: float) -> np.ndarray:
+    """:func:`value_at` for many sums: ``values`` [n, k] sharing each row's ``t_ref`` [n]."""
+    return values * (2.0 ** (-np.maximum(now - t_ref, 0.0) / half_life))[:, None]
 
 
 def bump(state: Sequence[float], n_decayed: int, slot: int, t: float, half_life: float) -> list[float]:

@@ -9,7 +9,9 @@ script, never read-modify-written by a worker. Layout: 10 little-endian doubles.
 from __future__ import annotations
 
 import struct
-from typing import Final
+from typing import Final, TypeVar
+
+import numpy as np
 
 from features import decay
 
@@ -24,6 +26,7 @@ N_DECAYED: Final = 4
 SIZE: Final = 10
 EMPTY: Final = (0.0,) * SIZE
 _layout = struct.Struct(f"<{SIZE}d")
+FloatOrArray = TypeVar("FloatOrArray", float, np.ndarray)
 
 
 def apply(state: tuple[float, ...], kind: int, t: float, half_life: float) -> tuple[float, ...]:
@@ -43,6 +46,7 @@ def decode(data: bytes | None) -> tuple[float, ...]:
     return EMPTY if data is None else _layout.unpack(data)
 
 
-def ctr(state: tuple[float, ...], prior: float, strength: float) -> float:
-    """Decayed clicks over decayed impressions, pulled toward ``prior`` (both decay alike)."""
-    return min(1.0, (state[CLICKS] + prior * strength) / (state[IMPRESSIONS] + strength))
+def ctr(clicks: FloatOrArray, impressions: FloatOrArray, prior: float, strength: float) -> FloatOrArray:
+    """Decayed clicks over decayed impressions, pulled toward ``prior`` (the stored sums: both
+    decay alike); one product's or, as arrays, many products'."""
+    return np.minimum(1.0, (clicks + prior * strength) / (impressions + strength))

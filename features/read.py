@@ -26,7 +26,6 @@ import numpy as np
 from core.settings import FeatureSettings
 from core.text import normalize_query, query_key, query_words
 from features import catalog, decay, item, query_item, user
-from features.catalog import ProductAttrs
 from features.store import FeatureStore, Snapshot
 from features.user import UserState
 
@@ -100,7 +99,8 @@ def read_batch(store: FeatureStore, requests: Sequence[Request], now: float) -> 
     snap = store.snapshot(
         (r.user_id for r in requests), (pid for r in requests for pid in r.candidates), pairs
     )
-    items = _ItemRows(snap, now, store.config, capacity=sum(len(r.candidates) for r in requests))
+    items = _ItemRows(list(dict.fromkeys(pid for r in requests for pid in r.candidates)), snap, now,
+                      store.config)
     return [_featurize(r, rs, snap, now, store.config, items)
             for r, rs in zip(requests, respelled, strict=True)]
 
@@ -118,25 +118,16 @@ def _evidence_keys(r: Request, respelled: Sequence[str]) -> list[str]:
 
 
 class _ItemRows:
-    """Each product's item columns, computed once per batch: requests of one batch share most of
-    their candidates, and the item columns depend only on the product and ``now``."""
+    """The item columns of every product of a batch, computed at once: requests of one batch share
+    most of their candidates, and the item columns depend only on the product and ``now``."""
 
-    def __init__(self, snap: Snapshot, now: float, cfg: FeatureSettings, capacity: int) -> None:
-        self.snap, self.now, self.cfg = snap, now, cfg
-        self.index: dict[str, int] = {}
-        self.rows = np.zeros((capacity, len(FEATURE_NAMES)), dtype=np.float32)
+    def __init__(self, products: list[str], snap: Snapshot, now: float, cfg: FeatureSettings) -> None:
+        self.index = {pid: i for i, pid in enumerate(products)}
+        self.rows = _item_columns(products, snap, now, cfg)
 
     def block(self, candidates: Sequence[str]) -> np.ndarray:
-        """The item columns of ``candidates``, one row each (full feature width)."""
-        idx = []
-        for pid in candidates:
-            i = self.index.get(pid)
-            if i is None:
-                i = self.index[pid] = len(self.index)
-                _item_columns(self.rows[i], self.snap.items.get(pid), self.snap.products.get(pid),
-                              self.now, self.cfg)
-            idx.append(i)
-        return self.rows[idx]
+        """The item columns (``ITEM_COLUMNS`` order) of ``candidates``, one row each."""
+        return self.rows[[self.index[pid] for pid in candidates]]
 
 
 def _featurize(req: Request, respelled: Sequence[str], snap: Snapshot, now: float, cfg: FeatureSettings,
@@ -145,7 +136,7 @@ def _featurize(req: Request, respelled: Sequence[str], snap: Snapshot, now: floa
     if state is not None and not user.is_live(state, now, cfg):
         state = None
     out = np.zeros((len(req.candidates), len(FEATURE_NAMES)), dtype=np.float32)
-    out[:, ITEM_COLUMNS] = items.block(req.candidates)[:, ITEM_COLUMNS]
+    out[:, ITEM_COLUMNS] = items.block(req.candidates)
     interest = user.interest(state, now, cfg) if state is not None else {}
     if state is not None:
         _user_columns(out, state, now)
@@ -156,11 +147,13 @@ def _featurize(req: Request, respelled: Sequence[str], snap: Snapshot, now: floa
     q_clicks, q_burst = _clicks(totals, now, cfg), _burst(totals, now, cfg)
     if key:
         out[:, INDEX["query_clicks_log"]] = math.log1p(q_clicks)
-    for row, pid in enumerate(req.candidates):
-        if state is not None:
-            _user_item_columns(out[row], state, snap.products.get(pid), snap, interest.get(pid, 0.0))
-        if key:
-            _query_columns(out[row], snap.query_items.get((key, pid)), q_clicks, q_burst, now, cfg)
+    if state is not None:
+        _user_item_columns(out, req.candidates, state, snap, interest)
+    if key:
+        for row, pid in enumerate(req.candidates):
+            st = snap.query_items.get((key, pid))
+            if st is not None:
+                _query_columns(out[row], st, q_clicks, q_burst, now, cfg)
     if req.query and req.words:
         _word_columns(out, req, respelled, snap, now, cfg)
     if req.positions is not None:
@@ -180,41 +173,66 @@ def _user_columns(out: np.ndarray, s: UserState, now: float) -> None:
     out[:, INDEX["user_has_history"]] = 1.0
 
 
-def _user_item_columns(
-    row: np.ndarray, s: UserState, attrs: ProductAttrs | None, snap: Snapshot, interest: float
-) -> None:
-    row[INDEX["user_item_interest"]] = interest
-    if attrs is None:
-        return
-    row[INDEX["user_category_affinity"]] = user.affinity_share(s.categories, attrs.category)
-    row[INDEX["user_brand_affinity"]] = user.affinity_share(s.brands, attrs.brand)
+def _user_item_columns(out: np.ndarray, candidates: Sequence[str], s: UserState, snap: Snapshot,
+                       interest: dict[str, float]) -> None:
+    """The shopper-and-candidate columns, built as lists and written a column at a time."""
+    n = len(candidates)
+    interests, categories, brands, prices = [0.0] * n, [0.0] * n, [0.0] * n, [0.0] * n
+    category_total, brand_total = sum(s.categories.values()), sum(s.brands.values())
     paid = user.paid_log_ratio(s)
-    typical = None
-    if attrs.category is not None and attrs.category in snap.category_prices:
-        typical = catalog.typical_price(*snap.category_prices[attrs.category])
-    if paid is not None and typical and attrs.price and attrs.price > 0:
-        row[INDEX["price_ratio_log"]] = math.log(attrs.price / typical) - paid
+    typical: dict[str, float | None] = {}
+    for j, pid in enumerate(candidates):
+        interests[j] = interest.get(pid, 0.0)
+        attrs = snap.products.get(pid)
+        if attrs is None:
+            continue
+        categories[j] = user.affinity_share(s.categories, attrs.category, category_total)
+        brands[j] = user.affinity_share(s.brands, attrs.brand, brand_total)
+        if paid is None or attrs.category is None or not attrs.price or attrs.price <= 0:
+            continue
+        if attrs.category not in typical:
+            prices_of = snap.category_prices.get(attrs.category)
+            typical[attrs.category] = catalog.typical_price(*prices_of) if prices_of else None
+        if t := typical[attrs.category]:
+            prices[j] = math.log(attrs.price / t) - paid
+    out[:, INDEX["user_item_interest"]] = interests
+    out[:, INDEX["user_category_affinity"]] = categories
+    out[:, INDEX["user_brand_affinity"]] = brands
+    out[:, INDEX["price_ratio_log"]] = prices
 
 
-def _item_columns(
-    row: np.ndarray, st: tuple[float, ...] | None, attrs: ProductAttrs | None, now: float,
-    cfg: FeatureSettings,
-) -> None:
-    if attrs is not None:
-        row[INDEX["item_age_days_log"]] = math.log1p(max(0.0, now - attrs.first_seen) / 86400.0)
-        row[INDEX["item_price_log"]] = math.log1p(attrs.price or 0.0)
-        released = attrs.first_seen if attrs.released is None else attrs.released
-        days = (now - released) / 86400.0
-        row[INDEX["item_release_days_log"]] = math.copysign(math.log1p(abs(days)), days)
-    st = st or item.EMPTY
-    h, t_ref = cfg.item_half_life_s, st[item.T]
-    for name, slot in (("item_clicks_log", item.CLICKS), ("item_carts_log", item.CARTS),
-                       ("item_purchases_log", item.PURCHASES),
-                       ("item_impressions_log", item.IMPRESSIONS)):
-        row[INDEX[name]] = math.log1p(decay.value_at(st[slot], t_ref, now, h))
-    row[INDEX["item_ctr"]] = item.ctr(st, cfg.ctr_prior, cfg.ctr_prior_strength)
-    if st[item.LAST] > 0:
-        row[INDEX["item_idle_hours_log"]] = math.log1p(max(0.0, now - st[item.LAST]) / 3600.0)
+def _item_columns(products: Sequence[str], snap: Snapshot, now: float, cfg: FeatureSettings) -> np.ndarray:
+    """The item columns of ``products``: float32 [len(products), len(ITEM_COLUMNS)], computed as
+    arrays (this runs for every distinct candidate of every batch)."""
+    n = len(products)
+    st = np.array([snap.items.get(pid, item.EMPTY) for pid in products], dtype=np.float64)
+    st = st.reshape(n, item.SIZE)
+    attrs = [snap.products.get(pid) for pid in products]
+    known = np.array([a is not None for a in attrs], dtype=bool)
+    first_seen = np.array([a.first_seen if a is not None else now for a in attrs], dtype=np.float64)
+    price = np.array([(a.price or 0.0) if a is not None else 0.0 for a in attrs], dtype=np.float64)
+    released = np.array([(a.first_seen if a.released is None else a.released) if a is not None else now
+                         for a in attrs], dtype=np.float64)
+    days = (now - released) / 86400.0
+    decayed = decay.values_at(st[:, [item.CLICKS, item.CARTS, item.PURCHASES, item.IMPRESSIONS]],
+                              st[:, item.T], now, cfg.item_half_life_s)
+    last = st[:, item.LAST]
+    columns = {
+        "item_clicks_log": np.log1p(decayed[:, 0]),
+        "item_carts_log": np.log1p(decayed[:, 1]),
+        "item_purchases_log": np.log1p(decayed[:, 2]),
+        "item_impressions_log": np.log1p(decayed[:, 3]),
+        "item_ctr": item.ctr(st[:, item.CLICKS], st[:, item.IMPRESSIONS], cfg.ctr_prior,
+                             cfg.ctr_prior_strength),
+        "item_age_days_log": np.where(known, np.log1p(np.maximum(0.0, now - first_seen) / 86400.0), 0.0),
+        "item_release_days_log": np.where(known, np.copysign(np.log1p(np.abs(days)), days), 0.0),
+        "item_idle_hours_log": np.where(last > 0, np.log1p(np.maximum(0.0, now - last) / 3600.0), 0.0),
+        "item_price_log": np.where(known, np.log1p(price), 0.0),
+    }
+    out = np.empty((n, len(ITEM_COLUMNS)), dtype=np.float32)
+    for j, col in enumerate(ITEM_COLUMNS):
+        out[:, j] = columns[FEATURE_NAMES[col]]
+    return out
 
 
 def _clicks(st: tuple[float, ...] | None, now: float, cfg: FeatureSettings) -> float:
@@ -233,11 +251,9 @@ def _burst(st: tuple[float, ...] | None, now: float, cfg: FeatureSettings) -> fl
 
 
 def _query_columns(
-    row: np.ndarray, st: tuple[float, ...] | None, q_clicks: float, q_burst: float, now: float,
+    row: np.ndarray, st: tuple[float, ...], q_clicks: float, q_burst: float, now: float,
     cfg: FeatureSettings,
 ) -> None:
-    if st is None:
-        return
     h, t_ref = cfg.query_half_life_s, st[query_item.T]
     clicks = _clicks(st, now, cfg)
     row[INDEX["query_item_clicks_log"]] = math.log1p(clicks)

@@ -166,11 +166,13 @@ def _top(weights: dict[str, float], k: int) -> dict[str, float]:
 # --- reading --------------------------------------------------------------------------------
 
 
-def affinity_share(weights: dict[str, float], key: str | None) -> float:
-    """Share of the shopper's (decayed) attention that went to ``key``; decay cancels out."""
+def affinity_share(weights: dict[str, float], key: str | None, total: float | None = None) -> float:
+    """Share of the shopper's (decayed) attention that went to ``key``; decay cancels out.
+    ``total``: ``sum(weights.values())`` when the caller has it (one sum for many candidates)."""
     if key is None or key not in weights:
         return 0.0
-    total = sum(weights.values())
+    if total is None:
+        total = sum(weights.values())
     return weights[key] / total if total > 0 else 0.0
 
 

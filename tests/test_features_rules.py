@@ -120,7 +120,8 @@ def test_item_counts_decays_and_smooths_ctr() -> None:
         s = item.apply(s, item.IMPRESSION, T0.timestamp() + k, DAY)
     s = item.apply(s, item.CLICK, T0.timestamp() + 30, DAY)
     assert s[item.N_IMPRESSIONS] == 20 and s[item.N_CLICKS] == 1 and s[item.LAST] == T0.timestamp() + 30
-    assert item.ctr(s, 0.05, 20.0) == pytest.approx((1 + 1) / (20 + 20), rel=1e-3)
+    ctr = item.ctr(s[item.CLICKS], s[item.IMPRESSIONS], 0.05, 20.0)
+    assert ctr == pytest.approx((1 + 1) / (20 + 20), rel=1e-3)
     assert item.decode(item.encode(s)) == s
 
 
