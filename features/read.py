@@ -208,7 +208,7 @@ def _item_columns(products: Sequence[str], snap: Snapshot, now: float, cfg: Feat
     st = np.array([snap.items.get(pid, item.EMPTY) for pid in products], dtype=np.float64)
     st = st.reshape(n, item.SIZE)
     attrs = [snap.products.get(pid) for pid in products]
-    known = np.array([a is not None for a in attrs], dtype=bool)
+    known = np.array([a is not None for a in attrs], dtype=bool)  # the rest read 0 (``where`` below)
     first_seen = np.array([a.first_seen if a is not None else now for a in attrs], dtype=np.float64)
     price = np.array([(a.price or 0.0) if a is not None else 0.0 for a in attrs], dtype=np.float64)
     released = np.array([(a.first_seen if a.released is None else a.released) if a is not None else now

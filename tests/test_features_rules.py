@@ -7,6 +7,7 @@ import struct
 from datetime import UTC, datetime, timedelta
 
 import msgspec
+import numpy as np
 import pytest
 
 from core.events import AddToCart, CatalogProduct, Click, Purchase, Query, QueryContext
@@ -39,6 +40,11 @@ def test_decay_halves_per_half_life_and_ignores_arrival_order() -> None:
     assert (b[0], u) == (pytest.approx(1.5), 110.0)
     assert decay.value_at(1.5, 110.0, 130.0, 10.0) == pytest.approx(0.375)
     assert decay.value_at(1.5, 110.0, 100.0, 10.0) == 1.5  # nothing is un-applied
+    # the array form (the read path's, for a batch's products) gives the very same doubles
+    values, t_ref = np.array([[1.5, 0.25], [3.0, 7.0], [0.0, 1.0]]), np.array([110.0, 95.5, 130.0])
+    expected = [[decay.value_at(v, t, 117.3, 10.0) for v in row]
+                for row, t in zip(values.tolist(), t_ref.tolist(), strict=True)]
+    assert decay.values_at(values, t_ref, 117.3, 10.0).tolist() == expected
 
 
 def test_interactions_count_weigh_and_decay_affinities() -> None:
