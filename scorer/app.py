@@ -61,7 +61,7 @@ def build_scorer(settings: Settings) -> Scorer:
     log.info("scorer_device", device=model.device, providers=model.providers, model_version=version)
     holder = ModelHolder(model, registry, settings.scorer.device, metrics)
     store = RedisStore(connect(settings.redis), settings.features, settings.streams)
-    ranker = QueryRanker(store, settings.scorer.retrieve_k, settings.scorer.max_candidates)
+    ranker = QueryRanker(store, settings.scorer.retrieve_k, settings.scorer.max_candidates, metrics=metrics)
     if rerank_allowed(settings.scorer.rerank, model.device):  # a no-op for versions without one
         ranker = RerankingRanker(ranker, version_sessions(registry, model.providers),  # type: ignore[assignment]
                                  redis_texts(store.client))

@@ -25,6 +25,13 @@ class ScorerMetrics:
         self.model_version = Gauge("shoprank_model_version_info", "Model version served", ["version"],
                                    registry=r)
         self.swaps = Counter("shoprank_model_swaps", "Model swaps, by outcome", ["outcome"], registry=r)
+        # Where a batch's time goes, for whoever is paged for p99: encode (query embeddings and
+        # retrieval), features (one Redis round trip and featurizing), model (the ranking head),
+        # results (building the ranked results).
+        self.stage = Histogram(
+            "shoprank_stage_seconds", "Time a scoring batch spends in each stage", ["stage"], registry=r,
+            buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25),
+        )
 
     def serving(self, version: str) -> None:
         self.model_version.clear()

@@ -21,6 +21,7 @@ from core.events import QUERIES, InvalidEvent, Query, RankedProduct, RankedResul
 from core.logs import hash_user
 from features.read import FEATURE_NAMES, Request, read_batch
 from features.store import FeatureStore
+from scorer.metrics import ScorerMetrics
 from scorer.runtime import Batch, ServedModel
 
 log = structlog.get_logger(__name__)
@@ -76,11 +77,12 @@ class QueryRanker:
     """Ranks batches of valid queries with the model version it is handed."""
 
     def __init__(self, store: FeatureStore, retrieve_k: int, max_candidates: int,
-                 with_features: bool = True) -> None:
+                 with_features: bool = True, metrics: ScorerMetrics | None = None) -> None:
         self.store = store
         self.retrieve_k = retrieve_k
         self.max_candidates = max_candidates
         self.with_features = with_features
+        self.metrics = metrics
 
     def rank(self, model: ServedModel, queries: Sequence[tuple[Query, float]]) -> list[RankedResult]:
         if not queries:
@@ -98,6 +100,7 @@ class QueryRanker:
 
     def prepare(self, model: ServedModel, queries: Sequence[Query]) -> Batch:
         """Embed the queries, settle their candidates, read their features: the model's inputs."""
+        started = time.perf_counter()
         query_emb = model.encode([q.text for q in queries])
         retrieved = None
         if any(not q.candidates for q in queries):
@@ -111,14 +114,28 @@ class QueryRanker:
         requests = [Request.for_text(q.user_id, q.text, c,
                                      positions=list(range(1, len(c) + 1)) if q.candidates else None)
                     for q, c in zip(queries, cands, strict=True)]
+        started = self._stage("encode", started)
         feats = read_batch(self.store, requests, now=max(q.timestamp.timestamp() for q in queries))
-        return self._batch(model, query_emb, cands, feats)
+        batch = self._batch(model, query_emb, cands, feats)
+        self._stage("features", started)
+        return batch
 
     def _rank_valid(self, model: ServedModel, queries: Sequence[tuple[Query, float]]) -> list[RankedResult]:
         batch = self.prepare(model, [q for q, _ in queries])
+        started = time.perf_counter()
         scores = model.score(batch)
-        return [self._result(model, q, t, c, batch.dense[i], s)
-                for i, ((q, t), c, s) in enumerate(zip(queries, batch.candidates, scores, strict=True))]
+        started = self._stage("model", started)
+        results = [self._result(model, q, t, c, batch.dense[i], s)
+                   for i, ((q, t), c, s) in enumerate(zip(queries, batch.candidates, scores, strict=True))]
+        self._stage("results", started)
+        return results
+
+    def _stage(self, name: str, started: float) -> float:
+        """Record the time since ``started`` under stage ``name``; returns now (the next start)."""
+        now = time.perf_counter()
+        if self.metrics is not None:
+            self.metrics.stage.labels(stage=name).observe(now - started)
+        return now
 
     @staticmethod
     def _batch(model: ServedModel, query_emb: np.ndarray, cands: list[list[str]], feats: list) -> Batch:

@@ -175,3 +175,5 @@ def test_http_api(scorer: Scorer) -> None:
     assert ready.status_code == 200 and ready.json()["redis"] is True
     metrics = client.get("/metrics").text
     assert "shoprank_query_latency_seconds_bucket" in metrics and 'version="v1"' in metrics
+    for stage in ("encode", "features", "model", "results"):  # where the /rank call's time went
+        assert f'shoprank_stage_seconds_count{{stage="{stage}"}} ' in metrics, stage
