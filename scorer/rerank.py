@@ -19,6 +19,7 @@ outputs bound on the device with IO binding). Only :func:`build_cross_encoder` a
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -168,6 +169,14 @@ class RerankingRanker:
         session = self.session_for(model)
         if session is None:
             return results
+        started = time.perf_counter()
+        reranked = self._rerank(session, queries, results)
+        if self.inner.metrics is not None:
+            self.inner.metrics.stage.labels(stage="rerank").observe(time.perf_counter() - started)
+        return reranked
+
+    def _rerank(self, session: CrossEncoderSession, queries: Sequence[tuple[Query, float]],
+                results: list[RankedResult]) -> list[RankedResult]:
         text_of = {q.query_id: q.text for q, _ in queries}
         todo = [r for r in results if not r.error and r.products]
         ids = sorted({p.product_id for r in todo for p in r.products[: self.k]})

@@ -177,3 +177,39 @@ def test_http_api(scorer: Scorer) -> None:
     assert "shoprank_query_latency_seconds_bucket" in metrics and 'version="v1"' in metrics
     for stage in ("encode", "features", "model", "results"):  # where the /rank call's time went
         assert f'shoprank_stage_seconds_count{{stage="{stage}"}} ' in metrics, stage
+
+
+def test_the_cross_encoder_reorders_the_top_k_and_keeps_the_rest(tmp_path: Path, redis_client) -> None:
+    """The second stage on a CPU (``SHOPRANK_SCORER_RERANK=always``) with a tiny cross-encoder:
+    the first stage's top k come back in the cross-encoder's order, renumbered, features kept;
+    the products past k keep their order below them."""
+    from features.redis_store import RedisStore
+    from scorer.metrics import ScorerMetrics
+    from scorer.ranking import QueryRanker
+    from scorer.rerank import CrossEncoderSession, RerankingRanker, build_cross_encoder, export_cross_encoder
+    from tests.model_factory import tiny_run
+
+    version = tiny_version(tmp_path, "v-rerank")
+    model = load_served_model(tmp_path, "v-rerank", device="cpu")
+    store = RedisStore(redis_client, Settings().features)
+    for product in split().catalog.values():
+        store.apply(product)
+    graph = export_cross_encoder(build_cross_encoder(tiny_run().model.cfg.encoder), tmp_path / "ce.onnx")
+    session = CrossEncoderSession(graph, version.path / "tokenizer.json", ["CPUExecutionProvider"])
+    metrics = ScorerMetrics()
+    first = QueryRanker(store, retrieve_k=20, max_candidates=50, metrics=metrics)
+    titles = {pid: p.title for pid, p in split().catalog.items()}
+    second = RerankingRanker(first, lambda _: session, lambda ids: {i: titles[i] for i in ids}, k=5)
+    q = query("call of duty black ops", candidates=list(split().catalog)[:12])
+    [before] = first.rank(model, [(q, time.time())])
+    [after] = second.rank(model, [(q, time.time())])
+    top = [p.product_id for p in before.products[:5]]
+    expected = session.score([(q.text, titles[pid]) for pid in top])
+    by_cross_encoder = sorted(range(5), key=lambda i: -expected[i])
+    assert [p.product_id for p in after.products[:5]] == [top[i] for i in by_cross_encoder]
+    assert [p.score for p in after.products[:5]] == pytest.approx(sorted(expected, reverse=True), abs=1e-5)
+    assert [p.product_id for p in after.products[5:]] == [p.product_id for p in before.products[5:]]
+    assert [p.position for p in after.products] == list(range(1, 13))
+    features = {p.product_id: p.features for p in before.products}
+    assert all(p.features == features[p.product_id] for p in after.products)
+    assert metrics.registry.get_sample_value("shoprank_stage_seconds_count", {"stage": "rerank"}) == 1
