@@ -220,7 +220,8 @@ class RedisStore:
     def snapshot(
         self, users: Iterable[str], products: Iterable[str], pairs: Iterable[tuple[str, str]]
     ) -> Snapshot:
-        u_ids, p_ids, qi_pairs = sorted(set(users)), sorted(set(products)), sorted(set(pairs))
+        # Any order will do for MGET; sorting 3,000 pairs cost about 1 ms a batch of 8 queries.
+        u_ids, p_ids, qi_pairs = list(set(users)), list(set(products)), list(set(pairs))
         texts = sorted({text for text, _ in qi_pairs})
         key_lists = [
             [keys.user(u) for u in u_ids],
