@@ -27,7 +27,7 @@ class ScorerMetrics:
         self.swaps = Counter("shoprank_model_swaps", "Model swaps, by outcome", ["outcome"], registry=r)
         # Where a batch's time goes, for whoever is paged for p99: encode (query embeddings and
         # retrieval), features (one Redis round trip and featurizing), model (the ranking head),
-        # results (building the ranked results).
+        # results (building the ranked results), rerank (the cross-encoder, where it runs).
         self.stage = Histogram(
             "shoprank_stage_seconds", "Time a scoring batch spends in each stage", ["stage"], registry=r,
             buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25),
