@@ -43,8 +43,7 @@ def stored_text(text: str) -> str:
 def evidence_keys(stored: str) -> list[str]:
     """The keys an interaction after a query counts under: the query's key and each word's key.
     (A text stored before words were kept is its key alone.)"""
-    key, *rest = stored.split(" ")
-    return [key, *(WORD + w for w in rest)]
+    return [stored.split(" ", 1)[0], *map(word_key, stored_words(stored))]
 
 
 def stored_words(stored: str) -> list[str]:
