@@ -20,8 +20,6 @@ from trainer.tokens import pad, token_ids
 PRODUCT_MAX_LEN = 64
 
 
-
-
 def embed_texts(tower: QueryTower, tokenizer: Tokenizer, texts: Sequence[str], max_len: int = PRODUCT_MAX_LEN,
                 batch_size: int = 64, progress: bool = True) -> np.ndarray:
     """L2-normalized embeddings [len(texts), D], batched by similar length to pad little."""
