@@ -114,24 +114,25 @@ class QueryRanker:
         requests = [Request.for_text(q.user_id, q.text, c,
                                      positions=list(range(1, len(c) + 1)) if q.candidates else None)
                     for q, c in zip(queries, cands, strict=True)]
-        started = self._stage("encode", started)
+        started = self.time_stage("encode", started)
         feats = read_batch(self.store, requests, now=max(q.timestamp.timestamp() for q in queries))
         batch = self._batch(model, query_emb, cands, feats)
-        self._stage("features", started)
+        self.time_stage("features", started)
         return batch
 
     def _rank_valid(self, model: ServedModel, queries: Sequence[tuple[Query, float]]) -> list[RankedResult]:
         batch = self.prepare(model, [q for q, _ in queries])
         started = time.perf_counter()
         scores = model.score(batch)
-        started = self._stage("model", started)
+        started = self.time_stage("model", started)
         results = [self._result(model, q, t, c, batch.dense[i], s)
                    for i, ((q, t), c, s) in enumerate(zip(queries, batch.candidates, scores, strict=True))]
-        self._stage("results", started)
+        self.time_stage("results", started)
         return results
 
-    def _stage(self, name: str, started: float) -> float:
-        """Record the time since ``started`` under stage ``name``; returns now (the next start)."""
+    def time_stage(self, name: str, started: float) -> float:
+        """Record the time since ``started`` under stage ``name`` (``shoprank_stage_seconds``; the
+        reranker times its stage here too); returns now, the next stage's start."""
         now = time.perf_counter()
         if self.metrics is not None:
             self.metrics.stage.labels(stage=name).observe(now - started)

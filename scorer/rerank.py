@@ -171,8 +171,7 @@ class RerankingRanker:
             return results
         started = time.perf_counter()
         reranked = self._rerank(session, queries, results)
-        if self.inner.metrics is not None:
-            self.inner.metrics.stage.labels(stage="rerank").observe(time.perf_counter() - started)
+        self.inner.time_stage("rerank", started)
         return reranked
 
     def _rerank(self, session: CrossEncoderSession, queries: Sequence[tuple[Query, float]],
