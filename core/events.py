@@ -12,10 +12,12 @@ core), so validation is never the bottleneck of a worker.
 
 from __future__ import annotations
 
+import base64
 from datetime import datetime
 from typing import Annotated, Any, Final, Generic, TypeVar
 
 import msgspec
+import numpy as np
 from msgspec import Meta, Struct
 
 SCHEMA_VERSION: Final = 1
@@ -71,16 +73,40 @@ class Query(_Event, kw_only=True, tag="query"):
 
 
 class RankedProduct(Struct, kw_only=True, frozen=True):
-    """One product of a ranked list. ``position`` is 1-based, as Segment and UBI count it.
-
-    ``features`` holds the feature values the scorer served for this product, so training sees
-    exactly what was served (point-in-time correct).
-    """
+    """One product of a ranked list. ``position`` is 1-based, as Segment and UBI count it."""
 
     product_id: Id
     score: float
     position: Position
-    features: dict[str, float] | None = None
+
+
+class ServedFeatures(Struct, kw_only=True, frozen=True):
+    """The model inputs the scorer served for a list, compact, so training sees exactly what was
+    served (point-in-time correct) without a named map per product on the wire.
+
+    ``values``: base64 of little-endian float32 [products in list order, features], the columns
+    named by the version's feature ``schema`` (``features.read.FEATURE_SCHEMA`` names today's).
+    ``history`` / ``history_weights``: the shopper's recent products and their weights as read.
+    """
+
+    schema: Label
+    values: str
+    history: list[Id] = []
+    history_weights: list[float] = []
+
+    def matrix(self, rows: int) -> np.ndarray:
+        """The values as float32 [rows, features]; raises ValueError when the size does not fit."""
+        flat = np.frombuffer(base64.b64decode(self.values), dtype="<f4")
+        if rows == 0 or flat.size % rows:
+            raise ValueError(f"served features hold {flat.size} values, not a multiple of {rows} rows")
+        return flat.reshape(rows, flat.size // rows)
+
+    @classmethod
+    def pack(cls, schema: str, matrix: np.ndarray, history: list[str] | None = None,
+             history_weights: list[float] | None = None) -> ServedFeatures:
+        values = base64.b64encode(np.ascontiguousarray(matrix, dtype="<f4").tobytes()).decode("ascii")
+        return cls(schema=schema, values=values, history=history or [],
+                   history_weights=history_weights or [])
 
 
 class RankedResult(_Event, kw_only=True, tag="ranked_result"):
@@ -95,6 +121,8 @@ class RankedResult(_Event, kw_only=True, tag="ranked_result"):
     session_id: Id
     model_version: Label
     products: list[RankedProduct]
+    text: Text | None = None  # the query, echoed: a labeled list needs it to train the query encoder
+    features: ServedFeatures | None = None
     latency_ms: Annotated[float, Meta(ge=0.0)] = 0.0
     error: str | None = None
     timestamp: Timestamp
@@ -163,7 +191,46 @@ class ModelUpdate(_Event, kw_only=True, tag="model_update"):
     created_at: Timestamp
 
 
-Event = Query | RankedResult | Click | AddToCart | Purchase | CatalogProduct | ModelUpdate
+# --- labels joined from what was served -------------------------------------------------------
+
+Grade = Annotated[int, Meta(ge=0, le=3)]
+GRADES: Final = {"shown": 0, "click": 1, "add_to_cart": 2, "purchase": 3}
+
+
+class LabeledProduct(Struct, kw_only=True, frozen=True):
+    """A served product and the strongest thing the shopper did with it (``GRADES``)."""
+
+    product_id: Id
+    position: Position
+    score: float
+    grade: Grade = 0
+
+
+class LabeledList(_Event, kw_only=True, tag="labeled_list"):
+    """A ranked result joined with the clicks, add-to-carts and purchases that followed it.
+
+    Emitted by the joiner once the list's attribution window closes (``revision`` 1); a purchase
+    that arrives later, inside the longer purchase window, emits the same ``list_id`` again with
+    a higher ``revision`` (the newest revision of a list is the truth). ``features`` are the
+    values as served, in ``products`` order.
+    """
+
+    list_id: Id
+    revision: Annotated[int, Meta(ge=1)] = 1
+    query_id: Id
+    user_id: Id
+    session_id: Id
+    text: Text
+    model_version: Label
+    products: list[LabeledProduct]
+    features: ServedFeatures | None = None
+    unknown_products: list[Id] = []  # served ids the catalog did not know (kept, not dropped)
+    served_at: Timestamp
+    timestamp: Timestamp  # event time at which the window closed (or the correction arrived)
+
+
+Event = (Query | RankedResult | Click | AddToCart | Purchase | CatalogProduct | ModelUpdate
+         | LabeledList)
 
 # --- codec ----------------------------------------------------------------------------------
 
@@ -204,4 +271,5 @@ RESULTS: Final = Codec[RankedResult](RankedResult)
 INTERACTIONS: Final = Codec[Interaction](Interaction)
 CATALOG: Final = Codec[CatalogProduct](CatalogProduct)
 MODEL_UPDATES: Final = Codec[ModelUpdate](ModelUpdate)
+LABELED: Final = Codec[LabeledList](LabeledList)
 ANY: Final = Codec[Event](Event)

@@ -78,6 +78,7 @@ class TopicSettings(BaseSettings):
     model_updates: str = "shoprank.model-updates"
     dead_letter: str = "shoprank.dead-letter"
     forgotten: str = "shoprank.forgotten"  # `forget` requests, compacted: rebuilds honour them
+    labeled: str = "shoprank.labeled"  # served lists joined with what followed (the joiner's output)
     partitions: int = Field(default=4, ge=1)
 
 
@@ -154,6 +155,45 @@ class FeatureSettings(BaseSettings):
     spelling_refresh_s: float = Field(default=60.0, gt=0)
 
 
+class JoinerSettings(BaseSettings):
+    """The joiner: ranked results + the interactions that followed them -> graded labeled lists."""
+
+    model_config = _group("SHOPRANK_JOINER_")
+
+    group_id: str = "shoprank-joiner"
+    # Event time after the impression during which a click or add-to-cart counts for it; the list
+    # is emitted once the partition's event time has passed it.
+    click_window_s: float = Field(default=1800.0, gt=0)
+    # A purchase inside this window (> click_window_s) still counts: it emits a correction.
+    purchase_window_s: float = Field(default=86400.0, gt=0)
+    batch_size: int = Field(default=2000, ge=1)
+    batch_within_s: float = Field(default=0.05, gt=0)
+    metrics_port: int | None = None
+
+
+class TrainerSettings(BaseSettings):
+    """The continuous trainer (``shoprank trainer``): when it trains, on what, and the gate."""
+
+    model_config = _group("SHOPRANK_TRAINER_")
+
+    interval_s: float = Field(default=3600.0, gt=0)  # a cycle at least this often (wall clock) ...
+    min_new_lists: int = Field(default=2000, ge=1)  # ... or once this many new labeled lists arrived
+    fresh_lists: int = Field(default=20000, ge=1)  # the newest lists a cycle trains on
+    older_sample: int = Field(default=5000, ge=0)  # plus this many sampled from before them
+    holdout_lists: int = Field(default=1000, ge=10)  # the freshest, never trained on: the gate's data
+    epochs: int = Field(default=1, ge=1)
+    max_cycle_s: float = Field(default=110.0, gt=0)  # fine-tuning stops here, whatever the epoch
+    gate_margin: float = Field(default=0.005, ge=0)  # the candidate may trail by at most this (MAP@5)
+    gate_max_ms_per_query: float = Field(default=200.0, gt=0)  # sanity check of the candidate graph
+    bootstrap_samples: int = Field(default=1000, ge=100)
+    # Online guardrail: after a swap, roll back when the served lists' click MRR trails the
+    # previous version's by more than this over at least ``guardrail_min_lists`` lists each.
+    guardrail_margin: float = Field(default=0.05, ge=0)
+    guardrail_min_lists: int = Field(default=300, ge=1)
+    lease_ttl_s: float = Field(default=600.0, gt=0)  # one trainer writes at a time
+    group_id: str = "shoprank-trainer"
+
+
 class StreamsSettings(BaseSettings):
     """The feature workers: engine, consumer group, batching, dedup window, ports."""
 
@@ -190,6 +230,8 @@ class Settings(BaseSettings):
     scorer: ScorerSettings = Field(default_factory=ScorerSettings)
     features: FeatureSettings = Field(default_factory=FeatureSettings)
     streams: StreamsSettings = Field(default_factory=StreamsSettings)
+    joiner: JoinerSettings = Field(default_factory=JoinerSettings)
+    trainer: TrainerSettings = Field(default_factory=TrainerSettings)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     data_dir: Path = ROOT / "data"
     var_dir: Path = ROOT / "var"

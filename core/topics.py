@@ -37,7 +37,9 @@ def topic_specs(settings: Settings) -> list[TopicSpec]:
     t = settings.topics
     return [
         TopicSpec(t.queries, t.partitions, {"retention.ms": str(7 * 24 * 3600 * 1000)}),
-        TopicSpec(t.results, t.partitions, RETAIN_FOREVER),
+        # What the joiner needs (minutes to a day of impressions) and a week for the feature
+        # rebuild's impressions (decayed with a 7-day half-life); labels live on the labeled topic.
+        TopicSpec(t.results, t.partitions, {"retention.ms": str(7 * 24 * 3600 * 1000)}),
         # The feature rebuild replays interactions from the start: keep them all.
         TopicSpec(t.interactions, t.partitions, RETAIN_FOREVER),
         TopicSpec(
@@ -46,6 +48,9 @@ def topic_specs(settings: Settings) -> list[TopicSpec]:
             {"cleanup.policy": "compact", "min.compaction.lag.ms": "60000"},
         ),
         TopicSpec(t.model_updates, 1, RETAIN_FOREVER),
+        # Keyed by user id like its inputs (partition p of results and interactions -> p here);
+        # the trainer's history, kept.
+        TopicSpec(t.labeled, t.partitions, RETAIN_FOREVER),
         TopicSpec(t.dead_letter, 1, RETAIN_FOREVER),
         # Keyed by user id, the latest request kept forever: a rebuild after Redis was lost
         # restores every tombstone before it replays the events.

@@ -16,6 +16,7 @@ store's :meth:`~features.store.FeatureStore.speller` ("kimect sports" that of "k
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -61,6 +62,15 @@ FEATURE_NAMES: Final[tuple[str, ...]] = (
     "position",  # the candidate's original position when given, else 0
 )
 INDEX: Final = {name: i for i, name in enumerate(FEATURE_NAMES)}
+
+
+def feature_schema(names: Sequence[str]) -> str:
+    """The name of a feature layout, carried with served values (``ServedFeatures.schema``): who
+    reads them later (the joiner, the trainer) knows which columns they are, or that they differ."""
+    return f"f{len(names)}-{hashlib.sha256(','.join(names).encode()).hexdigest()[:12]}"
+
+
+FEATURE_SCHEMA: Final = feature_schema(FEATURE_NAMES)
 # The columns that depend only on the product (and the time of reading), see _item_columns.
 ITEM_COLUMNS: Final = [INDEX[n] for n in FEATURE_NAMES if n.startswith("item_")]
 
