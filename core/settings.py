@@ -192,6 +192,15 @@ class TrainerSettings(BaseSettings):
     guardrail_min_lists: int = Field(default=300, ge=1)
     lease_ttl_s: float = Field(default=600.0, gt=0)  # one trainer writes at a time
     group_id: str = "shoprank-trainer"
+    # A served list is trained on its first ``max_list_len`` positions plus every product acted on
+    # further down (bounds the padded arrays when some lists carry 1,000 candidates).
+    max_list_len: int = Field(default=100, ge=2)
+    # Inverse-propensity weights of click gains: "auto" trains with and without, keeps the better
+    # on the holdout; a weight is at most ``ipw_clip``.
+    position_debias: Literal["auto", "on", "off"] = "auto"
+    ipw_clip: float = Field(default=10.0, ge=1.0)
+    poll_s: float = Field(default=5.0, gt=0)  # how often the service reads new lists (guardrail)
+    metrics_port: int | None = None  # Prometheus: cycles by outcome, rollbacks, cycle seconds
 
 
 class StreamsSettings(BaseSettings):

@@ -46,6 +46,9 @@ class Examples:
     hist_idx: np.ndarray  # [E, R]
     hist_w: np.ndarray  # [E, R] float32
     valid: np.ndarray  # [E, K] bool, False for padding
+    # [E, K] float32 multiplying each candidate's gain (e.g. inverse propensity of its served
+    # position); None: every gain counts as graded
+    gain_weight: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.text_id)
@@ -53,11 +56,13 @@ class Examples:
     def narrowed(self, width: int) -> Examples:
         """The first ``width`` candidates of each list (lists are left-aligned, padding last)."""
         return Examples(self.texts, self.text_id, self.cand_idx[:, :width], self.grades[:, :width],
-                        self.dense[:, :width], self.hist_idx, self.hist_w, self.valid[:, :width])
+                        self.dense[:, :width], self.hist_idx, self.hist_w, self.valid[:, :width],
+                        None if self.gain_weight is None else self.gain_weight[:, :width])
 
     def subset(self, rows: np.ndarray) -> Examples:
         return Examples(self.texts, self.text_id[rows], self.cand_idx[rows], self.grades[rows],
-                        self.dense[rows], self.hist_idx[rows], self.hist_w[rows], self.valid[rows])
+                        self.dense[rows], self.hist_idx[rows], self.hist_w[rows], self.valid[rows],
+                        None if self.gain_weight is None else self.gain_weight[rows])
 
 
 @dataclass(frozen=True)
@@ -75,6 +80,12 @@ class FitConfig:
     # follows the same path; without it they stay constant.
     decay: bool = False
     schedule_epochs: int | None = None
+    # Fine-tuning a served version keeps its feature standardization (the head learned on it);
+    # without this, ``fit`` sets it from the training lists.
+    keep_scaling: bool = False
+    # Stop mid-epoch once this many seconds have passed (the continuous trainer's cycle budget);
+    # ``max_minutes`` is checked only between epochs.
+    deadline_s: float | None = None
 
 
 @dataclass
@@ -163,7 +174,7 @@ def fit(model: PersonalRanker, tokenizer: Tokenizer, product_emb: np.ndarray, tr
     started = time.monotonic()
     table = torch.from_numpy(product_emb.astype(np.float32))
     batcher = TextBatcher(tokenizer, train.texts, model.cfg.max_query_len)
-    unused = set_feature_scaling(model, train)
+    unused = [] if cfg.keep_scaling else set_feature_scaling(model, train)
     if unused:
         log.info("features_unused", features=[model.cfg.feature_names[i] for i in unused],
                  reason="constant in training")
@@ -203,9 +214,14 @@ def fit(model: PersonalRanker, tokenizer: Tokenizer, product_emb: np.ndarray, tr
         bar = tqdm(range(0, len(order), cfg.batch_size), desc=f"epoch {epoch}/{cfg.epochs}", unit="batch",
                    leave=False, disable=not cfg.progress)
         for start in bar:
+            if cfg.deadline_s is not None and time.monotonic() - started > cfg.deadline_s:
+                result.stopped = "time budget"
+                break
             batch = train.subset(order[start : start + cfg.batch_size])
             scores = forward(model, batcher, table, batch)
             gains = torch.exp2(torch.from_numpy(batch.grades).float()) - 1
+            if batch.gain_weight is not None:
+                gains = gains * torch.from_numpy(batch.gain_weight)
             loss = listwise_softmax_loss(scores, gains, torch.from_numpy(batch.valid))
             optimizer.zero_grad()
             loss.backward()
@@ -214,9 +230,12 @@ def fit(model: PersonalRanker, tokenizer: Tokenizer, product_emb: np.ndarray, tr
             scheduler.step()
             losses.append(loss.item())
             bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
+        if not losses:  # the deadline passed before this epoch's first step
+            break
         current = validate()
         elapsed = (time.monotonic() - started) / 60
-        result.history.append({"epoch": epoch, "loss": float(np.mean(losses)), "val_metric": current})
+        result.history.append({"epoch": epoch, "loss": float(np.mean(losses)), "val_metric": current,
+                               "steps": len(losses)})
         log.info("train_epoch", epoch=epoch, loss=round(float(np.mean(losses)), 4), minutes=round(elapsed, 2),
                  **({"val_metric": round(current, 4)} if val is not None else {}))
         if current > best + 1e-4 or val is None:
@@ -228,7 +247,7 @@ def fit(model: PersonalRanker, tokenizer: Tokenizer, product_emb: np.ndarray, tr
         if stale > cfg.patience:
             result.stopped = "plateau"
             break
-        if elapsed > cfg.max_minutes:
+        if result.stopped == "time budget" or elapsed > cfg.max_minutes:
             result.stopped = "time budget"
             break
     model.load_state_dict(best_state)
