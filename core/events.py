@@ -224,7 +224,6 @@ class LabeledList(_Event, kw_only=True, tag="labeled_list"):
     model_version: Label
     products: list[LabeledProduct]
     features: ServedFeatures | None = None
-    unknown_products: list[Id] = []  # served ids the catalog did not know (kept, not dropped)
     served_at: Timestamp
     timestamp: Timestamp  # event time at which the window closed (or the correction arrived)
 

@@ -61,9 +61,11 @@ def drop_reached(consumer: Consumer, ends: dict[tuple[str, int], int]) -> None:
 
 
 def send_acked(producer: Producer, topic: str, messages: Iterable[tuple[bytes | None, bytes | None,
-               list[tuple[str, bytes]] | None]], timeout_s: float = 30.0) -> None:
-    """Produce ``(key, value, headers)`` messages and return once the broker has acknowledged every
-    one; raise if any failed or is still unacknowledged after ``timeout_s``."""
+               list[tuple[str, bytes]] | None]], timeout_s: float = 30.0,
+               partition: int | None = None) -> None:
+    """Produce ``(key, value, headers)`` messages (to ``partition`` when given, else by key) and
+    return once the broker has acknowledged every one; raise if any failed or is still
+    unacknowledged after ``timeout_s``."""
     failed: list[KafkaError] = []
 
     def delivered(err: KafkaError | None, _msg: Message) -> None:
@@ -71,8 +73,9 @@ def send_acked(producer: Producer, topic: str, messages: Iterable[tuple[bytes | 
             failed.append(err)
 
     n = 0
+    where = {} if partition is None else {"partition": partition}
     for key, value, headers in messages:
-        producer.produce(topic, value=value, key=key, headers=headers, on_delivery=delivered)
+        producer.produce(topic, value=value, key=key, headers=headers, on_delivery=delivered, **where)
         n += 1
     remaining = producer.flush(timeout_s)
     if remaining or failed:

@@ -117,6 +117,8 @@ class ScorerSettings(BaseSettings):
     # Cross-encoder second stage over the top 100 (scorer/rerank.py): "cuda" runs it only when
     # serving on a GPU, "always" on a CPU too, "off" never; needs a version that ships one.
     rerank: Literal["off", "cuda", "always"] = "cuda"
+    # How often a scorer reads the product vectors the embedder wrote since (features.embeddings).
+    embeddings_refresh_s: float = Field(default=1.0, gt=0)
 
 
 class FeatureSettings(BaseSettings):
@@ -168,6 +170,8 @@ class JoinerSettings(BaseSettings):
     purchase_window_s: float = Field(default=86400.0, gt=0)
     batch_size: int = Field(default=2000, ge=1)
     batch_within_s: float = Field(default=0.05, gt=0)
+    # A joiner that dies holds its partitions this long before the group hands them on.
+    session_timeout_s: float = Field(default=10.0, ge=6.0)
     metrics_port: int | None = None
 
 
@@ -201,6 +205,17 @@ class TrainerSettings(BaseSettings):
     ipw_clip: float = Field(default=10.0, ge=1.0)
     poll_s: float = Field(default=5.0, gt=0)  # how often the service reads new lists (guardrail)
     metrics_port: int | None = None  # Prometheus: cycles by outcome, rollbacks, cycle seconds
+
+
+class EmbedderSettings(BaseSettings):
+    """``shoprank embedder``: catalog products -> vectors of the serving version's product tower."""
+
+    model_config = _group("SHOPRANK_EMBEDDER_")
+
+    group_id: str = "shoprank-embedder"
+    batch_size: int = Field(default=64, ge=1, le=1024)  # products per onnxruntime call
+    check_s: float = Field(default=2.0, gt=0)  # how often it looks for a new serving version
+    threads: int = Field(default=0, ge=0)  # onnxruntime intra-op threads (0: onnxruntime decides)
 
 
 class StreamsSettings(BaseSettings):
@@ -241,6 +256,7 @@ class Settings(BaseSettings):
     streams: StreamsSettings = Field(default_factory=StreamsSettings)
     joiner: JoinerSettings = Field(default_factory=JoinerSettings)
     trainer: TrainerSettings = Field(default_factory=TrainerSettings)
+    embedder: EmbedderSettings = Field(default_factory=EmbedderSettings)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     data_dir: Path = ROOT / "data"
     var_dir: Path = ROOT / "var"

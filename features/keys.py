@@ -23,7 +23,29 @@ key                    value                                                  ex
                        e (interaction), q (query), r (ranked result)
 ``o:{topic}:{part}``   last Kafka offset whose effect is in Redis             none
 ``stats``              hash: ``applied`` events, skipped ``duplicates``       none
+``pe:{tower}``         hash product id -> 32-byte header (16 hex updated_at  none
+                       ms, 16 hex digest of the text) + float32 LE vector
+                       from product tower ``tower`` (features.embeddings;
+                       braces literal: a hash tag, one slot with ``pef:``)
+``pef:{tower}``        stream: ids of products whose vector changed (field  trimmed near
+                       ``p``), the feed scorers follow                        100,000 entries
+``lease:trainer``      the continuous trainer's lease: holder token           lease_ttl_s, renewed
+                       (host:pid:random); one trainer writes at a time
+``j{p}:l:{query_id}``  joiner: a list it holds (msgpack streams.join.OpenList) deleted when closed
+``j{p}:due``           joiner: sorted set query_id -> event time it is next   none
+                       due (emission, then forgetting)
+``j{p}:u:{user}``      joiner: sorted set query_id -> served time, the        emptied with lists
+                       shopper's held lists (attribution without query_id)
+``j{p}:o``             joiner: hash topic -> last offset applied              none
+``j{p}:t``             joiner: hash topic -> latest event time read, and      none
+                       ``w``, the partition's watermark
+``j{p}:x``             joiner: stream, labeled lists awaiting publication     entries deleted
+                       (the outbox; entry id = publication sequence)          once acknowledged
+``j{p}:stats``         joiner: hash of counts (clicks, matched, lists, ...)   none
 =====================  =====================================================  ==================
+
+The joiner's keys are per partition ``p`` of its inputs and carry ``{p}`` as a Redis Cluster hash
+tag: one partition's state commits in one transaction, in one slot.
 """
 
 from __future__ import annotations
@@ -44,6 +66,11 @@ QUERY_PENDING: Final = "qp:"
 APPLIED: Final = "d:"
 OFFSET: Final = "o:"
 STATS: Final = "stats"
+PRODUCT_EMB: Final = "pe:"
+PRODUCT_EMB_FEED: Final = "pef:"
+TRAINER_LEASE: Final = "lease:trainer"
+
+JOIN: Final = "j{"
 
 #: Everything ``rebuild`` clears (tombstones survive: a forgotten shopper stays forgotten).
 REBUILT: Final = (USER, PRODUCT, PRODUCT_DOC, ITEM, QUERY_ITEM, QUERY_TOTAL, QUERY_TEXT,
@@ -101,9 +128,46 @@ def offset(topic: str, partition: int) -> str:
     return f"{OFFSET}{topic}:{partition}"
 
 
+def product_embeddings(tower: str) -> str:
+    """Not in REBUILT: embeddings are the embedder's, recomputed from the catalog, not the log."""
+    return f"{PRODUCT_EMB}{{{tower}}}"
+
+
+def product_embedding_feed(tower: str) -> str:
+    return f"{PRODUCT_EMB_FEED}{{{tower}}}"
+
+
 def price_count_field(category: str) -> str:
     return "n:" + category
 
 
 def price_cents_field(category: str) -> str:
     return "c:" + category
+
+
+def join_list(partition: int, query_id: str) -> str:
+    return f"j{{{partition}}}:l:{query_id}"
+
+
+def join_due(partition: int) -> str:
+    return f"j{{{partition}}}:due"
+
+
+def join_user(partition: int, user_id: str) -> str:
+    return f"j{{{partition}}}:u:{user_id}"
+
+
+def join_offsets(partition: int) -> str:
+    return f"j{{{partition}}}:o"
+
+
+def join_clock(partition: int) -> str:
+    return f"j{{{partition}}}:t"
+
+
+def join_outbox(partition: int) -> str:
+    return f"j{{{partition}}}:x"
+
+
+def join_stats(partition: int) -> str:
+    return f"j{{{partition}}}:stats"

@@ -1,4 +1,5 @@
-"""``shoprank streams`` (run a feature worker), ``shoprank rebuild``, ``shoprank forget USER``."""
+"""``shoprank streams`` (run a feature worker), ``shoprank joiner`` (labeled lists from what was
+served), ``shoprank rebuild``, ``shoprank forget USER``."""
 
 from __future__ import annotations
 
@@ -12,6 +13,12 @@ def cmd_streams(args: argparse.Namespace, settings: Settings) -> int:
     from streams.worker import run_worker
 
     return run_worker(settings)
+
+
+def cmd_joiner(args: argparse.Namespace, settings: Settings) -> int:
+    from streams.joiner import run_joiner
+
+    return run_joiner(settings)
 
 
 def cmd_rebuild(args: argparse.Namespace, settings: Settings) -> int:
@@ -37,6 +44,8 @@ def cmd_forget(args: argparse.Namespace, settings: Settings) -> int:
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("streams", help="run a feature worker: events -> features in Redis")
     p.set_defaults(func=cmd_streams)
+    p = sub.add_parser("joiner", help="join ranked results with the clicks that followed: labeled lists")
+    p.set_defaults(func=cmd_joiner)
     p = sub.add_parser("rebuild", help="recompute all features in Redis from the retained Kafka log")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_rebuild)

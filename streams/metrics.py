@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 EVENTS = Counter(
     "shoprank_stream_events_total",
@@ -14,6 +14,10 @@ DEAD_LETTERS = Counter(
     "Events sent to the dead-letter topic, by source topic and kind of reason",
     ["topic", "kind"],  # kind: invalid, unknown_product
 )
+UNKNOWN_IMPRESSIONS = Counter(
+    "shoprank_unknown_impressions_total",
+    "Products shown in ranked results that the catalog did not know (the results are kept)",
+)
 CONFLICTS = Counter(
     "shoprank_stream_conflicts_total", "Batches re-planned because another writer got there first"
 )
@@ -22,3 +26,41 @@ BATCH_SECONDS = Histogram(
     "Time to apply one batch to Redis (read, plan, commit)",
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
 )
+
+# --- the joiner (served on SHOPRANK_JOINER_METRICS_PORT) -------------------------------------
+
+JOIN_CLICKS = Counter(
+    "shoprank_joiner_clicks_total",
+    "Clicks the joiner read, by whether they found the list they were shown in",
+    ["outcome"],  # matched, off_list (list found, product not in it), unmatched
+)
+JOIN_LISTS = Counter(
+    "shoprank_joiner_lists_total", "Labeled lists emitted", ["revision"],  # first, correction
+)
+JOIN_LATE = Counter(
+    "shoprank_joiner_late_total", "Interactions outside their list's attribution window"
+)
+JOIN_SKIPPED = Counter(
+    "shoprank_joiner_invalid_total", "Records the joiner could not decode (dead-lettered by the workers)",
+    ["topic"],
+)
+JOIN_PUBLISHED = Counter(
+    "shoprank_joiner_published_total", "Labeled lists published to the labeled topic and acknowledged"
+)
+JOIN_COVERAGE = Gauge(
+    "shoprank_joiner_click_coverage", "Share of clicks that found their impression (all joiners, stored)"
+)
+
+
+def count_join(counts: object) -> None:
+    """Add one batch's streams.join.JoinCounts to the counters."""
+    c = vars(counts)
+    for outcome in ("matched", "off_list", "unmatched"):
+        if c[outcome]:
+            JOIN_CLICKS.labels(outcome).inc(c[outcome])
+    if c["lists"]:
+        JOIN_LISTS.labels("first").inc(c["lists"])
+    if c["corrections"]:
+        JOIN_LISTS.labels("correction").inc(c["corrections"])
+    if c["late"]:
+        JOIN_LATE.inc(c["late"])

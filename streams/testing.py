@@ -66,6 +66,7 @@ def environment(settings: Settings, **streams: object) -> dict[str, str]:
         "SHOPRANK_TOPIC_CATALOG": t.catalog,
         "SHOPRANK_TOPIC_DEAD_LETTER": t.dead_letter,
         "SHOPRANK_TOPIC_FORGOTTEN": t.forgotten,
+        "SHOPRANK_TOPIC_LABELED": t.labeled,
         "SHOPRANK_TOPIC_PARTITIONS": str(t.partitions),
         "SHOPRANK_LOG_LEVEL": "WARNING",
     })
@@ -74,13 +75,14 @@ def environment(settings: Settings, **streams: object) -> dict[str, str]:
 
 
 class Worker:
-    """One ``shoprank streams`` process in its own process group; logs go to ``log_path``."""
+    """One ``shoprank streams`` process (or another ``shoprank`` service: ``command``) in its own
+    process group; logs go to ``log_path``."""
 
-    def __init__(self, env: dict[str, str], log_path: Path) -> None:
+    def __init__(self, env: dict[str, str], log_path: Path, command: str = "streams") -> None:
         self.log_path = log_path
         self._log: IO[bytes] = open(log_path, "ab")  # noqa: SIM115 - closed in stop()/kill()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "shoprank", "streams"],
+            [sys.executable, "-m", "shoprank", command],
             env=env, cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
         )
 
