@@ -39,14 +39,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import msgspec
 import numpy as np
 import redis
 import structlog
 
 from bench.isolation import isolated_settings
 from bench.loadgen import LoadGenerator, QuerySpec, StepResult
-from core import kafka
+from core import events, kafka
 from core.logs import configure_logging
 from core.registry import load_version, serving_version
 from core.settings import ScorerSettings, Settings
@@ -54,6 +53,7 @@ from core.topics import ensure_topics, topic_specs
 from evaluation.ranker import SearchRow
 from evaluation.splits import BestBuySplit, bestbuy_split
 from features.plan import Record
+from features.read import FEATURE_NAMES
 from features.redis_store import RedisStore, connect
 from scorer.runtime import QUERY_CACHE_SIZE
 from shoprank.processes import http_ready, stop_group
@@ -220,13 +220,14 @@ def cpu_name() -> str:
 
 
 def check_sample(sample: bytes | None) -> None:
-    """One full result, decoded: 100 ranked products, each with its served features."""
+    """One full result, decoded: 100 ranked products and their served features (100 rows)."""
     if sample is None:
         raise RuntimeError("no ranked result was read back")
-    body = msgspec.json.decode(sample)
-    products = body.get("products") or []
-    if body.get("error") or len(products) != CANDIDATES or not products[0].get("features"):
-        raise RuntimeError(f"unexpected result: error={body.get('error')!r}, {len(products)} products")
+    result = events.RESULTS.decode(sample)
+    products = result.products
+    if (result.error or len(products) != CANDIDATES or result.features is None
+            or result.features.matrix(len(products)).shape != (CANDIDATES, len(FEATURE_NAMES))):
+        raise RuntimeError(f"unexpected result: error={result.error!r}, {len(products)} products")
 
 
 def ramp(gen: LoadGenerator, rates: list[float], seconds: float
@@ -367,8 +368,9 @@ def notes(args: argparse.Namespace, overrides: dict[str, str], load_start: tuple
         f"figures are noisy. Latency = produce() call -> ranked result consumed, through Kafka "
         f"({n_sent} Best Buy searches measured, sent in log order (test period first) after "
         f"{args.warm_qps * args.warm_s:.0f} unmeasured warm-up ones{cycle_txt}; each with its clicked "
-        f"products among {CANDIDATES} of the 437 catalog products; results carry every product's served "
-        f"features). Scorer: max_batch {batch}, max_wait_ms {wait_txt}, peak RSS {hwm:.0f} MB; its query-"
+        f"products among {CANDIDATES} of the 437 catalog products; results carry the served features, "
+        f"one zstd-compressed float32 matrix). Scorer: max_batch {batch}, max_wait_ms {wait_txt}, "
+        f"peak RSS {hwm:.0f} MB; its query-"
         f"embedding LRU ({QUERY_CACHE_SIZE} texts, empty at start) served {hit_rate:.0%} of the measured "
         f"queries ({repeats_txt}). "
         f"load step {args.load_s:.0f} s; ramp steps "

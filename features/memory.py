@@ -46,7 +46,7 @@ class MemoryStore:
         if on_rejected is not None and p.rejected:
             on_rejected(p.rejected)
         self._commit(p)
-        return Outcome(p.n_applied, p.duplicates, p.rejected, p.skipped)
+        return Outcome(p.n_applied, p.duplicates, p.rejected, p.skipped, p.unknown_impressions)
 
     def _view(self, records: list[Record]) -> View:
         n = needs(records)

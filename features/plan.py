@@ -70,6 +70,8 @@ class Plan:
     # One entry per shown result, (t, product ids): a third of all events, each showing ~10
     # products, so they travel compactly. Stores apply them after ``items``.
     impressions: list[tuple[float, list[str]]] = field(default_factory=list)
+    # (query id, product ids the catalog does not know) of results whose known products were counted
+    unknown_impressions: list[tuple[str, list[str]]] = field(default_factory=list)
     queries: list[tuple[str, str]] = field(default_factory=list)  # (query id, query_item.stored_text)
     query_items: list[tuple[str, str, int, float]] = field(default_factory=list)
     applied: list[str] = field(default_factory=list)
@@ -176,7 +178,7 @@ class _Planner:
             if self._tracks(ev.user_id, ev.timestamp.timestamp()):
                 self._set_user(ev.user_id, user.on_query(self.users.get(ev.user_id), ev, self.cfg))
         elif isinstance(ev, RankedResult):
-            return self._impressions(ev)
+            self._impressions(ev)
         else:
             return self._interaction(ev)
         return None
@@ -204,14 +206,17 @@ class _Planner:
             pn, pc = self.plan.price_deltas.get(cat, (0, 0))
             self.plan.price_deltas[cat] = (pn + dn, pc + dc)
 
-    def _impressions(self, ev: RankedResult) -> str | None:
-        pids = [p.product_id for p in ev.products]
-        if not self.products.keys() >= set(pids):
-            unknown = next(pid for pid in pids if pid not in self.products)
-            return f"unknown product_id {unknown!r} - at `$.products`"
-        if pids:
-            self.plan.impressions.append((ev.timestamp.timestamp(), pids))
-        return None
+    def _impressions(self, ev: RankedResult) -> None:
+        """Count the impressions of the products the catalog knows. A result naming others is
+        not rejected (the impression is what the shopper saw, and the labeled list the joiner
+        builds from it is kept): their ids go to ``Plan.unknown_impressions`` to be counted."""
+        known, unknown = [], []
+        for p in ev.products:
+            (known if p.product_id in self.products else unknown).append(p.product_id)
+        if unknown:
+            self.plan.unknown_impressions.append((ev.query_id, unknown))
+        if known:
+            self.plan.impressions.append((ev.timestamp.timestamp(), known))
 
     def _interaction(self, ev: InteractionT) -> str | None:
         attrs = self.products.get(ev.product_id)

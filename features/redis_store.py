@@ -82,7 +82,7 @@ class RedisStore:
                 reported.update(i for i, _ in fresh)
             failed = self._commit(p, guards)
             if failed is None:
-                return Outcome(p.n_applied, p.duplicates, p.rejected, p.skipped)
+                return Outcome(p.n_applied, p.duplicates, p.rejected, p.skipped, p.unknown_impressions)
             self.conflicts += 1
             log.info("batch_conflict", guard=failed, attempt=attempt, events=len(batch))
             time.sleep(min(0.2, 0.002 * 2**attempt))

@@ -19,12 +19,14 @@ OnRejected = Callable[[list[tuple[int, str]]], None]
 @dataclass(frozen=True)
 class Outcome:
     """What a batch did. ``rejected``: (index in the batch, reason), e.g. an unknown product;
-    ``skipped``: indices of redeliveries and duplicates."""
+    ``skipped``: indices of redeliveries and duplicates; ``unknown_impressions``: (query id,
+    product ids) a result showed that the catalog does not know (its other products counted)."""
 
     applied: int
     duplicates: int
     rejected: list[tuple[int, str]] = field(default_factory=list)
     skipped: list[int] = field(default_factory=list)
+    unknown_impressions: list[tuple[str, list[str]]] = field(default_factory=list)
 
 
 @dataclass

@@ -17,9 +17,9 @@ import msgspec
 import numpy as np
 import structlog
 
-from core.events import QUERIES, InvalidEvent, Query, RankedProduct, RankedResult
+from core.events import QUERIES, InvalidEvent, Query, RankedProduct, RankedResult, ServedFeatures
 from core.logs import hash_user
-from features.read import FEATURE_NAMES, Request, read_batch
+from features.read import FEATURE_NAMES, Request, Result, feature_schema, read_batch
 from features.store import FeatureStore
 from scorer.metrics import ScorerMetrics
 from scorer.runtime import Batch, ServedModel
@@ -100,6 +100,11 @@ class QueryRanker:
 
     def prepare(self, model: ServedModel, queries: Sequence[Query]) -> Batch:
         """Embed the queries, settle their candidates, read their features: the model's inputs."""
+        return self._prepare(model, queries)[0]
+
+    def _prepare(self, model: ServedModel, queries: Sequence[Query]) -> tuple[Batch, list[Result]]:
+        """The model's inputs, and the features as read (their history ids, which the batch holds
+        only as embedding rows, go out with the results)."""
         started = time.perf_counter()
         query_emb = model.encode([q.text for q in queries])
         retrieved = None
@@ -118,15 +123,17 @@ class QueryRanker:
         feats = read_batch(self.store, requests, now=max(q.timestamp.timestamp() for q in queries))
         batch = self._batch(model, query_emb, cands, feats)
         self.time_stage("features", started)
-        return batch
+        return batch, feats
 
     def _rank_valid(self, model: ServedModel, queries: Sequence[tuple[Query, float]]) -> list[RankedResult]:
-        batch = self.prepare(model, [q for q, _ in queries])
+        batch, feats = self._prepare(model, [q for q, _ in queries])
         started = time.perf_counter()
         scores = model.score(batch)
         started = self.time_stage("model", started)
-        results = [self._result(model, q, t, c, batch.dense[i], s)
-                   for i, ((q, t), c, s) in enumerate(zip(queries, batch.candidates, scores, strict=True))]
+        schema = feature_schema(model.feature_names)
+        results = [self._result(model, q, t, c, batch.dense[i], s, schema, f)
+                   for i, ((q, t), c, s, f) in enumerate(zip(queries, batch.candidates, scores, feats,
+                                                            strict=True))]
         self.time_stage("results", started)
         return results
 
@@ -155,21 +162,24 @@ class QueryRanker:
         return Batch(query_emb, cand_idx, hist_idx, hist_w, dense, [len(c) for c in cands], cands)
 
     def _result(self, model: ServedModel, q: Query, published_at: float, cands: list[str],
-                dense: np.ndarray, scores: np.ndarray) -> RankedResult:
+                dense: np.ndarray, scores: np.ndarray, schema: str, read: Result) -> RankedResult:
         order = np.argsort(-scores, kind="stable")
         # Whole arrays to Python values at once: per-element numpy indexing cost more than the
         # rest of building the result.
         ranked_scores = scores[order].tolist()
-        rows = dense[order].tolist() if self.with_features else [None] * len(order)
-        products = [
-            RankedProduct(product_id=cands[j], score=score, position=pos,
-                          features=dict(zip(FEATURE_NAMES, row, strict=True)) if row is not None else None)
-            for pos, (j, score, row) in enumerate(zip(order.tolist(), ranked_scores, rows, strict=True), 1)
-        ]
+        products = [RankedProduct(product_id=cands[j], score=score, position=pos)
+                    for pos, (j, score) in enumerate(zip(order.tolist(), ranked_scores, strict=True), 1)]
+        served = None
+        if self.with_features:
+            # One float32 matrix, rows in ranked order, and the history exactly as the model got
+            # it (cut to history_len): what a labeled list trains on later, with no train/serve skew.
+            k = min(model.history_len, len(read.recent_products))
+            served = ServedFeatures.pack(schema, dense[order], list(read.recent_products[:k]),
+                                         read.recent_weights[:k].tolist())
         unknown = int(np.sum(model.rows(cands) == model.unknown_row))
         if unknown:
             log.info("unknown_candidates", query_id=q.query_id, count=unknown, model_version=model.version)
         return RankedResult(query_id=q.query_id, user_id=q.user_id, session_id=q.session_id,
-                            model_version=model.version, products=products,
+                            model_version=model.version, products=products, text=q.text, features=served,
                             latency_ms=max(0.0, (time.time() - published_at) * 1000),
                             timestamp=datetime.now(UTC))

@@ -30,7 +30,7 @@ import onnxruntime as ort
 import structlog
 from tokenizers import Tokenizer
 
-from core.events import CATALOG, InvalidEvent, Query, RankedResult
+from core.events import CATALOG, InvalidEvent, Query, RankedResult, ServedFeatures
 from core.text import product_text
 
 if TYPE_CHECKING:
@@ -152,7 +152,8 @@ def rerank_allowed(mode: str, device: str) -> bool:
 class RerankingRanker:
     """A :class:`scorer.ranking.QueryRanker` whose results' top ``k`` are re-ordered by the
     cross-encoder (one batch of pairs per micro-batch of queries). Products past ``k`` keep their
-    first-stage order below the re-ranked ones; every product keeps its served features."""
+    first-stage order below the re-ranked ones; every product keeps its served features (the
+    served matrix's rows are re-ordered with the products)."""
 
     def __init__(self, inner: QueryRanker, session_for: Callable[[ServedModel], CrossEncoderSession | None],
                  texts: Callable[[list[str]], dict[str, str]], k: int = RERANK_K) -> None:
@@ -195,8 +196,21 @@ class RerankingRanker:
             top = [msgspec.structs.replace(r.products[j], score=float(ce[j])) for j in order]
             rest = list(r.products[n:])
             products = [msgspec.structs.replace(p, position=i) for i, p in enumerate([*top, *rest], 1)]
-            reranked[r.query_id] = msgspec.structs.replace(r, products=products)
+            reranked[r.query_id] = msgspec.structs.replace(r, products=products,
+                                                           features=_reorder(r, order))
         return [reranked.get(r.query_id, r) for r in results]
+
+
+def _reorder(result: RankedResult, top_order: np.ndarray) -> ServedFeatures | None:
+    """The served matrix with its rows in the re-ranked order: its top rows as ``top_order``
+    permutes them, the rest unchanged (row i stays the features of product i)."""
+    served = result.features
+    if served is None:
+        return None
+    n = len(result.products)
+    rows = np.concatenate([top_order, np.arange(len(top_order), n)])
+    matrix = served.matrix(n)[rows]
+    return ServedFeatures.pack(served.schema, matrix, served.history, served.history_weights)
 
 
 def redis_texts(client: Any) -> Callable[[list[str]], dict[str, str]]:

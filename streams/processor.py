@@ -112,6 +112,7 @@ class Processor:
 
             outcome = self._apply_with_retry(batch.records, hand_over)
             _count(origins, outcome)
+            _count_unknown(outcome)
         metrics.BATCH_SECONDS.observe(time.perf_counter() - started)
         return len(letters)
 
@@ -141,6 +142,17 @@ def _count(origins: list[RawRecord], outcome: Outcome) -> None:
             counts[raw.topic, "applied"] += 1
     for (topic, outcome_name), n in counts.items():
         metrics.EVENTS.labels(topic, outcome_name).inc(n)
+
+
+def _count_unknown(outcome: Outcome) -> None:
+    """Products shown that the catalog does not know: counted and logged, their results kept."""
+    if not outcome.unknown_impressions:
+        return
+    n = sum(len(ids) for _, ids in outcome.unknown_impressions)
+    metrics.UNKNOWN_IMPRESSIONS.inc(n)
+    log.info("unknown_impressions", count=n, results=len(outcome.unknown_impressions),
+             query_ids=[q for q, _ in outcome.unknown_impressions[:5]],
+             product_ids=sorted({p for _, ids in outcome.unknown_impressions for p in ids})[:10])
 
 
 def _letter(raw: RawRecord, reason: str) -> DeadLetter:

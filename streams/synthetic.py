@@ -76,7 +76,7 @@ def sessions(shape: Shape, n_queries: int, start: datetime = START, tag: str = "
         yield Query(query_id=qid, user_id=uid, session_id=sid, text=text, context=ctx, timestamp=t)
         t += timedelta(milliseconds=rnd.randrange(5, 50))
         yield RankedResult(
-            query_id=qid, user_id=uid, session_id=sid, model_version="v0",
+            query_id=qid, user_id=uid, session_id=sid, model_version="v0", text=text,
             products=[RankedProduct(product_id=p, score=1.0 / (i + 1), position=i + 1)
                       for i, p in enumerate(shown)],
             timestamp=t,

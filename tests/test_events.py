@@ -7,6 +7,7 @@ import json
 import time
 from datetime import UTC, datetime
 
+import numpy as np
 import pytest
 
 from core import events as ev
@@ -14,6 +15,10 @@ from core import kafka
 from core.settings import Settings
 
 T0 = datetime(2011, 8, 11, 3, 59, 4, 270000, tzinfo=UTC)
+
+# Two products' served features in list order (three columns here; the scorer's schema names 28).
+SERVED = ev.ServedFeatures.pack("f3-test", np.array([[1.0, 0.5, -2.0], [0.0, 0.25, 3.5]]),
+                                history=["1004622"], history_weights=[0.75])
 
 SAMPLES: dict[str, tuple[ev.Codec, ev.Event]] = {
     "query": (
@@ -36,11 +41,22 @@ SAMPLES: dict[str, tuple[ev.Codec, ev.Event]] = {
             session_id="s1",
             model_version="v1",
             products=[
-                ev.RankedProduct(product_id="9713872", score=2.5, position=1, features={"qp_clicks": 1.0}),
+                ev.RankedProduct(product_id="9713872", score=2.5, position=1),
                 ev.RankedProduct(product_id="1004622", score=0.5, position=2),
             ],
+            text="halo 3",
+            features=SERVED,
             latency_ms=3.2,
             timestamp=T0,
+        ),
+    ),
+    "labeled_list": (
+        ev.LABELED,
+        ev.LabeledList(
+            list_id="q1", query_id="q1", user_id="u1", session_id="s1", text="halo 3", model_version="v1",
+            products=[ev.LabeledProduct(product_id="9713872", position=1, score=2.5, grade=3),
+                      ev.LabeledProduct(product_id="1004622", position=2, score=0.5)],
+            features=SERVED, served_at=T0, timestamp=T0,
         ),
     ),
     "click": (
@@ -75,7 +91,7 @@ SAMPLES: dict[str, tuple[ev.Codec, ev.Event]] = {
 def topic_for(settings: Settings, kind: str) -> str:
     t = settings.topics
     return {"query": t.queries, "ranked_result": t.results, "product": t.catalog,
-            "model_update": t.model_updates}.get(kind, t.interactions)
+            "model_update": t.model_updates, "labeled_list": t.labeled}.get(kind, t.interactions)
 
 
 @pytest.mark.parametrize("kind", sorted(SAMPLES))
@@ -132,6 +148,9 @@ INVALID = [
         "$.products[0].position",
     ),
     ("ranked_result", {"model_version": _DROP}, "model_version"),
+    ("ranked_result", {"features": {"schema": "f3-test"}}, "$.features"),
+    ("labeled_list", {"products": [{"product_id": "p", "position": 1, "score": 1.0, "grade": 4}]},
+     "$.products[0].grade"),
     ("click", {"price": -1}, "$.price"),
     ("click", {"position": "first"}, "$.position"),
     ("click", {"event_id": "has space"}, "$.event_id"),
@@ -169,3 +188,15 @@ def test_a_click_is_not_accepted_where_a_query_is_expected() -> None:
 def test_unknown_extra_fields_are_ignored_for_forward_compatibility() -> None:
     event = ev.INTERACTIONS.decode(_payload("click", affiliation="Google Store", coupon="SUMMER"))
     assert event == SAMPLES["click"][1]
+
+
+def test_served_features_pack_a_float32_matrix_and_refuse_a_wrong_row_count() -> None:
+    matrix = np.arange(12, dtype=np.float64).reshape(4, 3) / 7
+    served = ev.ServedFeatures.pack("f3-test", matrix, ["p1"], [0.5])
+    back = ev.RESULTS.decode(ev.encode(ev.RankedResult(
+        query_id="q", user_id="u", session_id="s", model_version="v", products=[], features=served,
+        timestamp=T0))).features
+    assert back is not None and back.history == ["p1"] and back.history_weights == [0.5]
+    np.testing.assert_array_equal(back.matrix(4), matrix.astype(np.float32))
+    with pytest.raises(ValueError, match="not a multiple of 5 rows"):
+        back.matrix(5)

@@ -13,6 +13,7 @@ import redis
 from core.events import CatalogProduct, Click, Purchase, Query, RankedProduct, RankedResult
 from core.settings import FeatureSettings
 from core.text import normalize_query, query_words
+from features import item
 from features.memory import MemoryStore
 from features.plan import Record, Source
 from features.read import FEATURE_NAMES, INDEX, Request, read_batch
@@ -85,12 +86,25 @@ def test_redelivered_offsets_are_skipped_even_without_markers(store: FeatureStor
 
 def test_unknown_product_is_rejected_with_reason_and_the_rest_applies(store: FeatureStore) -> None:
     load_catalog(store)
-    result = RankedResult(query_id="q1", user_id="u1", session_id="s", model_version="v",
-                          products=[RankedProduct(product_id="nope", score=1, position=1)], timestamp=T0)
-    out = store.apply_batch([Record(click("e1", "ghost")), Record(click("e2")), Record(result)])
-    assert [i for i, _ in out.rejected] == [0, 2]
+    out = store.apply_batch([Record(click("e1", "ghost")), Record(click("e2"))])
+    assert [i for i, _ in out.rejected] == [0]
     assert "unknown product_id 'ghost'" in out.rejected[0][1]
     assert out.applied == 1
+
+
+def test_a_result_showing_unknown_products_is_kept_and_its_known_ones_counted(store: FeatureStore) -> None:
+    load_catalog(store)
+    shown = ["p2", "nope", "p1", "gone"]
+    result = RankedResult(query_id="q1", user_id="u1", session_id="s", model_version="v",
+                          products=[RankedProduct(product_id=p, score=1, position=i)
+                                    for i, p in enumerate(shown, 1)], timestamp=T0)
+    out = store.apply_batch([Record(result)])
+    assert (out.applied, out.rejected) == (1, [])
+    assert out.unknown_impressions == [("q1", ["nope", "gone"])]
+    items = store.snapshot([], ["p1", "p2", "p3", "nope", "gone"], []).items
+    assert {p: st[item.N_IMPRESSIONS] for p, st in items.items()} == {"p1": 1.0, "p2": 1.0}
+    again = store.apply_batch([Record(result)])  # its marker was written: a duplicate, not recounted
+    assert again.duplicates == 1 and again.unknown_impressions == []
 
 
 def test_click_joins_its_query_text_whichever_arrives_first(store: FeatureStore) -> None:
