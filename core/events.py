@@ -113,7 +113,8 @@ class RankedResult(_Event, kw_only=True, tag="ranked_result"):
     """What the scorer answered to a query: the impression the shopper was shown.
 
     ``error`` is set (and ``products`` empty) when the query could not be ranked; the reason is
-    never dropped silently.
+    never dropped silently. ``timestamp`` is the search's own (event time: when the shopper was
+    shown the list); ``latency_ms`` how long the answer took after the query was published.
     """
 
     query_id: Id

@@ -182,4 +182,6 @@ class QueryRanker:
         return RankedResult(query_id=q.query_id, user_id=q.user_id, session_id=q.session_id,
                             model_version=model.version, products=products, text=q.text, features=served,
                             latency_ms=max(0.0, (time.time() - published_at) * 1000),
-                            timestamp=datetime.now(UTC))
+                            # The search's event time: impressions decay and the joiner's windows
+                            # run in event time (a replay stays a replay); latency_ms is the wait.
+                            timestamp=q.timestamp)

@@ -18,6 +18,7 @@ from typing import IO, TypeVar
 from core import kafka
 from core.events import CatalogProduct, Event, Query, RankedResult, encode
 from core.settings import ROOT, Settings
+from core.topics import TOPIC_KEYS
 
 T = TypeVar("T")
 
@@ -60,16 +61,10 @@ def environment(settings: Settings, **streams: object) -> dict[str, str]:
     env.update({
         "SHOPRANK_REDIS_URL": settings.redis.url,
         "SHOPRANK_KAFKA_BOOTSTRAP_SERVERS": settings.kafka.bootstrap_servers,
-        "SHOPRANK_TOPIC_QUERIES": t.queries,
-        "SHOPRANK_TOPIC_RESULTS": t.results,
-        "SHOPRANK_TOPIC_INTERACTIONS": t.interactions,
-        "SHOPRANK_TOPIC_CATALOG": t.catalog,
-        "SHOPRANK_TOPIC_DEAD_LETTER": t.dead_letter,
-        "SHOPRANK_TOPIC_FORGOTTEN": t.forgotten,
-        "SHOPRANK_TOPIC_LABELED": t.labeled,
         "SHOPRANK_TOPIC_PARTITIONS": str(t.partitions),
         "SHOPRANK_LOG_LEVEL": "WARNING",
     })
+    env.update({f"SHOPRANK_TOPIC_{name.upper()}": getattr(t, name) for name in TOPIC_KEYS})
     env.update({f"SHOPRANK_STREAMS_{k.upper()}": str(v) for k, v in streams.items()})
     return env
 
