@@ -3,6 +3,11 @@
 The scoring loop reads :attr:`ModelHolder.current` once per batch, so a batch is scored by one
 version from start to end and no query is dropped by a swap. A version that fails to load, to
 match its announced manifest hash, or to score its warm-up batch never replaces the one serving.
+
+Where a version lives is this scorer's own setting (``Settings.model.registry_dir``): an
+announcement names the version (``registry:<version>``), never a path, so every scorer resolves
+it the same way wherever the registry is mounted. Announcements from before references carried
+the folder's absolute path: only its last component, the version name, is taken from it.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ import structlog
 
 from core import kafka
 from core.events import MODEL_UPDATES, InvalidEvent, ModelUpdate
-from core.registry import RegistryError, sha256_file
+from core.registry import MANIFEST, RegistryError, sha256_file, version_of_uri
 from core.settings import Settings
 from scorer.metrics import ScorerMetrics
 from scorer.runtime import ServedModel, load_served_model
@@ -43,12 +48,17 @@ class ModelHolder:
         with self._lock:
             if update.model_version == self._model.version:
                 return True
-            registry = Path(update.uri).parent if update.uri else self._registry
             try:
-                manifest = Path(update.uri) / "manifest.json"
-                if not manifest.is_file() or sha256_file(manifest) != update.manifest_sha256:
+                named = version_of_uri(update.uri)
+                if named != update.model_version:
+                    raise RegistryError(f"the announcement's uri {update.uri!r} names {named}, "
+                                        f"not {update.model_version}")
+                manifest = self._registry / update.model_version / MANIFEST
+                if not manifest.is_file():
+                    raise RegistryError(f"{update.model_version} is not in the registry {self._registry}")
+                if sha256_file(manifest) != update.manifest_sha256:
                     raise RegistryError(f"manifest of {update.model_version} does not match the announcement")
-                new = load_served_model(registry, update.model_version, device=self._device)
+                new = load_served_model(self._registry, update.model_version, device=self._device)
             except Exception as exc:  # a bad model must never stop the scorer
                 self._metrics.swaps.labels(outcome="rejected").inc()
                 log.error("model_swap_rejected", model_version=update.model_version,

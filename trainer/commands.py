@@ -63,9 +63,11 @@ def announce(settings: Settings, version) -> None:  # type: ignore[no-untyped-de
     """Publish a ModelUpdate so every running scorer loads, checks and swaps to ``version``."""
     from core import kafka
     from core.events import ModelUpdate, encode
+    from core.registry import uri
 
+    # A reference, not a path: every scorer finds the version under its own registry_dir setting.
     update = ModelUpdate(model_version=version.version, parent_version=version.manifest.get("parent_version"),
-                         uri=str(version.path), manifest_sha256=version.manifest_sha256,
+                         uri=uri(version.version), manifest_sha256=version.manifest_sha256,
                          metrics={k: float(v) for k, v in version.manifest.get("metrics", {}).items()},
                          created_at=datetime.now(UTC))
     kafka.send_acked(kafka.producer(settings), settings.topics.model_updates,
@@ -81,3 +83,103 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-announce", action="store_true", help="do not publish the model update to Kafka")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_train)
+    _register_continuous(sub)
+
+
+# --- the continuous trainer and the registry's versions (trainer/continuous.py) -------------------
+
+
+def cmd_trainer(args: argparse.Namespace, settings: Settings) -> int:
+    """``shoprank trainer``: the service, or ``--once``: one cycle, exit code = its outcome
+    (0 promoted, 3 rejected, 4 nothing to do, 5 another trainer holds the lease)."""
+    from trainer.continuous import run_once, serve
+
+    if not args.once:
+        return serve(settings)
+    report = run_once(settings, wait_s=args.wait)
+    where = f" {report.version}" if report.version else ""
+    print(f"{report.outcome.name.lower()}{where}: {report.reason} ({report.seconds:.1f} s)")
+    return int(report.outcome)
+
+
+def cmd_model_list(args: argparse.Namespace, settings: Settings) -> int:
+    import json
+
+    from core import registry as reg
+
+    registry = settings.model.registry_dir
+    entries = reg.history(registry)
+    status = reg.statuses(registry, entries)
+    why = {}
+    for e in entries:  # the latest reason given for each version
+        if e.get("reason"):
+            why[e["version"]] = e["reason"]
+    rows = []
+    for name in reg.list_versions(registry):
+        try:
+            manifest = json.loads((registry / name / reg.MANIFEST).read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            manifest = {"error": str(exc)}
+        metrics = manifest.get("metrics", {})
+        rows.append({"version": name, "status": status.get(name, "?"),
+                     "created_at": manifest.get("created_at"), "parent": manifest.get("parent_version"),
+                     "trained_by": manifest.get("trained_by", "train"), "metrics": metrics,
+                     "gate": (manifest.get("gate") or {}).get("decision"), "reason": why.get(name),
+                     "lineage": reg.lineage(registry, name)})
+    rows.sort(key=lambda r: r["created_at"] or "")
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(f"{'version':30} {'status':12} {'created':20} {'parent':30} {'map@5':>7} {'Δ holdout':>9}  reason")
+    for r in rows:
+        m = r["metrics"]
+        figure, diff = m.get("holdout_map@5", m.get("map@5")), m.get("holdout_map@5_diff")
+        shown = "-" if figure is None else f"{figure:.4f}"
+        shown_diff = "-" if diff is None else f"{diff:+.4f}"
+        print(f"{r['version']:30} {r['status']:12} {(r['created_at'] or '')[:19]:20} "
+              f"{r['parent'] or '-':30} {shown:>7} {shown_diff:>9}  {r['reason'] or ''}")
+    kinds = ("serving", "promoted", "rejected", "rolled back")
+    counts = {k: sum(r["status"] == k for r in rows) for k in kinds}
+    print(f"\n{len(rows)} versions in {registry}: " + ", ".join(f"{n} {s}" for s, n in counts.items()))
+    return 0
+
+
+def cmd_model_rollback(args: argparse.Namespace, settings: Settings) -> int:
+    import getpass
+
+    from core.registry import RegistryError
+    from features.redis_store import connect
+    from trainer.continuous import rollback
+    from trainer.lease import Lease, LeaseHeld
+
+    lease = Lease(connect(settings.redis), settings.trainer.lease_ttl_s)
+    reason = args.reason or f"manual rollback by {getpass.getuser()}"
+    try:
+        with lease.held(wait_s=args.wait):
+            before, after = rollback(settings, args.version, reason, by="cli")
+    except LeaseHeld as exc:
+        print(f"not rolled back: {exc} (a trainer cycle takes at most about max_cycle_s; --wait longer)")
+        return 5
+    except RegistryError as exc:
+        print(f"not rolled back: {exc}")
+        return 1
+    print(f"rolled back {before} -> {after}: {reason}")
+    return 0
+
+
+def _register_continuous(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("trainer", help="keep fine-tuning on labeled lists; gate, promote, roll back")
+    p.add_argument("--once", action="store_true",
+                   help="one cycle now, then exit: 0 promoted, 3 rejected, 4 nothing to do, 5 lease held")
+    p.add_argument("--wait", type=float, default=0.0, help="with --once: seconds to wait for the lease")
+    p.set_defaults(func=cmd_trainer)
+    model = sub.add_parser("model", help="the registry's versions: list, rollback")
+    verbs = model.add_subparsers(dest="verb", required=True, metavar="VERB")
+    p = verbs.add_parser("list", help="versions, lineage, metrics, status (serving, promoted, rejected...)")
+    p.add_argument("--json", action="store_true", help="machine-readable, with each version's lineage")
+    p.set_defaults(func=cmd_model_list)
+    p = verbs.add_parser("rollback", help="serve an earlier version (default: the one before), announce it")
+    p.add_argument("version", nargs="?", help="the version to serve (default: the previous serving one)")
+    p.add_argument("--reason", help="why (recorded in the registry log)")
+    p.add_argument("--wait", type=float, default=180.0, help="seconds to wait for a running trainer's lease")
+    p.set_defaults(func=cmd_model_rollback)
