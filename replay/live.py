@@ -1,0 +1,224 @@
+"""A search log replayed through the *running* engine in event time: each search is ranked by the
+scorer before its clicks exist, and the clicks follow as a frontend sends them.
+
+The replay walks the log's searches and clicks in time order, in steps. A step publishes its
+searches as query events (with the candidates the replay gives them), waits until the scorer's
+result for each has arrived on the results topic, then publishes the clicks of the step, each
+with the ``query_id`` of its search and the ``position`` its product had in the served list. A
+click therefore reaches the feature workers only after every search before it was ranked: no
+search is ranked with a click from its future. A step ends after ``step_searches`` searches, or
+when a click would fall more than ``step_s`` of event time after the step's first search: within
+a step, a search does not yet see the clicks of the searches just before it (as a busy shop's
+features lag its clicks by a few seconds).
+
+Nothing here knows Best Buy: the log is :class:`replay.to_events.TimedEvent` queries and clicks.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+
+import msgspec
+import structlog
+from tqdm import tqdm
+
+from core import kafka
+from core.events import RESULTS, Click, InvalidEvent, Query, RankedResult, encode
+from core.settings import Settings
+from replay.to_events import Stream, TimedEvent
+
+log = structlog.get_logger(__name__)
+
+PROGRESS_EVERY_S = 10.0
+
+
+@dataclass(frozen=True)
+class Served:
+    """What the engine answered to one replayed search: its version, latency, and the position
+    of each product the shopper clicked after it (None: not in the served list)."""
+
+    model_version: str
+    latency_ms: float
+    clicked: dict[str, int | None]
+    error: str | None = None
+
+
+@dataclass
+class LiveReplayStats:
+    searches: int = 0
+    answered: int = 0
+    unanswered: int = 0
+    clicks: int = 0
+    clicks_shown: int = 0  # clicks whose product was in the list served to their search
+    steps: int = 0
+    seconds: float = 0.0
+    first: datetime | None = None
+    last: datetime | None = None
+    served: dict[str, Served] = field(default_factory=dict)
+
+
+class ResultCollector(threading.Thread):
+    """Follows the results topic from its end, keeping what ``want`` asks of each awaited result."""
+
+    def __init__(self, settings: Settings) -> None:
+        super().__init__(name="replay-results", daemon=True)
+        self._consumer = kafka.consumer(settings, group_id=f"replay-{uuid.uuid4().hex[:8]}",
+                                        **{"auto.offset.reset": "latest", "fetch.wait.max.ms": 5})
+        self._consumer.subscribe([settings.topics.results],
+                                 on_assign=lambda c, parts: self.assigned.set())
+        self.assigned = threading.Event()
+        self._stop = threading.Event()
+        self._cond = threading.Condition()
+        self._awaited: dict[str, dict[str, None]] = {}  # query id -> clicked products
+        self.got: dict[str, Served] = {}
+
+    def expect(self, query_id: str, clicked: Sequence[str]) -> None:
+        with self._cond:
+            self._awaited[query_id] = dict.fromkeys(clicked)
+
+    def wait(self, query_ids: Sequence[str], timeout_s: float) -> list[str]:
+        """Wait until every one of ``query_ids`` is answered; returns those still unanswered."""
+        deadline = time.monotonic() + timeout_s
+        with self._cond:
+            while True:
+                missing = [q for q in query_ids if q not in self.got]
+                left = deadline - time.monotonic()
+                if not missing or left <= 0:
+                    return missing
+                self._cond.wait(min(left, 0.5))
+
+    def run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                msgs = self._consumer.consume(500, timeout=0.05)
+                got = []
+                for m in msgs:
+                    if m.error() is None:
+                        try:
+                            got.append(RESULTS.decode(m.value() or b""))
+                        except InvalidEvent:
+                            continue
+                if got:
+                    self._note(got)
+        finally:
+            self._consumer.close()
+
+    def _note(self, results: list[RankedResult]) -> None:
+        with self._cond:
+            for r in results:
+                clicked = self._awaited.pop(r.query_id, None)
+                if clicked is None:
+                    continue
+                position = {p.product_id: p.position for p in r.products}
+                self.got[r.query_id] = Served(r.model_version, r.latency_ms,
+                                              {pid: position.get(pid) for pid in clicked}, r.error)
+            self._cond.notify_all()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+class LiveReplay:
+    """Replays queries and clicks through the engine (see the module docstring)."""
+
+    def __init__(self, settings: Settings, candidates: Sequence[str] | None = None,
+                 step_searches: int = 16, step_s: float = 600.0, result_timeout_s: float = 60.0,
+                 progress: bool = True) -> None:
+        self.settings = settings
+        self.candidates = list(candidates) if candidates is not None else None
+        self.step_searches = step_searches
+        self.step_s = step_s
+        self.result_timeout_s = result_timeout_s
+        self.progress = progress
+        self.producer = kafka.producer(settings, **{"linger.ms": 1})
+        self.collector = ResultCollector(settings)
+
+    def __enter__(self) -> LiveReplay:
+        self.collector.start()
+        if not self.collector.assigned.wait(30):
+            raise TimeoutError("the replay's results consumer got no partitions in 30 s")
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.collector.stop()
+        self.collector.join(10)
+        self.producer.flush(30)
+
+    def run(self, log_events: Sequence[TimedEvent],
+            on_step: Callable[[LiveReplayStats], None] | None = None) -> LiveReplayStats:
+        """Replay ``log_events`` (queries and clicks, in time order); ``on_step`` is called after
+        each step's clicks are published (e.g. to pause at a day boundary for a training cycle)."""
+        stats = LiveReplayStats()
+        clicked: dict[str, list[str]] = {}
+        for e in log_events:
+            if e.stream is Stream.INTERACTIONS:
+                clicked.setdefault(e.event.query_id or "", []).append(e.event.product_id)  # type: ignore[union-attr]
+        started = last_log = time.monotonic()
+        searches = sum(1 for e in log_events if e.stream is Stream.QUERIES)
+        bar = tqdm(total=searches, desc="live replay", unit="search", disable=not self.progress, leave=False)
+        step_q: list[Query] = []
+        step_c: list[Click] = []
+        step_start: float | None = None
+        for e in log_events:
+            t = e.timestamp.timestamp()
+            full = len(step_q) >= self.step_searches
+            too_long = step_start is not None and t - step_start > self.step_s
+            if (full or too_long) and (step_q or step_c):
+                self._step(step_q, step_c, clicked, stats)
+                bar.update(len(step_q))
+                if on_step is not None:
+                    on_step(stats)
+                step_q, step_c, step_start = [], [], None
+            if step_start is None:
+                step_start = t
+            if e.stream is Stream.QUERIES:
+                q: Query = e.event  # type: ignore[assignment]
+                if self.candidates is not None:
+                    q = msgspec.structs.replace(q, candidates=self.candidates)
+                step_q.append(q)
+            elif e.stream is Stream.INTERACTIONS:
+                step_c.append(e.event)  # type: ignore[arg-type]
+            stats.first = stats.first or e.timestamp
+            stats.last = e.timestamp
+            if time.monotonic() - last_log >= PROGRESS_EVERY_S and not self.progress:
+                last_log = time.monotonic()
+                log.info("live_replay_progress", searches=stats.searches, of=searches,
+                         answered=stats.answered, event_time=e.timestamp.isoformat())
+        if step_q or step_c:
+            self._step(step_q, step_c, clicked, stats)
+            bar.update(len(step_q))
+            if on_step is not None:
+                on_step(stats)
+        bar.close()
+        stats.seconds = time.monotonic() - started
+        stats.served = dict(self.collector.got)
+        return stats
+
+    def _step(self, queries: list[Query], clicks: list[Click], clicked: dict[str, list[str]],
+              stats: LiveReplayStats) -> None:
+        topics = self.settings.topics
+        for q in queries:
+            self.collector.expect(q.query_id, clicked.get(q.query_id, []))
+            self.producer.produce(topics.queries, encode(q), key=q.user_id.encode())
+        self.producer.flush(30)
+        missing = self.collector.wait([q.query_id for q in queries], self.result_timeout_s)
+        stats.searches += len(queries)
+        stats.unanswered += len(missing)
+        stats.answered += len(queries) - len(missing)
+        stats.steps += 1
+        if missing:
+            log.warning("searches_unanswered", count=len(missing), first=missing[0])
+        for c in clicks:
+            served = self.collector.got.get(c.query_id or "")
+            position = served.clicked.get(c.product_id) if served is not None else None
+            if position is not None:
+                c = msgspec.structs.replace(c, position=position)
+                stats.clicks_shown += 1
+            stats.clicks += 1
+            self.producer.produce(topics.interactions, encode(c), key=c.user_id.encode())
+        self.producer.poll(0)
