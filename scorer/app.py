@@ -15,7 +15,7 @@ from scorer.http import create_app
 from scorer.metrics import ScorerMetrics
 from scorer.ranking import QueryRanker
 from scorer.rerank import RerankingRanker, redis_texts, rerank_allowed, version_sessions
-from scorer.runtime import load_served_model
+from scorer.runtime import EmbeddingSource, load_served_model
 from scorer.service import ScoringLoop
 from scorer.swap import ModelHolder, UpdateListener
 
@@ -57,10 +57,12 @@ def build_scorer(settings: Settings) -> Scorer:
     if version is None:
         raise RegistryError(f"no model version is serving in {registry}: run `shoprank train` first")
     metrics = ScorerMetrics()
-    model = load_served_model(registry, version, device=settings.scorer.device)
+    store = RedisStore(connect(settings.redis), settings.features, settings.streams)
+    # Products embedded after training (shoprank embedder); swapped-in versions read them too.
+    embeddings = EmbeddingSource(store.client, settings.scorer.embeddings_refresh_s)
+    model = load_served_model(registry, version, device=settings.scorer.device, embeddings=embeddings)
     log.info("scorer_device", device=model.device, providers=model.providers, model_version=version)
     holder = ModelHolder(model, registry, settings.scorer.device, metrics)
-    store = RedisStore(connect(settings.redis), settings.features, settings.streams)
     ranker = QueryRanker(store, settings.scorer.retrieve_k, settings.scorer.max_candidates, metrics=metrics)
     if rerank_allowed(settings.scorer.rerank, model.device):  # a no-op for versions without one
         ranker = RerankingRanker(ranker, version_sessions(registry, model.providers),  # type: ignore[assignment]

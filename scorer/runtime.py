@@ -1,37 +1,50 @@
-"""A loaded model version served with onnxruntime: tokenizer, graph, product embeddings.
+"""A loaded model version served with onnxruntime: tokenizer, graphs, the product table.
 
 CUDA provider on a GPU, CPU provider elsewhere, chosen by ``Settings.scorer.device``. Loading
 verifies the version's files against its manifest (core.registry) and warms the session, so a
 version that cannot score never replaces one that can.
+
+The product table is the version's shipped rows (the products known at training), overlaid and
+extended by the vectors the embedder wrote to Redis for the version's product tower
+(:mod:`features.embeddings`): every product the catalog has, including those published after
+training. A refresher thread follows the change feed (every ``embeddings_refresh_s``) and
+publishes a new :class:`ProductTable` for each change it reads; a table is never modified once
+published (new products go to rows no published table covers; an edited product gets a new row
+and its old row is left out of retrieval), and a product's row never moves. Each call reads one
+table, and rows stay valid in every later table, so a batch whose steps straddle a refresh still
+reads valid rows: at worst, a product edited meanwhile is scored with its newer vector.
 """
 
 from __future__ import annotations
 
 import json
 import threading
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+import redis
 import structlog
 from tokenizers import Tokenizer
 
+from core import layout
 from core.registry import ModelVersion, load_version
+from features.embeddings import Cursor, FeedGap, ProductEmbeddings
 from features.read import FEATURE_NAMES
 
 log = structlog.get_logger(__name__)
 
-ENCODER_FILE = "query_encoder.onnx"
-HEAD_FILE = "ranker_head.onnx"
-TOKENIZER_FILE = "tokenizer.json"
-PRODUCT_EMB_FILE = "product_emb.npy"
-PRODUCT_IDS_FILE = "product_ids.json"
 # Query embeddings kept per loaded version (LRU, ~1.5 KB each at 384 dims). Search traffic repeats
 # its head queries (in the Best Buy log ~85% of searches repeat an earlier text), and the encoder
 # is most of a query's model cost on a CPU. A swap loads a new ServedModel, so a new, empty cache.
 QUERY_CACHE_SIZE = 10_000
+UNKNOWN_ROW = -1  # the row of a product without a vector: always the zero vector
+# A vector from Redis this close to the row served is that row (the shipped table was computed
+# by torch, the embedder's by onnxruntime: they differ by ~1e-7), not an edit needing a new row.
+SAME_VECTOR = 1e-5
 
 
 def choose_providers(device: str) -> list[str]:
@@ -58,7 +71,7 @@ class Batch:
     """Inputs for a batch of queries, padded to one shape. ``n_candidates`` un-pads the scores."""
 
     query_emb: np.ndarray  # [B, D] from ``ServedModel.encode``
-    cand_idx: np.ndarray  # [B, N] rows of the embedding table (the last row is all zeros)
+    cand_idx: np.ndarray  # [B, N] rows of the product table (``ServedModel.unknown_row``: none)
     hist_idx: np.ndarray  # [B, R]
     hist_w: np.ndarray  # [B, R]
     dense: np.ndarray  # [B, N, F]
@@ -66,10 +79,45 @@ class Batch:
     candidates: list[list[str]] = field(default_factory=list)  # the product ids, when known
 
 
-class ServedModel:
-    """One model version, ready to score. Thread-compatible: one ``score`` call at a time."""
+@dataclass(frozen=True)
+class ProductTable:
+    """Product vectors by row, published whole. ``buf[0]`` is the zero vector (row -1, unknown
+    products) and ``buf[r + 1]`` row ``r``; rows ``n`` and up are not this table's (a later one
+    may have filled them). ``ids[r]`` is row ``r``'s product: the list is shared and only grows,
+    so it may be longer than ``n``. ``stale``: rows an edit replaced, never retrieved."""
 
-    def __init__(self, version: ModelVersion, device: str = "auto", threads: int = 0) -> None:
+    buf: np.ndarray
+    n: int
+    ids: list[str]
+    stale: np.ndarray  # int64 rows, sorted
+
+    @property
+    def live(self) -> int:
+        return self.n - len(self.stale)
+
+    def vectors(self) -> np.ndarray:
+        return self.buf[1 : self.n + 1]
+
+
+@dataclass(frozen=True)
+class EmbeddingSource:
+    """Where the versions a scorer loads find the vectors of products published after training."""
+
+    client: redis.Redis
+    refresh_s: float = 1.0
+
+
+class ServedModel:
+    """One model version, ready to score. Thread-compatible: one ``score`` call at a time.
+
+    ``embeddings``: read the version's product tower's vectors from Redis, and follow them
+    (a thread, stopped when the model is dropped or :meth:`close` d); None: shipped rows only.
+    """
+
+    unknown_row = UNKNOWN_ROW
+
+    def __init__(self, version: ModelVersion, device: str = "auto", threads: int = 0,
+                 embeddings: EmbeddingSource | None = None) -> None:
         self.version = version.version
         self.manifest = version.manifest
         cfg = version.manifest["config"]
@@ -84,33 +132,147 @@ class ServedModel:
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if threads:
             opts.intra_op_num_threads = threads
-        self.encoder = ort.InferenceSession(str(version.path / ENCODER_FILE), opts, providers=self.providers)
-        self.head = ort.InferenceSession(str(version.path / HEAD_FILE), opts, providers=self.providers)
-        self.tokenizer = Tokenizer.from_file(str(version.path / TOKENIZER_FILE))
+        path = version.path
+        self.encoder = ort.InferenceSession(str(path / layout.QUERY_ENCODER), opts, providers=self.providers)
+        self.head = ort.InferenceSession(str(path / layout.RANKER_HEAD), opts, providers=self.providers)
+        self.tokenizer = Tokenizer.from_file(str(path / layout.TOKENIZER))
         self.tokenizer.enable_truncation(self.max_query_len)
         self.tokenizer.enable_padding(pad_id=0, pad_token="[PAD]")
-        emb = np.load(version.path / PRODUCT_EMB_FILE).astype(np.float32)
-        self.product_emb = np.vstack([emb, np.zeros((1, emb.shape[1]), np.float32)])
-        self.product_ids: list[str] = json.loads((version.path / PRODUCT_IDS_FILE).read_text())
-        self.product_index = {pid: i for i, pid in enumerate(self.product_ids)}
-        self.unknown_row = len(self.product_ids)
+        shipped = np.load(path / layout.PRODUCT_EMB).astype(np.float32)
+        self.dim = int(cfg.get("dim") or shipped.shape[1])
+        shipped = shipped.reshape(-1, self.dim)
+        shipped_ids: list[str] = json.loads((path / layout.PRODUCT_IDS).read_text())
+        self.tower = layout.product_tower(version.manifest)
+        self.embedding_source = embeddings
+        self._store = (ProductEmbeddings(embeddings.client, self.tower.id)
+                       if embeddings is not None and self.tower is not None else None)
+        self._cursor = Cursor()
+        self._refresh_lock = threading.Lock()  # one writer of tables at a time
+        self.product_index: dict[str, int] = {}
+        self._table = self._initial_table(shipped_ids, shipped)
         self._query_cache: OrderedDict[str, np.ndarray] = OrderedDict()
         self._cache_lock = threading.Lock()  # the HTTP API encodes beside the Kafka loop
         self.cache_hits = 0
         self.cache_misses = 0
+        self._stop = threading.Event()
+        if self._store is not None and embeddings is not None:
+            _start_refresher(self, embeddings.refresh_s)
+
+    # --- the product table --------------------------------------------------------------------
+
+    @property
+    def table(self) -> ProductTable:
+        return self._table
+
+    @property
+    def product_ids(self) -> list[str]:
+        """Row -> product id (rows of retrieval results index it)."""
+        return self._table.ids
+
+    @property
+    def product_emb(self) -> np.ndarray:
+        """The current table's vectors [rows, D] (stale rows included)."""
+        return self._table.vectors()
+
+    def _initial_table(self, shipped_ids: list[str], shipped: np.ndarray) -> ProductTable:
+        ids = list(shipped_ids)
+        vectors = [shipped]
+        index = {p: i for i, p in enumerate(ids)}
+        if self._store is not None:
+            stored = self._store.load()
+            self._cursor = stored.cursor
+            if stored.ids and stored.vectors.shape[1] != self.dim:
+                log.error("product_embeddings_ignored", model_version=self.version, tower=self._store.tower,
+                          reason=f"{stored.vectors.shape[1]} dims in Redis, the model has {self.dim}")
+            elif stored.ids:
+                fresh = []
+                for pid, vec in zip(stored.ids, stored.vectors, strict=True):
+                    row = index.get(pid)
+                    if row is not None:
+                        shipped[row] = vec  # nothing reads this table yet: overlay in place
+                    else:
+                        index[pid] = len(ids)
+                        ids.append(pid)
+                        fresh.append(vec)
+                if fresh:
+                    vectors.append(np.vstack(fresh))
+            log.info("product_embeddings_loaded", model_version=self.version, tower=self._store.tower,
+                     stored=len(stored.ids), shipped=len(shipped_ids), rows=len(ids))
+        n = len(ids)
+        buf = np.zeros((n + 1, self.dim), np.float32)
+        if n:
+            buf[1:] = np.vstack(vectors)
+        self.product_index = index
+        return ProductTable(buf, n, ids, np.zeros(0, np.int64))
+
+    def refresh(self) -> int:
+        """Read the vectors changed since the last refresh and publish a table with them; returns
+        how many rows were added. A trimmed feed (this scorer fell far behind) reloads them all."""
+        if self._store is None:
+            return 0
+        with self._refresh_lock:
+            try:
+                rows = self._store.changes(self._cursor)
+            except FeedGap as exc:
+                log.warning("product_embeddings_reload", model_version=self.version, reason=str(exc))
+                rows = self._store.load()
+            self._cursor = rows.cursor
+            if not rows.ids:
+                return 0
+            if rows.vectors.shape[1] != self.dim:
+                log.error("product_embeddings_ignored", model_version=self.version, tower=self._store.tower,
+                          reason=f"{rows.vectors.shape[1]} dims in Redis, the model has {self.dim}")
+                return 0
+            return self._append(rows.ids, rows.vectors)
+
+    def _append(self, product_ids: list[str], vectors: np.ndarray) -> int:
+        """Publish a table with these vectors: new rows for new or changed products."""
+        t = self._table
+        fresh: dict[str, np.ndarray] = {}
+        stale: list[int] = []
+        for pid, vec in zip(product_ids, vectors, strict=True):
+            row = self.product_index.get(pid)
+            if row is not None and float(np.max(np.abs(t.buf[row + 1] - vec))) <= SAME_VECTOR:
+                continue  # served already: read at load and again from the feed, or shipped (torch)
+            if row is not None:
+                stale.append(row)
+            fresh[pid] = vec
+        if not fresh:
+            return 0
+        n = t.n + len(fresh)
+        buf = t.buf
+        if n + 1 > len(buf):  # grow into a new buffer; tables already published keep the old one
+            buf = np.zeros((max(n + 1, 2 * len(t.buf), 1024), self.dim), np.float32)
+            buf[: t.n + 1] = t.buf[: t.n + 1]
+        buf[t.n + 1 : n + 1] = np.vstack(list(fresh.values()))  # rows no published table covers
+        t.ids.extend(fresh)  # ids only grows: earlier tables still map their rows the same
+        stale_rows = np.union1d(t.stale, np.asarray(stale, np.int64)) if stale else t.stale
+        self._table = ProductTable(buf, n, t.ids, stale_rows)
+        for r, pid in enumerate(fresh, start=t.n):  # after publishing: an index row is always in the table
+            self.product_index[pid] = r
+        log.info("product_embeddings_refreshed", model_version=self.version, added=len(fresh) - len(stale),
+                 edited=len(stale), rows=n)
+        return len(fresh)
+
+    def close(self) -> None:
+        """Stop following Redis (a dropped model stops by itself)."""
+        self._stop.set()
+
+    # --- scoring -----------------------------------------------------------------------------
 
     @property
     def device(self) -> str:
         return "cuda" if self.head.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
 
     def rows(self, product_ids: list[str]) -> np.ndarray:
-        """Embedding-table rows of ``product_ids``; unknown products map to the zero row."""
-        return np.fromiter((self.product_index.get(p, self.unknown_row) for p in product_ids),
-                           dtype=np.int64, count=len(product_ids))
+        """Table rows of ``product_ids``; products without a vector map to ``unknown_row`` (zeros)."""
+        index = self.product_index
+        return np.fromiter((index.get(p, UNKNOWN_ROW) for p in product_ids), dtype=np.int64,
+                           count=len(product_ids))
 
     def encode(self, texts: list[str]) -> np.ndarray:
         """L2-normalized query embeddings [B, D]; each distinct text not in the cache is encoded once."""
-        out = np.empty((len(texts), self.product_emb.shape[1]), np.float32)
+        out = np.empty((len(texts), self.dim), np.float32)
         missing: dict[str, list[int]] = {}
         with self._cache_lock:
             for i, text in enumerate(texts):
@@ -139,19 +301,26 @@ class ServedModel:
         return self.encoder.run(None, {"input_ids": ids, "attention_mask": mask})[0]
 
     def retrieve(self, query_emb: np.ndarray, k: int) -> np.ndarray:
-        """Rows [B, k] of the k catalog products closest to each query (cosine)."""
-        sims = query_emb @ self.product_emb[:-1].T
-        k = min(k, sims.shape[1])
+        """Rows [B, k] of the k catalog products closest to each query (cosine); fewer columns
+        when the table holds fewer than k products."""
+        t = self._table
+        k = min(k, t.live)
+        if k <= 0:
+            return np.zeros((len(query_emb), 0), np.int64)
+        sims = query_emb @ t.vectors().T
+        if len(t.stale):
+            sims[:, t.stale] = -np.inf  # replaced by an edit: the product's newer row stands for it
         top = np.argpartition(-sims, k - 1, axis=1)[:, :k]
         order = np.take_along_axis(sims, top, axis=1).argsort(axis=1)[:, ::-1]
         return np.take_along_axis(top, order, axis=1)
 
     def score(self, batch: Batch) -> list[np.ndarray]:
         """Scores per query, each the length of that query's candidates."""
+        buf = self._table.buf  # row r is buf[r + 1]; unknown_row (-1) is buf[0], the zero vector
         feeds = {
             "query_emb": batch.query_emb.astype(np.float32),
-            "cand_emb": self.product_emb[batch.cand_idx],
-            "hist_emb": self.product_emb[batch.hist_idx],
+            "cand_emb": buf[batch.cand_idx + 1],
+            "hist_emb": buf[batch.hist_idx + 1],
             "hist_w": batch.hist_w.astype(np.float32),
             "dense": batch.dense.astype(np.float32),
         }
@@ -159,19 +328,48 @@ class ServedModel:
         return [scores[i, :n] for i, n in enumerate(batch.n_candidates)]
 
 
-def load_served_model(registry: Path, version: str, device: str = "auto", threads: int = 0) -> ServedModel:
+def _start_refresher(model: ServedModel, every_s: float) -> None:
+    """A daemon thread that refreshes ``model`` until it is closed or garbage: it holds the model
+    only weakly, so a swapped-out version is freed (and its thread ends) like any other."""
+    ref = weakref.ref(model)
+    stop = model._stop
+    weakref.finalize(model, stop.set)
+    version = model.version
+
+    def run() -> None:
+        while not stop.wait(every_s):
+            current = ref()
+            if current is None:
+                return
+            try:
+                current.refresh()
+            except Exception as exc:  # Redis away: keep serving the table we have, retry later
+                log.warning("product_embeddings_refresh_failed", model_version=version, reason=str(exc))
+            del current
+
+    threading.Thread(target=run, name=f"embeddings-{version}", daemon=True).start()
+
+
+def load_served_model(registry: Path, version: str, device: str = "auto", threads: int = 0,
+                      embeddings: EmbeddingSource | None = None) -> ServedModel:
     """Verify, load and warm a version; raises when any of that fails."""
-    model = ServedModel(load_version(registry, version), device=device, threads=threads)
+    model = ServedModel(load_version(registry, version), device=device, threads=threads,
+                        embeddings=embeddings)
     if model.feature_names != FEATURE_NAMES:
+        model.close()
         # Its input layout differs from what features.read builds: every query would fail.
         differ = sorted(set(FEATURE_NAMES) ^ set(model.feature_names)) or ["their order"]
         raise RuntimeError(f"model {version} reads {len(model.feature_names)} features, this code serves "
                            f"{len(FEATURE_NAMES)} (differing: {', '.join(differ)}): retrain it")
-    warm = Batch(query_emb=model.encode(["warm up"]), cand_idx=np.zeros((1, 2), np.int64),
-                 hist_idx=np.full((1, 1), model.unknown_row, np.int64), hist_w=np.zeros((1, 1), np.float32),
+    warm = Batch(query_emb=model.encode(["warm up"]), cand_idx=np.full((1, 2), UNKNOWN_ROW, np.int64),
+                 hist_idx=np.full((1, 1), UNKNOWN_ROW, np.int64), hist_w=np.zeros((1, 1), np.float32),
                  dense=np.zeros((1, 2, len(model.feature_names)), np.float32), n_candidates=[2])
+    if model.table.n:
+        warm.cand_idx[0, 0] = 0
     scores = model.score(warm)[0]
     if not np.all(np.isfinite(scores)):
+        model.close()
         raise RuntimeError(f"model {version} produced non-finite scores on warm-up")
-    log.info("model_loaded", model_version=version, device=model.device, providers=model.providers)
+    log.info("model_loaded", model_version=version, device=model.device, providers=model.providers,
+             products=model.table.live, tower=model.tower.id if model.tower else None)
     return model

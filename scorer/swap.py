@@ -58,7 +58,8 @@ class ModelHolder:
                     raise RegistryError(f"{update.model_version} is not in the registry {self._registry}")
                 if sha256_file(manifest) != update.manifest_sha256:
                     raise RegistryError(f"manifest of {update.model_version} does not match the announcement")
-                new = load_served_model(self._registry, update.model_version, device=self._device)
+                new = load_served_model(self._registry, update.model_version, device=self._device,
+                                        embeddings=self._model.embedding_source)  # Redis vectors too
             except Exception as exc:  # a bad model must never stop the scorer
                 self._metrics.swaps.labels(outcome="rejected").inc()
                 log.error("model_swap_rejected", model_version=update.model_version,

@@ -64,7 +64,9 @@ def announce(settings: Settings, version) -> None:  # type: ignore[no-untyped-de
     from core import kafka
     from core.events import ModelUpdate, encode
     from core.registry import uri
+    from scorer.embedder import embed_live_catalog
 
+    embed_live_catalog(settings, version)  # the live catalog's vectors for its tower, before it serves
     # A reference, not a path: every scorer finds the version under its own registry_dir setting.
     update = ModelUpdate(model_version=version.version, parent_version=version.manifest.get("parent_version"),
                          uri=uri(version.version), manifest_sha256=version.manifest_sha256,
@@ -173,7 +175,7 @@ def _register_continuous(sub: argparse._SubParsersAction) -> None:
                    help="one cycle now, then exit: 0 promoted, 3 rejected, 4 nothing to do, 5 lease held")
     p.add_argument("--wait", type=float, default=0.0, help="with --once: seconds to wait for the lease")
     p.set_defaults(func=cmd_trainer)
-    model = sub.add_parser("model", help="the registry's versions: list, rollback")
+    model = sub.add_parser("model", help="the registry's versions: list, rollback, init (zero-shot)")
     verbs = model.add_subparsers(dest="verb", required=True, metavar="VERB")
     p = verbs.add_parser("list", help="versions, lineage, metrics, status (serving, promoted, rejected...)")
     p.add_argument("--json", action="store_true", help="machine-readable, with each version's lineage")
@@ -183,3 +185,26 @@ def _register_continuous(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--reason", help="why (recorded in the registry log)")
     p.add_argument("--wait", type=float, default=180.0, help="seconds to wait for a running trainer's lease")
     p.set_defaults(func=cmd_model_rollback)
+    p = verbs.add_parser("init", help="a zero-shot version for a shop with no data yet: rank by text match "
+                                      "(pretrained encoder, head output zeroed), serve and announce it")
+    p.add_argument("--if-missing", action="store_true", help="do nothing when a version is serving already")
+    p.add_argument("--no-announce", action="store_true", help="do not publish the model update to Kafka")
+    p.set_defaults(func=cmd_model_init)
+
+
+def cmd_model_init(args: argparse.Namespace, settings: Settings) -> int:
+    from core.registry import serving_version, set_serving
+    from scorer.embedder import embed_live_catalog
+    from trainer.zero_shot import zero_shot_version
+
+    registry = settings.model.registry_dir
+    if args.if_missing and (current := serving_version(registry)):
+        print(f"model {current} is serving (in {registry}): no zero-shot version needed")
+        return 0
+    version = zero_shot_version(registry, features=settings.features)
+    embed_live_catalog(settings, version)  # before it serves
+    set_serving(registry, version.version, reason="zero-shot: ranks by text match until trained")
+    print(f"zero-shot version {version.version} written to {version.path}; serving")
+    if not args.no_announce:
+        announce(settings, version)
+    return 0

@@ -1,27 +1,32 @@
-"""ONNX export of the ranker as two graphs, with dynamic batch, length, candidates and history.
+"""ONNX export of the ranker as three graphs, with dynamic batch, length, candidates and history.
 
 - ``query_encoder.onnx``: input_ids, attention_mask [B, L] -> query_emb [B, D]
 - ``ranker_head.onnx``: query_emb [B, D], cand_emb [B, N, D], hist_emb [B, R, D], hist_w [B, R],
   dense [B, N, F] -> scores [B, N]
+- ``product_encoder.onnx``: input_ids, attention_mask [B, L] -> product_emb [B, D], the product
+  tower: the encoder as it was when it embedded the version's products (the pretrained weights),
+  so a product published later is embedded the same way (``shoprank embedder``)
 
-Two graphs because the scorer needs the query embedding between them: a query without
-candidates retrieves its top K from the catalog's embeddings first. The scorer feeds both with
-onnxruntime and never imports torch.
+Two ranking graphs because the scorer needs the query embedding between them: a query without
+candidates retrieves its top K from the catalog's embeddings first. The scorer and the embedder
+run them with onnxruntime and never import torch. :func:`write_version_files` writes everything a
+version folder holds (names in :mod:`core.layout`).
 """
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from trainer.model import PersonalRanker
+from core import layout
+from core.layout import ENCODER_INPUTS
+from trainer.model import PersonalRanker, QueryTower
 
-ENCODER_FILE = "query_encoder.onnx"
-HEAD_FILE = "ranker_head.onnx"
-ENCODER_INPUTS = ("input_ids", "attention_mask")
 HEAD_INPUTS = ("query_emb", "cand_emb", "hist_emb", "hist_w", "dense")
 
 
@@ -59,7 +64,7 @@ def example_inputs(model: PersonalRanker, batch: int = 2, length: int = 6, candi
 
 
 def export_onnx(model: PersonalRanker, folder: Path) -> None:
-    """Write both graphs into ``folder`` (opset 17)."""
+    """Write the query encoder and the head into ``folder`` (opset 17)."""
     model.eval()
     inputs = example_inputs(model)
     seq = {0: "batch", 1: "length"}
@@ -67,13 +72,13 @@ def export_onnx(model: PersonalRanker, folder: Path) -> None:
     per_hist = {0: "batch", 1: "history"}
     with torch.no_grad():
         torch.onnx.export(
-            model.query, tuple(inputs[n] for n in ENCODER_INPUTS), str(folder / ENCODER_FILE),
+            model.query, tuple(inputs[n] for n in ENCODER_INPUTS), str(folder / layout.QUERY_ENCODER),
             input_names=list(ENCODER_INPUTS), output_names=["query_emb"],
             dynamic_axes={"input_ids": seq, "attention_mask": seq, "query_emb": {0: "batch"}},
             opset_version=17, dynamo=False,
         )
         torch.onnx.export(
-            _Head(model), tuple(inputs[n] for n in HEAD_INPUTS), str(folder / HEAD_FILE),
+            _Head(model), tuple(inputs[n] for n in HEAD_INPUTS), str(folder / layout.RANKER_HEAD),
             input_names=list(HEAD_INPUTS), output_names=["scores"],
             dynamic_axes={"query_emb": {0: "batch"}, "cand_emb": per_cand, "hist_emb": per_hist,
                           "hist_w": per_hist, "dense": per_cand, "scores": per_cand},
@@ -90,10 +95,74 @@ def max_abs_difference(model: PersonalRanker, folder: Path, **shape: int) -> flo
     with torch.no_grad():
         expected = model(*(inputs[n] for n in (*ENCODER_INPUTS, *HEAD_INPUTS[1:]))).numpy()
     cpu = ["CPUExecutionProvider"]
-    encoder = ort.InferenceSession(str(folder / ENCODER_FILE), providers=cpu)
-    head = ort.InferenceSession(str(folder / HEAD_FILE), providers=cpu)
+    encoder = ort.InferenceSession(str(folder / layout.QUERY_ENCODER), providers=cpu)
+    head = ort.InferenceSession(str(folder / layout.RANKER_HEAD), providers=cpu)
     feeds = {k: v.numpy() for k, v in inputs.items()}
     query_emb = encoder.run(None, {n: feeds[n] for n in ENCODER_INPUTS})[0]
     head_feeds = {n: feeds[n] for n in HEAD_INPUTS[1:]} | {"query_emb": query_emb}
     got = head.run(None, head_feeds)[0]
     return float(np.max(np.abs(expected - got)))
+
+
+def export_product_tower(tower: QueryTower, folder: Path) -> Path:
+    """The product tower as ``product_encoder.onnx`` (opset 17). Exporting the same weights gives
+    the same bytes, so versions whose products the pretrained encoder embedded share one tower."""
+    path = folder / layout.PRODUCT_ENCODER
+    g = torch.Generator().manual_seed(0)
+    vocab = tower.encoder.config.vocab_size
+    ids = torch.randint(1, vocab, (2, 6), generator=g)
+    mask = torch.ones(2, 6, dtype=torch.long)
+    seq = {0: "batch", 1: "length"}
+    tower.eval()
+    with torch.no_grad():
+        torch.onnx.export(
+            tower, (ids, mask), str(path), input_names=list(ENCODER_INPUTS), output_names=["product_emb"],
+            dynamic_axes={"input_ids": seq, "attention_mask": seq, "product_emb": {0: "batch"}},
+            opset_version=17, dynamo=False,
+        )
+    return path
+
+
+def tower_difference(tower: QueryTower, path: Path, batch: int = 3, length: int = 9) -> float:
+    """Largest |torch - onnxruntime| over random padded inputs of the product tower."""
+    import onnxruntime as ort
+
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(1, tower.encoder.config.vocab_size, (batch, length), generator=g)
+    mask = torch.ones(batch, length, dtype=torch.long)
+    mask[0, length // 2:] = 0  # a padded row: pooling must ignore its padding
+    tower.eval()
+    with torch.no_grad():
+        expected = tower(ids, mask).numpy()
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = session.run(None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})[0]
+    return float(np.max(np.abs(expected - got)))
+
+
+def write_version_files(folder: Path, model: PersonalRanker, product_tower: QueryTower | Path | None,
+                        product_ids: list[str], product_emb: np.ndarray, tokenizer: Path,
+                        tolerance: float = 1e-3) -> None:
+    """Everything a version folder holds but its manifest: the three graphs (each checked
+    against torch), the product table, the tokenizer and the torch weights.
+
+    ``product_tower`` is the encoder that embedded ``product_emb``, or the ``product_encoder.onnx``
+    of the version it came from (copied byte for byte: same tower, same embeddings in Redis); None
+    ships none (the version then serves its own table only).
+    """
+    export_onnx(model, folder)
+    diff = max_abs_difference(model, folder, batch=3, length=7, candidates=11, history=4)
+    if diff > tolerance:
+        raise RuntimeError(f"onnxruntime and torch disagree by {diff:.2e} (> {tolerance})")
+    if isinstance(product_tower, Path):
+        shutil.copyfile(product_tower, folder / layout.PRODUCT_ENCODER)
+    elif product_tower is not None:
+        diff = tower_difference(product_tower, export_product_tower(product_tower, folder))
+        if diff > tolerance:
+            raise RuntimeError(f"product tower: onnxruntime and torch disagree by {diff:.2e} (> {tolerance})")
+    if len(product_ids) != len(product_emb):
+        raise ValueError(f"{len(product_ids)} product ids for {len(product_emb)} embeddings")
+    table = np.asarray(product_emb, np.float32).reshape(len(product_ids), model.cfg.dim)
+    np.save(folder / layout.PRODUCT_EMB, table)
+    (folder / layout.PRODUCT_IDS).write_text(json.dumps(list(product_ids)))
+    shutil.copy(tokenizer, folder / layout.TOKENIZER)
+    torch.save(model.state_dict(), folder / layout.WEIGHTS)

@@ -7,9 +7,8 @@ the scorer serves.
 
 from __future__ import annotations
 
-import json
+import copy
 import platform
-import shutil
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -22,6 +21,7 @@ import torch
 from tokenizers import Tokenizer
 
 from core.events import CatalogProduct
+from core.layout import PRODUCT_MAX_LEN
 from core.pretrained import minilm_path
 from core.registry import ModelVersion, publish_version
 from core.settings import Settings
@@ -30,9 +30,9 @@ from evaluation.ranker import SearchRow
 from features.memory import MemoryStore
 from features.read import FEATURE_NAMES
 from trainer.examples import TRAIN, VALIDATE, Catalog, ListBuilder, build_lists
-from trainer.export import export_onnx, max_abs_difference
+from trainer.export import write_version_files
 from trainer.fit import FitConfig, FitResult, fit
-from trainer.model import PersonalRanker, RankerConfig, encoder_config_of, load_encoder
+from trainer.model import PersonalRanker, QueryTower, RankerConfig, encoder_config_of, load_encoder
 from trainer.products import embed_texts
 
 log = structlog.get_logger(__name__)
@@ -54,6 +54,10 @@ class TrainRun:
     result: FitResult
     window: tuple[datetime, datetime]
     n_rows: int
+    # The encoder that embedded ``catalog`` (as it was then), or a parent version's
+    # product_encoder.onnx (same tower: same vectors in Redis); shipped as the version's product
+    # tower. None: the pretrained encoder when the model's encoder has its shape, else no tower.
+    product_tower: QueryTower | Path | None = None
 
 
 def fit_config(settings: Settings, progress: bool = True) -> FitConfig:
@@ -87,6 +91,7 @@ def train_run(settings: Settings, rows: Sequence[SearchRow], products: Mapping[s
         return PersonalRanker(cfg, load_encoder(None if tiny else path, encoder))
 
     model = fresh_model()
+    tower = copy.deepcopy(model.query)  # the product tower: these weights embed the catalog
     ids = list(products)
     catalog = Catalog(ids, embed_texts(model.query, tokenizer, [product_text(products[p]) for p in ids],
                                        progress=progress))
@@ -122,7 +127,14 @@ def train_run(settings: Settings, rows: Sequence[SearchRow], products: Mapping[s
                     replace(config, epochs=result.best_epoch, schedule_epochs=config.epochs))
         result.seconds += refit.seconds
         result.refit_epochs = result.best_epoch
-    return TrainRun(model, tokenizer, catalog, store, result, (times[0], times[-1]), len(rows))
+    return TrainRun(model, tokenizer, catalog, store, result, (times[0], times[-1]), len(rows), tower)
+
+
+def _pretrained_shape(encoder: dict) -> bool:
+    """Whether an encoder config is the pretrained encoder's (not a tiny test BERT)."""
+    shape = ("hidden_size", "num_hidden_layers", "intermediate_size", "vocab_size")
+    pretrained = encoder_config_of(minilm_path())
+    return all(encoder.get(k) == pretrained.get(k) for k in shape)
 
 
 def version_name(run: TrainRun) -> str:
@@ -135,14 +147,13 @@ def write_version(registry: Path, run: TrainRun, metrics: dict[str, float], pare
     """Export the graphs, check them against torch, and publish the version folder whole."""
 
     def write(folder: Path) -> None:
-        export_onnx(run.model, folder)
-        diff = max_abs_difference(run.model, folder, batch=3, length=7, candidates=11, history=4)
-        if diff > EXPORT_TOLERANCE:
-            raise RuntimeError(f"onnxruntime and torch disagree by {diff:.2e} (> {EXPORT_TOLERANCE})")
-        np.save(folder / "product_emb.npy", run.catalog.embeddings.astype(np.float32))
-        (folder / "product_ids.json").write_text(json.dumps(run.catalog.product_ids))
-        shutil.copy(minilm_path() / "tokenizer.json", folder / "tokenizer.json")
-        torch.save(run.model.state_dict(), folder / "weights.pt")
+        tower = run.product_tower
+        if tower is None and _pretrained_shape(run.model.cfg.encoder):
+            tower = QueryTower(load_encoder(minilm_path()))  # products embedded by the pretrained encoder
+        elif tower is None:
+            log.warning("version_without_product_tower", reason="the run names no product tower")
+        write_version_files(folder, run.model, tower, run.catalog.product_ids, run.catalog.embeddings,
+                            minilm_path() / "tokenizer.json", EXPORT_TOLERANCE)
 
     manifest = {
         "parent_version": parent,
@@ -155,6 +166,7 @@ def write_version(registry: Path, run: TrainRun, metrics: dict[str, float], pare
                      "seconds": round(run.result.seconds, 1), "stopped": run.result.stopped,
                      "history": run.result.history},
         "config": run.model.cfg.to_dict(),
+        "product_tower": {"max_len": PRODUCT_MAX_LEN},
         "feature_mean": run.model.head.mean.tolist(),  # the explain API's reference point
         "features_used": [n for n, k in zip(run.model.cfg.feature_names, run.model.head.keep.tolist(),
                                             strict=True) if k],

@@ -1,8 +1,10 @@
-"""Product text and product embeddings for one model version.
+"""Product embeddings with torch, for training and for the table a version ships.
 
-Products are embedded once per version by the pretrained encoder (the product tower stays as
-pretrained, so the catalog never has to be re-encoded on every training step); the table and
-its product ids ship inside the version folder and the scorer looks candidates up in it.
+Products are embedded by the product tower, the pretrained encoder left as it is (the catalog
+never has to be re-encoded on every training step). The table and its ids ship inside the version
+folder beside the tower itself (``product_encoder.onnx``), which the embedder (onnxruntime, no
+torch) runs on products published after training: both read :func:`core.text.product_text`,
+truncated to :data:`core.layout.PRODUCT_MAX_LEN` tokens.
 """
 
 from __future__ import annotations
@@ -14,10 +16,11 @@ import torch
 from tokenizers import Tokenizer
 from tqdm import tqdm
 
+from core.layout import PRODUCT_MAX_LEN
 from trainer.model import QueryTower
 from trainer.tokens import pad, token_ids
 
-PRODUCT_MAX_LEN = 64
+__all__ = ["PRODUCT_MAX_LEN", "embed_texts"]
 
 
 def embed_texts(tower: QueryTower, tokenizer: Tokenizer, texts: Sequence[str], max_len: int = PRODUCT_MAX_LEN,
