@@ -186,7 +186,9 @@ class TrainerSettings(BaseSettings):
     older_sample: int = Field(default=5000, ge=0)  # plus this many sampled from before them
     holdout_lists: int = Field(default=1000, ge=10)  # the freshest, never trained on: the gate's data
     epochs: int = Field(default=1, ge=1)
-    max_cycle_s: float = Field(default=110.0, gt=0)  # fine-tuning stops here, whatever the epoch
+    # A cycle (reading, fine-tuning, export, gate) aims to end within this: fine-tuning stops,
+    # whatever the epoch, early enough for the export and the gate (as long as they last took).
+    max_cycle_s: float = Field(default=110.0, gt=0)
     gate_margin: float = Field(default=0.005, ge=0)  # the candidate may trail by at most this (MAP@5)
     gate_max_ms_per_query: float = Field(default=200.0, gt=0)  # sanity check of the candidate graph
     bootstrap_samples: int = Field(default=1000, ge=100)

@@ -19,7 +19,7 @@ from fastapi.testclient import TestClient
 
 from core import kafka
 from core.events import RESULTS, ModelUpdate, Query, RankedResult, encode
-from core.registry import MANIFEST, set_serving
+from core.registry import MANIFEST, set_serving, uri
 from core.settings import ModelSettings, ScorerSettings, Settings
 from features.read import FEATURE_NAMES, FEATURE_SCHEMA, Request, read_batch
 from scorer.app import Scorer, build_scorer
@@ -139,7 +139,7 @@ def test_hot_swap_drops_nothing_and_rejects_a_bad_version(scorer: Scorer, scorer
     producer = kafka.producer(scorer_settings)
 
     def announce(version, sha: str) -> None:
-        update = ModelUpdate(model_version=version.version, uri=str(version.path), manifest_sha256=sha,
+        update = ModelUpdate(model_version=version.version, uri=uri(version.version), manifest_sha256=sha,
                              created_at=NOW)
         producer.produce(scorer_settings.topics.model_updates, value=encode(update))
         producer.flush(10)

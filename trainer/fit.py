@@ -220,9 +220,15 @@ def fit(model: PersonalRanker, tokenizer: Tokenizer, product_emb: np.ndarray, tr
             batch = train.subset(order[start : start + cfg.batch_size])
             scores = forward(model, batcher, table, batch)
             gains = torch.exp2(torch.from_numpy(batch.grades).float()) - 1
+            list_weight = None
             if batch.gain_weight is not None:
-                gains = gains * torch.from_numpy(batch.gain_weight)
-            loss = listwise_softmax_loss(scores, gains, torch.from_numpy(batch.valid))
+                # The softmax target is normalized per list, so weights inside a list only move
+                # weight between its positives; a list's own weight is its positives' mean weight
+                # (for one click: 1 / the propensity of the position it was at).
+                weighted = gains * torch.from_numpy(batch.gain_weight)
+                list_weight = weighted.sum(-1) / gains.sum(-1).clamp(min=1e-12)
+                gains = weighted
+            loss = listwise_softmax_loss(scores, gains, torch.from_numpy(batch.valid), list_weight)
             optimizer.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

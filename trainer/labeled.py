@@ -313,7 +313,6 @@ def to_examples(lists: Sequence[ServedList], index: Mapping[str, int], unknown_r
     hist_idx = np.full((n, history_len), unknown_row, np.int64)
     hist_w = np.zeros((n, history_len), np.float32)
     valid = np.zeros((n, width), bool)
-    weight = np.ones((n, width), np.float32) if bias is not None else None
     for i, s in enumerate(lists):
         if s.features is None or s.product_ids is None:
             raise ValueError(f"list {s.list_id} has no served features")
@@ -326,6 +325,14 @@ def to_examples(lists: Sequence[ServedList], index: Mapping[str, int], unknown_r
         if s.history:
             hist_idx[i], hist_w[i] = history(s.history, np.asarray(s.history_weights, np.float32),
                                              index, unknown_row, history_len)  # type: ignore[arg-type]
-        if weight is not None and bias is not None:
-            weight[i, :k] = np.where(s.grades > 0, bias.weights(s.positions, clip), 1.0)
+    weight = None if bias is None else ipw_weights(lists, width, bias, clip)
     return Examples(list(texts), text_id, cand_idx, grades, dense, hist_idx, hist_w, valid, weight)
+
+
+def ipw_weights(lists: Sequence[ServedList], width: int, bias: PositionBias, clip: float) -> np.ndarray:
+    """[lists, width] gain weights: the inverse propensity of each acted-on product's served
+    position (examination is what position biases, whatever the shopper did next), 1 elsewhere."""
+    weight = np.ones((len(lists), width), np.float32)
+    for i, s in enumerate(lists):
+        weight[i, : len(s.positions)] = np.where(s.grades > 0, bias.weights(s.positions, clip), 1.0)
+    return weight
