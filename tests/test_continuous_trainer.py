@@ -484,3 +484,35 @@ def test_inverse_propensity_weights_weigh_whole_lists() -> None:
     weighted = listwise_softmax_loss(scores, gains, list_weight=torch.tensor([1.0, 3.0]))
     assert torch.isclose(weighted, (each[0] + 3 * each[1]) / 4)
     assert torch.isclose(listwise_softmax_loss(scores, gains), each.mean())
+
+
+def test_the_candidates_product_table_takes_the_live_vectors_from_redis(settings: Settings, registry: Path,
+                                                                        redis_client) -> None:
+    """Products the embedder stored for the parent's product tower after training: an edited one
+    overlays its shipped row, a new one extends the table (as every scorer's table does)."""
+    from core.layout import product_tower
+    from features.embeddings import ProductEmbeddings, encode_value, text_digest
+    from trainer.continuous import product_table
+
+    parent = reg.load_version(registry, "v1")
+    tower = product_tower(parent.manifest)
+    assert tower is not None
+    shipped = json.loads((parent.path / "product_ids.json").read_text())
+    dim = np.load(parent.path / "product_emb.npy").shape[1]
+    edited, new = np.full(dim, 0.5, np.float32), np.full(dim, -0.25, np.float32)
+    ProductEmbeddings(redis_client, tower.id).write([
+        (shipped[0], encode_value(1, text_digest("edited"), edited)),
+        ("brand-new", encode_value(1, text_digest("new"), new)),
+    ])
+    catalog, added = product_table(trainer_settings(settings, registry), parent)
+    assert added == 1 and catalog.product_ids == [*shipped, "brand-new"]
+    assert np.array_equal(catalog.embeddings[0], edited) and np.array_equal(catalog.embeddings[-1], new)
+
+
+def test_a_missing_labeled_topic_is_nothing_to_do_said_plainly(settings: Settings, registry: Path,
+                                                              redis_client) -> None:
+    s = trainer_settings(settings, registry)
+    missing = s.topics.model_copy(update={"labeled": f"missing-{uuid.uuid4().hex[:6]}"})
+    s = s.model_copy(update={"topics": missing})
+    report = run_once(s)
+    assert report.outcome == Outcome.NOTHING and "does not exist: run `shoprank topics`" in report.reason

@@ -17,7 +17,7 @@ import numpy as np
 import structlog
 
 from core.events import CatalogProduct
-from core.registry import ModelVersion, load_version, serving_version, set_serving
+from core.registry import REJECTED, ModelVersion, load_version, record, serving_version, set_serving
 from core.settings import Settings
 from evaluation.ranker import BaseRanker, SearchRow
 from features.read import FEATURE_NAMES, Request, read_batch
@@ -93,8 +93,10 @@ class PersonalizedBertRanker(BaseRanker):
             if metrics.get(key, 0.0) < before - PROMOTION_TOLERANCE:
                 log.warning("model_not_promoted", model_version=published.version, serving=current,
                             metric=key, candidate=metrics.get(key), serving_value=before)
+                record(registry, published.version, REJECTED, by="train", serving=current,
+                       reason=f"{key} {metrics.get(key, 0.0):.4f} < serving {current}'s {before:.4f}")
                 return published
-        set_serving(registry, published.version)
+        set_serving(registry, published.version, reason=f"{key} {metrics.get(key, 0.0):.4f}", by="train")
         log.info("model_promoted", model_version=published.version, previous=current, metric=key,
                  value=metrics.get(key))
         return published

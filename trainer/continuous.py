@@ -62,6 +62,7 @@ from trainer.gate import PROMOTE, GateResult, judge
 from trainer.labeled import (
     LabeledPool,
     ServedList,
+    TopicMissing,
     click_mrr,
     ipw_weights,
     position_bias,
@@ -304,7 +305,9 @@ class ContinuousTrainer:
         if change is None or change.get("event") != reg.PROMOTED or not change.get("previous"):
             return None
         previous = change["previous"]
-        lists = self.pool.all_lists()
+        # The recent window only: the older reservoir holds acted-on lists alone (an MRR over it
+        # would flatter whichever version served long ago).
+        lists = list(self.pool.recent.values())
         now = [s for s in lists if s.model_version == current]
         before = [s for s in lists if s.model_version == previous]
         if len(now) < t.guardrail_min_lists or len(before) < t.guardrail_min_lists:
@@ -360,8 +363,8 @@ class ContinuousTrainer:
 
         serving = serving_version(self.registry)
         if serving is None:
-            return CycleReport(Outcome.NOTHING,
-                               f"no version is serving in {self.registry}: run `shoprank train` first")
+            return CycleReport(Outcome.NOTHING, f"no version is serving in {self.registry}: "
+                                                f"`shoprank train` or `shoprank model init` first")
         if not self.pool.offsets:
             return CycleReport(Outcome.NOTHING, f"{self.pool.topic} holds no labeled lists")
         last = last_stream_version(self.registry, self.pool.topic)
@@ -542,6 +545,7 @@ class ContinuousTrainer:
         baseline = dict(last.offsets) if last else {}
         last_at = last.created_at.timestamp() if last else time.time()
         held_by: str | None = None
+        missing_said = False
         log.info("trainer_started", topic=self.pool.topic, registry=str(self.registry),
                  interval_s=t.interval_s, min_new_lists=t.min_new_lists,
                  last_version=last.version if last else None)
@@ -562,6 +566,10 @@ class ContinuousTrainer:
                 if exc.holder != held_by:  # say it once per holder, not every poll
                     held_by = exc.holder
                     log.warning("trainer_waiting_for_lease", holder=exc.holder)
+            except TopicMissing as exc:
+                if not missing_said:
+                    missing_said = True
+                    log.warning("trainer_waiting_for_topic", topic=self.pool.topic, reason=str(exc))
             except Exception:  # a failed cycle is logged; the service keeps following the topic
                 log.exception("trainer_cycle_failed")
                 self.metrics.cycles.labels(outcome="failed").inc()
@@ -577,11 +585,17 @@ def _move_files(source: Path, dest: Path) -> None:
 
 def run_once(settings: Settings, wait_s: float = 0.0) -> CycleReport:
     """One cycle now on what the topic holds (after the guardrail), holding the lease."""
+    if serving_version(settings.model.registry_dir) is None:
+        return CycleReport(Outcome.NOTHING, f"no version is serving in {settings.model.registry_dir}: "
+                                            f"`shoprank train` or `shoprank model init` first")
     trainer = ContinuousTrainer(settings)
     try:
         with trainer.lease.held(wait_s=wait_s):
             started = time.monotonic()  # the cycle's budget includes reading the topic
-            trainer.pool.read()
+            try:
+                trainer.pool.read()
+            except TopicMissing as exc:
+                return CycleReport(Outcome.NOTHING, str(exc))
             rolled = trainer.apply_guardrail()
             report = trainer.cycle(started)
             if rolled:

@@ -24,7 +24,7 @@ from datetime import datetime
 
 import numpy as np
 import structlog
-from confluent_kafka import OFFSET_BEGINNING, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, KafkaError, KafkaException, TopicPartition
 
 from core import kafka
 from core.events import LABELED, InvalidEvent, LabeledList
@@ -33,6 +33,10 @@ from trainer.examples import history
 from trainer.fit import Examples
 
 log = structlog.get_logger(__name__)
+
+
+class TopicMissing(RuntimeError):
+    """The labeled topic does not exist (yet)."""
 
 
 @dataclass
@@ -122,8 +126,14 @@ class LabeledPool:
         if self._consumer is None:
             self._consumer = kafka.consumer(self._settings, group_id=self._settings.trainer.group_id)
         consumer = self._consumer
-        ends = {p: high for (_, p), (_, high) in kafka.watermarks(consumer, [self.topic], timeout_s).items()
-                if high > self.offsets.get(p, 0)}
+        try:
+            marks = kafka.watermarks(consumer, [self.topic], timeout_s)
+        except KafkaException as exc:
+            if exc.args[0].code() == KafkaError.UNKNOWN_TOPIC_OR_PART:
+                raise TopicMissing(f"the labeled topic {self.topic} does not exist: run `shoprank topics` "
+                                   f"(and the joiner, which fills it)") from None
+            raise
+        ends = {p: high for (_, p), (_, high) in marks.items() if high > self.offsets.get(p, 0)}
         if not ends:
             return 0
         consumer.assign([TopicPartition(self.topic, p, self.offsets.get(p, OFFSET_BEGINNING)) for p in ends])
