@@ -170,6 +170,8 @@ class JoinerSettings(BaseSettings):
     purchase_window_s: float = Field(default=86400.0, gt=0)
     batch_size: int = Field(default=2000, ge=1)
     batch_within_s: float = Field(default=0.05, gt=0)
+    # An input with nothing new for this long (wall time) no longer holds the watermark back.
+    idle_s: float = Field(default=5.0, gt=0)
     # A joiner that dies holds its partitions this long before the group hands them on.
     session_timeout_s: float = Field(default=10.0, ge=6.0)
     metrics_port: int | None = None

@@ -25,6 +25,7 @@ from datetime import datetime
 
 import msgspec
 import structlog
+from confluent_kafka import TopicPartition
 from tqdm import tqdm
 
 from core import kafka
@@ -68,11 +69,15 @@ class ResultCollector(threading.Thread):
     def __init__(self, settings: Settings) -> None:
         super().__init__(name="replay-results", daemon=True)
         self._consumer = kafka.consumer(settings, group_id=f"replay-{uuid.uuid4().hex[:8]}",
-                                        **{"auto.offset.reset": "latest", "fetch.wait.max.ms": 5})
-        self._consumer.subscribe([settings.topics.results],
-                                 on_assign=lambda c, parts: self.assigned.set())
-        self.assigned = threading.Event()
-        self._stop = threading.Event()
+                                        **{"fetch.wait.max.ms": 5})
+        # Each partition from its end as it is now, assigned explicitly: a subscription's "latest"
+        # is resolved a round trip after assignment and would miss a result produced meanwhile.
+        topic = settings.topics.results
+        partitions = self._consumer.list_topics(topic, timeout=10).topics[topic].partitions
+        self._consumer.assign([
+            TopicPartition(topic, p, self._consumer.get_watermark_offsets(TopicPartition(topic, p), 10)[1])
+            for p in partitions])
+        self._stopping = threading.Event()
         self._cond = threading.Condition()
         self._awaited: dict[str, dict[str, None]] = {}  # query id -> clicked products
         self.got: dict[str, Served] = {}
@@ -94,8 +99,9 @@ class ResultCollector(threading.Thread):
 
     def run(self) -> None:
         try:
-            while not self._stop.is_set():
-                msgs = self._consumer.consume(500, timeout=0.05)
+            while not self._stopping.is_set():
+                # consume() waits for all 500 or the timeout: keep the timeout short, a step waits on it
+                msgs = self._consumer.consume(500, timeout=0.005)
                 got = []
                 for m in msgs:
                     if m.error() is None:
@@ -120,7 +126,7 @@ class ResultCollector(threading.Thread):
             self._cond.notify_all()
 
     def stop(self) -> None:
-        self._stop.set()
+        self._stopping.set()
 
 
 class LiveReplay:
@@ -140,8 +146,6 @@ class LiveReplay:
 
     def __enter__(self) -> LiveReplay:
         self.collector.start()
-        if not self.collector.assigned.wait(30):
-            raise TimeoutError("the replay's results consumer got no partitions in 30 s")
         return self
 
     def __exit__(self, *_: object) -> None:

@@ -23,7 +23,8 @@ partition at a time (the consumer group); the offsets key is watched, so a joine
 partition without noticing cannot commit over the new owner.
 
 The watermark of partition p is the latest event time read on each input, the lesser of the two
-while both have unread records; an input the joiner has read to its end holds nothing back.
+while both are being read; an input idle for ``idle_s`` of wall time (read to its end, or
+quiet) holds nothing back, so a quiet shop's lists still close.
 A timestamp from the future (beyond the wall clock plus ``MAX_FUTURE_S``) is joined but does not
 move the watermark: one bad clock must not close every open list.
 """
@@ -89,6 +90,8 @@ class Joiner:
         self._finished: dict[tuple[str, int], int] = {}
         self._recovered: set[int] = set()  # partitions whose outbox was checked against the topic
         self._assigned: set[tuple[str, int]] = set()
+        self._assigned_at = time.monotonic()
+        self._last_read: dict[tuple[str, int], float] = {}  # wall clock of each input's last record
         self._last_progress = self._last_tick = time.monotonic()
 
     # --- lifecycle --------------------------------------------------------------------------
@@ -167,6 +170,9 @@ class Joiner:
         return stored_totals(self.redis, len(topic.partitions))
 
     def _partition(self, p: int, msgs: list[Message]) -> None:
+        read_at = time.monotonic()
+        for m in msgs:
+            self._last_read[(m.topic(), p)] = read_at
         if p not in self._recovered:
             self._recover_outbox(p)
         while True:
@@ -254,22 +260,15 @@ class Joiner:
         return out
 
     def _watermark(self, p: int, clock: dict[str, float]) -> float:
-        """The lesser latest time of the inputs with unread records; the greater when none has."""
-        behind = []
-        for topic in (self.results_topic, self.interactions_topic):
-            if not self._caught_up(topic, p):
-                behind.append(clock.get(topic, -math.inf))
-        if behind:
-            return min(behind)
-        return max(clock.get(t, -math.inf) for t in (self.results_topic, self.interactions_topic))
-
-    def _caught_up(self, topic: str, p: int) -> bool:
-        tp = TopicPartition(topic, p)
-        _, high = self.consumer.get_watermark_offsets(tp, cached=True)
-        position = self.consumer.position([tp])[0].offset
-        if position < 0:  # nothing consumed since assignment: ask what was committed
-            position = self._finished.get((topic, p), -1)
-        return high >= 0 and position >= high
+        """The lesser latest event time of the two inputs; an input idle for ``idle_s`` (nothing
+        read from it in that long: read to its end, or quiet) holds nothing back."""
+        now = time.monotonic()
+        inputs = (self.results_topic, self.interactions_topic)
+        active = [clock.get(t, -math.inf) for t in inputs
+                  if now - self._last_read.get((t, p), self._assigned_at) < self.cfg.idle_s]
+        if active:
+            return min(active)
+        return max(clock.get(t, -math.inf) for t in inputs)
 
     def _write(self, tx: redis.client.Pipeline, p: int, task: JoinTask, fresh: list[Message],
                clock: dict[str, float], watermark: float) -> None:
@@ -342,6 +341,7 @@ class Joiner:
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         self._assigned.update((tp.topic, tp.partition) for tp in partitions)
+        self._assigned_at = time.monotonic()
         log.info("partitions_assigned", partitions=[f"{tp.topic}[{tp.partition}]" for tp in partitions])
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
