@@ -516,3 +516,12 @@ def test_a_missing_labeled_topic_is_nothing_to_do_said_plainly(settings: Setting
     s = s.model_copy(update={"topics": missing})
     report = run_once(s)
     assert report.outcome == Outcome.NOTHING and "does not exist: run `shoprank topics`" in report.reason
+
+
+def test_no_time_left_to_fine_tune_publishes_nothing(settings: Settings, registry: Path,
+                                                     redis_client) -> None:
+    s = trainer_settings(settings, registry, max_cycle_s=0.01)
+    publish(s, labeled_records(s, served_lists()))
+    report = run_once(s)
+    assert report.outcome == Outcome.NOTHING and "no time left to fine-tune" in report.reason
+    assert reg.list_versions(registry) == ["v1"] and reg.serving_version(registry) == "v1"

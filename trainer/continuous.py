@@ -437,9 +437,14 @@ class ContinuousTrainer:
         model, result, _ = trained[chosen]
         ipw = {"mode": t.position_debias, "tried": variants, "kept": chosen == "ipw", "clip": t.ipw_clip,
                "holdout_map@5": {v: round(r[2], 6) for v, r in trained.items() if not np.isnan(r[2])}}
-        if budget <= 0:
+        if sum(int(h.get("steps", 0)) for h in result.history) == 0:
+            # Reading and preparing used the whole budget: a candidate equal to its parent is no
+            # candidate (raise max_cycle_s, or lower fresh_lists / older_sample / holdout_lists).
             log.warning("trainer_no_time_to_fit", spent_s=round(time.monotonic() - started, 1),
-                        max_cycle_s=t.max_cycle_s)
+                        max_cycle_s=t.max_cycle_s, phases=phases)
+            return CycleReport(Outcome.NOTHING,
+                               f"no time left to fine-tune within max_cycle_s={t.max_cycle_s:g} "
+                               f"(reading and preparing took {phases['prepare']:.1f} s)")
 
         name = new_version_name(self.registry)
         self._clear_scratch()
