@@ -18,6 +18,7 @@ it (streams.joiner keeps them in Redis) and says what changed, what to emit and 
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -40,6 +41,7 @@ from core.settings import JoinerSettings
 GRADE_OF: dict[type, int] = {Click: GRADES["click"], AddToCart: GRADES["add_to_cart"],
                              Purchase: GRADES["purchase"]}
 PURCHASE = GRADES["purchase"]
+ORPHAN_GRACE_MS = 60_000  # how far results read must be past a waiting click (broker time)
 
 _result_decoder = msgspec.json.Decoder(RankedResult)
 
@@ -55,6 +57,7 @@ class OpenList(msgspec.Struct, array_like=True):
     revision: int = 0  # revisions emitted so far
     pending: list[tuple[int, str, float, int]] = []  # (grade, product, time, counted click) waiting
     first_t: float = 0.0  # the first waiting interaction's time: a placeholder expires from it
+    seen_ms: int = 0  # the broker time (ms) of the last waiting interaction's record
 
     def deadline(self, cfg: JoinerSettings) -> float:
         """When (event time) this list next needs the joiner: emission, then forgetting."""
@@ -125,7 +128,8 @@ class JoinTask:
             for grade, product, t, counted in held.pending:
                 self._label(lst, grade, product, t, counted_click=bool(counted))
 
-    def interaction(self, ev: Interaction) -> None:
+    def interaction(self, ev: Interaction, record_ms: int = 0) -> None:
+        """``record_ms``: when the broker got it (the record's timestamp, wall clock)."""
         grade = GRADE_OF[type(ev)]
         t = ev.timestamp.timestamp()
         is_click = type(ev) is Click
@@ -143,19 +147,27 @@ class JoinTask:
         if lst.result is None:
             lst.pending.append((grade, ev.product_id, t, int(is_click)))
             lst.first_t = min(lst.first_t, t)
+            lst.seen_ms = max(lst.seen_ms, record_ms)
             self._touch(lst)
             return
         self._label(lst, grade, ev.product_id, t, counted_click=is_click)
 
-    def advance(self, watermark: float, due: Iterable[str]) -> None:
+    def advance(self, watermark: float, due: Iterable[str], results_read_ms: float = math.inf) -> None:
         """Close what the watermark has passed, among ``due`` (query ids whose stored deadline is
-        at or before it) and the lists this batch touched."""
+        at or before it) and the lists this batch touched.
+
+        Interactions still waiting for their result give up only once the results read are
+        newer *on the broker* than they are (``results_read_ms``, infinite when the results input
+        is idle): a result reaches the broker before the clicks on it, whatever event times
+        say, so a result still unread is never given up on."""
         for qid in sorted(set(due) | self.changed):
             lst = self.lists.get(qid)
             if lst is None or qid in self.deleted:
                 continue
             while lst.deadline(self.cfg) <= watermark and qid not in self.deleted:
-                if lst.served_at is None:  # no result ever came for these interactions
+                if lst.served_at is None:  # no result came for these interactions
+                    if results_read_ms < lst.seen_ms + ORPHAN_GRACE_MS:
+                        break  # it may still be on its way: due again next time
                     self.counts.unmatched += sum(counted for *_, counted in lst.pending)
                     self._forget(lst)
                 elif lst.revision == 0:

@@ -59,6 +59,7 @@ PROGRESS_EVERY_S = 10.0
 IDLE_TICK_S = 0.5  # how often partitions without new records are checked for lists to close
 OUTBOX_HEADER = "outbox_id"
 WATERMARK = "w"
+RESULTS_READ = "r"  # the clock's field: broker time (ms) of the newest result read
 
 _list_encoder = msgspec.msgpack.Encoder()
 _list_decoder = msgspec.msgpack.Decoder(OpenList)
@@ -204,6 +205,9 @@ class Joiner:
             fresh = [m for m in msgs if m.offset() > applied.get(m.topic(), -1)]
             pairs = self._decode(fresh)
             decoded = [ev for ev, _ in pairs]
+            for m in fresh:
+                if m.topic() == self.results_topic:
+                    clock[RESULTS_READ] = max(clock.get(RESULTS_READ, 0.0), float(m.timestamp()[1]))
             ceiling = time.time() + MAX_FUTURE_S
             for ev in decoded:
                 t = ev.timestamp.timestamp()
@@ -239,8 +243,8 @@ class Joiner:
                 if isinstance(ev, RankedResult):
                     task.result(ev, m.value())
                 else:
-                    task.interaction(ev)
-            task.advance(watermark, due)
+                    task.interaction(ev, m.timestamp()[1])
+            task.advance(watermark, due, self._results_read_ms(p, clock))
             self._write(tx, p, task, fresh, clock, watermark)
             tx.execute()
         self.totals.add(task.counts)
@@ -259,11 +263,16 @@ class Joiner:
                 metrics.JOIN_SKIPPED.labels(m.topic()).inc()
         return out
 
+    def _results_read_ms(self, p: int, clock: dict[str, float]) -> float:
+        """Broker time of the newest result read on partition p; infinite once that input idles."""
+        idle = time.monotonic() - self._last_read.get((self.results_topic, p), self._assigned_at)
+        return math.inf if idle >= self.cfg.idle_s else clock.get(RESULTS_READ, 0.0)
+
     def _watermark(self, p: int, clock: dict[str, float]) -> float:
         """The lesser latest event time of the two inputs; an input idle for ``idle_s`` (nothing
         read from it in that long: read to its end, or quiet) holds nothing back."""
         now = time.monotonic()
-        inputs = (self.results_topic, self.interactions_topic)
+        inputs = (self.results_topic, self.interactions_topic)  # (RESULTS_READ is no input)
         active = [clock.get(t, -math.inf) for t in inputs
                   if now - self._last_read.get((t, p), self._assigned_at) < self.cfg.idle_s]
         if active:
@@ -291,7 +300,7 @@ class Joiner:
             last[m.topic()] = max(last.get(m.topic(), -1), m.offset())
         if last:
             tx.hset(keys.join_offsets(p), mapping=last)  # type: ignore[arg-type]
-        stamps = {k: v for k, v in clock.items() if math.isfinite(v) and k != WATERMARK}
+        stamps = {k: v for k, v in clock.items() if math.isfinite(v) and k != WATERMARK}  # incl. RESULTS_READ
         if math.isfinite(watermark):
             stamps[WATERMARK] = watermark
         if stamps:

@@ -128,6 +128,24 @@ def test_clicks_read_before_their_result_wait_for_it_and_expire_unmatched_withou
     assert (clicks, later.counts.matched, later.counts.unmatched) == (2, 1, 1)
 
 
+def test_a_click_waits_for_a_result_still_unread_whatever_the_event_time_says() -> None:
+    # A search answered with a future time was read first (a replay's warm-up, a skewed clock):
+    # the watermark is far ahead, but the click's own result is not read yet on the broker.
+    task = JoinTask(CFG, {}, {})
+    task.interaction(click("u1", "a", T0 + timedelta(minutes=1), "q1"), record_ms=50_000)
+    task.advance((T0 + timedelta(days=1)).timestamp(), [], results_read_ms=40_000)
+    assert "q1" not in task.deleted and task.counts.unmatched == 0
+    later = JoinTask(CFG, task.lists, task.user_lists)
+    later.result(result("q1", "u1", ["a", "b"], T0), encode(result("q1", "u1", ["a", "b"], T0)))
+    later.advance((T0 + timedelta(days=1)).timestamp(), ["q1"], results_read_ms=60_000)
+    assert [(p.product_id, p.grade) for p in later.emitted[0].products] == [("a", 1), ("b", 0)]
+    # Once results newer on the broker than the click (by the grace) were read, it gives up.
+    orphan = JoinTask(CFG, {}, {})
+    orphan.interaction(click("u2", "x", T0, "q-lost"), record_ms=50_000)
+    orphan.advance((T0 + timedelta(days=1)).timestamp(), [], results_read_ms=50_000 + 60_000)
+    assert orphan.deleted == {"q-lost"} and orphan.counts.unmatched == 1
+
+
 def test_the_first_result_of_a_query_wins_and_error_results_are_not_lists() -> None:
     first = result("q1", "u1", ["a", "b"], T0)
     again = result("q1", "u1", ["b", "a"], T0 + timedelta(seconds=1))  # a redelivered query re-ranked

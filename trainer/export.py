@@ -151,13 +151,13 @@ def write_version_files(folder: Path, model: PersonalRanker, product_tower: Quer
     """
     export_onnx(model, folder)
     diff = max_abs_difference(model, folder, batch=3, length=7, candidates=11, history=4)
-    if diff > tolerance:
+    if not diff <= tolerance:  # NaN weights give a NaN difference: refused too
         raise RuntimeError(f"onnxruntime and torch disagree by {diff:.2e} (> {tolerance})")
     if isinstance(product_tower, Path):
         shutil.copyfile(product_tower, folder / layout.PRODUCT_ENCODER)
     elif product_tower is not None:
         diff = tower_difference(product_tower, export_product_tower(product_tower, folder))
-        if diff > tolerance:
+        if not diff <= tolerance:
             raise RuntimeError(f"product tower: onnxruntime and torch disagree by {diff:.2e} (> {tolerance})")
     if len(product_ids) != len(product_emb):
         raise ValueError(f"{len(product_ids)} product ids for {len(product_emb)} embeddings")
