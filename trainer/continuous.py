@@ -454,7 +454,13 @@ class ContinuousTrainer:
             run = TrainRun(model=model, tokenizer=tokenizer, catalog=catalog, store=MemoryStore(s.features),
                            result=result, window=(train[0].served_at, holdout[-1].served_at),
                            n_rows=len(train), product_tower=tower if tower.is_file() else None)
-            staged = write_version(scratch, run, metrics={}, parent=serving, name=name)
+            try:
+                staged = write_version(scratch, run, metrics={}, parent=serving, name=name)
+            except RuntimeError as exc:  # onnxruntime disagrees with torch (NaN weights included)
+                reason = f"candidate failed its export check: {exc}"
+                reg.record(self.registry, name, reg.REJECTED, reason=reason, by="trainer", serving=serving)
+                log.warning("model_rejected", model_version=name, serving=serving, reason=reason)
+                return CycleReport(Outcome.REJECTED, reason, name)
             phase("export")
             gate = self._judge(scratch, name, serving, holdout)
             phase("gate")
