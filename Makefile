@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: help venv up down status topics demo test lint eval bench-streams bench-scorer bench-scorer-gpu clean-data
+.PHONY: help venv up down status topics demo test lint eval bench-streams bench-scorer bench-scorer-gpu bench-trainer clean-data
 
 help:
 	@echo "make demo    set up everything, start Kafka and Redis, replay the Best Buy data, show results"
@@ -67,6 +67,12 @@ bench-streams: up
 # torch baseline, RSS; 100 candidates per query; about 6-8 minutes -> bench/results/scorer.json.
 bench-scorer: up
 	$(BIN)/python -m bench.scorer $(BENCH_ARGS)
+
+# The closed loop on this CPU: a zero-shot version serves the Best Buy training period replayed in
+# event time through the running engine (feature worker, embedder, joiner, scorer), then one
+# `shoprank trainer --once` cycle on the labeled lists; ~15 minutes -> bench/results/trainer.json.
+bench-trainer: up
+	$(BIN)/python -m bench.trainer $(BENCH_ARGS)
 
 # The model path on a lent GPU machine (stage 1 CPU vs CUDA fp16, cross-encoder re-rank of the
 # top 100). This prepares var/gpu-bundle here; then, with the device tool (one call, ~3 minutes):

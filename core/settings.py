@@ -168,6 +168,9 @@ class JoinerSettings(BaseSettings):
     click_window_s: float = Field(default=1800.0, gt=0)
     # A purchase inside this window (> click_window_s) still counts: it emits a correction.
     purchase_window_s: float = Field(default=86400.0, gt=0)
+    # A labeled list keeps the first this many positions and every product acted on below them
+    # (0: the whole impression).
+    max_list_len: int = Field(default=100, ge=0)
     batch_size: int = Field(default=2000, ge=1)
     batch_within_s: float = Field(default=0.05, gt=0)
     # An input with nothing new for this long (wall time) no longer holds the watermark back.

@@ -35,6 +35,7 @@ from core.events import (
     LabeledProduct,
     Purchase,
     RankedResult,
+    ServedFeatures,
 )
 from core.settings import JoinerSettings
 
@@ -215,12 +216,22 @@ class JoinTask:
         if ev.text is None:
             self.counts.no_text += 1
             return
+        # The first max_list_len positions and every product acted on further down: what training
+        # and the position figures read (a whole 1,000-product impression would be mostly padding).
+        limit = self.cfg.max_list_len or len(ev.products)
+        keep = [i for i, p in enumerate(ev.products)
+                if p.position <= limit or lst.grades.get(p.product_id, 0) > 0]
         products = [LabeledProduct(product_id=p.product_id, position=p.position, score=p.score,
-                                   grade=lst.grades.get(p.product_id, 0)) for p in ev.products]
+                                   grade=lst.grades.get(p.product_id, 0))
+                    for p in (ev.products[i] for i in keep)]
+        features = ev.features
+        if features is not None and len(keep) < len(ev.products):
+            features = ServedFeatures.pack(features.schema, features.matrix(len(ev.products))[keep],
+                                           features.history, features.history_weights)
         self.emitted.append(LabeledList(
             list_id=lst.query_id, revision=lst.revision, query_id=lst.query_id, user_id=ev.user_id,
             session_id=ev.session_id, text=ev.text, model_version=ev.model_version, products=products,
-            features=ev.features, served_at=ev.timestamp, timestamp=datetime.fromtimestamp(at, UTC)))
+            features=features, served_at=ev.timestamp, timestamp=datetime.fromtimestamp(at, UTC)))
         if lst.revision == 1:
             self.counts.lists += 1
         else:

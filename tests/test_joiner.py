@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import numpy as np
-import pytest
 import redis
 from confluent_kafka import TopicPartition
 
@@ -86,6 +84,21 @@ def test_a_list_is_emitted_when_its_click_window_closes_graded_purchase_over_car
     assert task.counts.clicks == 2 and task.counts.matched == 2 and coverage(task.counts.as_dict()) == 1.0
 
 
+def test_a_labeled_list_keeps_the_first_positions_and_every_product_acted_on_below_them() -> None:
+    cfg = JoinerSettings(click_window_s=1800, purchase_window_s=86400, max_list_len=2)
+    products = ["a", "b", "c", "d", "e"]
+    r = result("q1", "u1", products, T0)
+    task = JoinTask(cfg, {}, {})
+    task.result(r, encode(r))
+    task.interaction(click("u1", "d", T0 + timedelta(minutes=1), "q1"))
+    task.advance((T0 + timedelta(hours=1)).timestamp(), [])
+    [lst] = task.emitted
+    kept = [(p.product_id, p.position, p.grade) for p in lst.products]
+    assert kept == [("a", 1, 0), ("b", 2, 0), ("d", 4, 1)]
+    assert lst.features is not None
+    np.testing.assert_array_equal(lst.features.matrix(3), r.features.matrix(5)[[0, 1, 3]])  # type: ignore[union-attr]
+
+
 def test_a_late_purchase_emits_a_correction_and_a_late_click_counts_nothing() -> None:
     task = run([result("q1", "u1", ["a", "b"], T0), click("u1", "a", T0 + timedelta(minutes=5), "q1")],
                T0 + timedelta(hours=1))
@@ -158,20 +171,6 @@ def test_the_first_result_of_a_query_wins_and_error_results_are_not_lists() -> N
 # --- the process, against the real broker and Redis ------------------------------------------------
 
 
-@pytest.fixture
-def joiner_settings(settings_factory) -> Settings:  # type: ignore[no-untyped-def]
-    return settings_factory(partitions=2)
-
-
-@pytest.fixture
-def clean_redis(joiner_settings: Settings) -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(joiner_settings.redis.url)
-    client.flushdb()
-    yield client
-    client.flushdb()
-    client.close()
-
-
 def _workload(n: int, seed: int = 7) -> tuple[list, dict[str, dict[str, int]]]:
     """n searches over 40 shoppers, each served 8 products, with clicks, carts and purchases; the
     grades each list must end with."""
@@ -238,8 +237,9 @@ def _joiner(settings: Settings, tmp_path: Path, name: str) -> Worker:
     return Worker(env, tmp_path / f"{name}.log", command="joiner")
 
 
-def test_a_sigkilled_joiner_loses_and_duplicates_no_list(joiner_settings: Settings, clean_redis: redis.Redis,
+def test_a_sigkilled_joiner_loses_and_duplicates_no_list(settings: Settings, redis_client: redis.Redis,
                                                           tmp_path: Path) -> None:
+    joiner_settings = settings  # two partitions
     events, expected = _workload(400)
     _publish_partitioned(joiner_settings, events)
     first = _joiner(joiner_settings, tmp_path, "first")
@@ -265,7 +265,7 @@ def test_a_sigkilled_joiner_loses_and_duplicates_no_list(joiner_settings: Settin
     for lst in lists:
         assert {p.product_id: p.grade for p in lst.products} == expected[lst.list_id], lst.list_id
         assert lst.revision == 1 and lst.features is not None
-    totals = stored_totals(clean_redis, joiner_settings.topics.partitions)
+    totals = stored_totals(redis_client, joiner_settings.topics.partitions)
     clicks = sum(1 for ev in events if isinstance(ev, Click))
     assert totals["clicks"] == clicks and totals["lists"] == len(expected)  # nothing counted twice
     assert coverage(totals) == 1.0

@@ -245,7 +245,8 @@ def product_table(settings: Settings, parent: ModelVersion) -> tuple[Catalog, in
     overlaid and extended by the vectors its product tower's embedder stored in Redis (products
     published or edited after training). Returns the table and how many products Redis added."""
     ids: list[str] = json.loads((parent.path / layout.PRODUCT_IDS).read_text())
-    emb = np.load(parent.path / layout.PRODUCT_EMB).astype(np.float32).reshape(len(ids), -1)
+    dim = int(parent.manifest["config"]["dim"])  # a zero-shot version may ship no rows at all
+    emb = np.load(parent.path / layout.PRODUCT_EMB).astype(np.float32).reshape(len(ids), dim)
     tower = layout.product_tower(parent.manifest)
     if tower is None:
         return Catalog(ids, emb), 0
