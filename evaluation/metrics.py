@@ -33,9 +33,6 @@ class Cutoffs:
     ndcg_k: int = NDCG_K
     recall_ks: tuple[int, ...] = RECALL_KS
 
-    def names(self) -> list[str]:
-        return [f"map@{self.map_k}", f"ndcg@{self.ndcg_k}", "mrr", *(f"recall@{k}" for k in self.recall_ks)]
-
 
 def rank_order(
     scores: np.ndarray, mask: np.ndarray | None = None, seed: int = 0, first_row: int = 0

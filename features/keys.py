@@ -110,10 +110,6 @@ def query_texts(bucket: int) -> str:
     return f"{QUERY_TEXT}{bucket}"
 
 
-def query_pending(query_id: str) -> str:
-    return QUERY_PENDING + query_id
-
-
 def applied(kind: str, event_id: str) -> str:
     """The marker of an event: a field of the current bucket's hash (see :func:`applied_bucket`)."""
     return f"{kind}:{event_id}"

@@ -129,6 +129,3 @@ class MemoryStore:
 
     def item(self, product_id: str) -> tuple[float, ...]:
         return self._items.get(product_id, item.EMPTY)
-
-    def product(self, product_id: str) -> ProductAttrs | None:
-        return self._products.get(product_id)

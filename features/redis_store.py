@@ -287,10 +287,6 @@ class RedisStore:
     def item(self, product_id: str) -> tuple[float, ...]:
         return item.decode(self.client.get(keys.item(product_id)))
 
-    def product(self, product_id: str) -> catalog.ProductAttrs | None:
-        raw = self.client.get(keys.product(product_id))
-        return catalog.decode(raw[ETAG:]) if raw else None
-
 
 def _category_prices(raw: dict[bytes, bytes]) -> dict[str, tuple[int, int]]:
     counts: dict[str, int] = {}
