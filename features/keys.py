@@ -66,6 +66,8 @@ QUERY_PENDING: Final = "qp:"
 APPLIED: Final = "d:"
 OFFSET: Final = "o:"
 STATS: Final = "stats"
+STATS_APPLIED: Final = "applied"  # the fields of ``stats``
+STATS_DUPLICATES: Final = "duplicates"
 PRODUCT_EMB: Final = "pe:"
 PRODUCT_EMB_FEED: Final = "pef:"
 TRAINER_LEASE: Final = "lease:trainer"
@@ -133,12 +135,22 @@ def product_embedding_feed(tower: str) -> str:
     return f"{PRODUCT_EMB_FEED}{{{tower}}}"
 
 
+PRICE_COUNT: Final = "n:"  # the two kinds of ``cp`` field
+PRICE_CENTS: Final = "c:"
+
+
 def price_count_field(category: str) -> str:
-    return "n:" + category
+    return PRICE_COUNT + category
 
 
 def price_cents_field(category: str) -> str:
-    return "c:" + category
+    return PRICE_CENTS + category
+
+
+def price_field(field: str) -> tuple[str, str] | None:
+    """The kind (:data:`PRICE_COUNT` or :data:`PRICE_CENTS`) and category of a ``cp`` field."""
+    kind, category = field[:2], field[2:]
+    return (kind, category) if kind in (PRICE_COUNT, PRICE_CENTS) else None
 
 
 def join_list(partition: int, query_id: str) -> str:

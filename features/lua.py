@@ -266,10 +266,10 @@ for i = 1, #markers, 2 * CHUNK do
 end
 if #markers > 0 then
   redis.call('EXPIREAT', marker_hash, marker_expiry)
-  redis.call('HINCRBY', '${STATS}', 'applied', #markers / 2)
+  redis.call('HINCRBY', '${STATS}', '${STATS_APPLIED}', #markers / 2)
 end
 for k, v in string.gmatch(ARGV[16], '(%S+)\t(%S+)\n') do redis.call('SET', k, v) end
-if ARGV[22] ~= '0' then redis.call('HINCRBY', '${STATS}', 'duplicates', ARGV[22]) end
+if ARGV[22] ~= '0' then redis.call('HINCRBY', '${STATS}', '${STATS_DUPLICATES}', ARGV[22]) end
 return 0
 """)
 
@@ -284,5 +284,7 @@ COMMIT = _SOURCE.substitute(
     ITEM=keys.ITEM,
     QUERY_PENDING=keys.QUERY_PENDING,
     STATS=keys.STATS,
+    STATS_APPLIED=keys.STATS_APPLIED,
+    STATS_DUPLICATES=keys.STATS_DUPLICATES,
     WORD=query_item.WORD,
 )

@@ -19,8 +19,8 @@ from features.user import UserState
 
 
 class MemoryStore:
-    def __init__(self, config: FeatureSettings | None = None) -> None:
-        self.config = config or FeatureSettings()
+    def __init__(self, config: FeatureSettings) -> None:
+        self.config = config  # no default: training must replay with the rules the scorer reads with
         self._users: dict[str, UserState] = {}
         self._tombstones: dict[str, float] = {}
         self._products: dict[str, ProductAttrs] = {}

@@ -48,11 +48,11 @@ class RedisStore:
     def __init__(
         self,
         client: redis.Redis,
-        config: FeatureSettings | None = None,
+        config: FeatureSettings,
         streams: StreamsSettings | None = None,
     ) -> None:
         self.client = client
-        self.config = config or FeatureSettings()
+        self.config = config  # no default: the scorer and the trainer must read with the same rules
         self.streams = streams or StreamsSettings()
         self._commit_script = client.register_script(lua.COMMIT)
         self._etag_prefix = os.urandom(3).hex().encode()
@@ -156,7 +156,7 @@ class RedisStore:
         if not (users or products or fields or p.items or p.impressions or p.queries or p.query_items
                 or p.applied or p.offsets):
             if p.duplicates:  # a metric only: redeliveries and replays that were skipped
-                self.client.hincrby(keys.STATS, "duplicates", p.duplicates)
+                self.client.hincrby(keys.STATS, keys.STATS_DUPLICATES, p.duplicates)
             return None
         s, cfg = self.streams, self.config
         marker_bucket = self._bucket(s.dedup_ttl_s)
@@ -292,9 +292,7 @@ def _category_prices(raw: dict[bytes, bytes]) -> dict[str, tuple[int, int]]:
     counts: dict[str, int] = {}
     totals: dict[str, int] = {}
     for f, v in raw.items():
-        name = f.decode()
-        if name.startswith("n:"):
-            counts[name[2:]] = int(v)
-        elif name.startswith("c:"):
-            totals[name[2:]] = int(v)
+        if (field := keys.price_field(f.decode())) is not None:
+            kind, category = field
+            (counts if kind == keys.PRICE_COUNT else totals)[category] = int(v)
     return {c: (n, totals.get(c, 0)) for c, n in counts.items()}

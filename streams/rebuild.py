@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from core import kafka
 from core.settings import Settings
+from features import keys
 from features.redis_store import RedisStore, connect
 from streams.deadletter import DeadLetters
 from streams.forget import restore_tombstones
@@ -51,7 +52,7 @@ def rebuild(settings: Settings, progress: bool = True) -> RebuildReport:
             records += _replay(consumer, phase, processor, settings.streams.batch_size, progress)
     finally:
         consumer.close()
-    applied = int(store.client.hget("stats", "applied") or 0)
+    applied = int(store.client.hget(keys.STATS, keys.STATS_APPLIED) or 0)
     report = RebuildReport(records, applied, letters.count, cleared, tombstones,
                            time.perf_counter() - started)
     log.info("rebuild_done", records=report.records, events=report.events,

@@ -63,7 +63,7 @@ def served_lists(model_version: str = "v1") -> tuple[LabeledList, ...]:
     rng = np.random.default_rng(0)
     dim = run.catalog.embeddings.shape[1]
     vectors = {normalize_query(r.query): rng.normal(size=dim).astype(np.float32) for r in rows}
-    store = MemoryStore()
+    store = MemoryStore(Settings().features)  # the rules tiny_run trained with
     for product in split().catalog.values():
         store.apply(product)
     builder = ListBuilder(run.catalog, vectors, LIST_SIZE, run.model.cfg.history_len, 0)

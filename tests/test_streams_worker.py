@@ -31,6 +31,7 @@ from streams.synthetic import Shape, catalog, sessions
 from streams.testing import Worker, environment, publish, wait_until
 
 SHAPE = Shape(users=300, products=400)
+FEATURES = Settings().features  # what the workers run with (environment() sets no feature rule)
 MakeWorker = Callable[..., Worker]
 # The default librdkafka batch engine, and faust agents (SHOPRANK_STREAMS_ENGINE=faust).
 ENGINES = pytest.mark.parametrize("engine", ["batch", "faust"])
@@ -54,7 +55,7 @@ def start_worker(settings_factory: Callable[..., Settings], tmp_path: Path) -> I
 
 
 def applied(client: redis.Redis) -> int:
-    return int(client.hget(keys.STATS, "applied") or 0)
+    return int(client.hget(keys.STATS, keys.STATS_APPLIED) or 0)
 
 
 def counted_events(events: list[Event]) -> int:
@@ -80,10 +81,10 @@ def load_catalog(settings: Settings, client: redis.Redis, worker: Worker) -> lis
 
 
 def assert_matches_offline(client: redis.Redis, events: list[Event]) -> None:
-    offline = MemoryStore()
+    offline = MemoryStore(FEATURES)
     for ev in events:
         offline.apply(ev)
-    online = RedisStore(client)
+    online = RedisStore(client, FEATURES)
     expected, got = offline.users(), online.users()
     assert got.keys() == expected.keys()
     different = [u for u in expected if got[u] != expected[u]]
@@ -178,7 +179,7 @@ def test_sigkill_mid_stream_loses_and_double_counts_nothing(
     assert kills == 3
     assert applied(redis_client) == total
     # Some kills landed after a commit to Redis and before the offset commit: redelivered, skipped.
-    assert int(redis_client.hget(keys.STATS, "duplicates") or 0) > 0
+    assert int(redis_client.hget(keys.STATS, keys.STATS_DUPLICATES) or 0) > 0
     assert_matches_offline(redis_client, [*products, *events])
 
 
