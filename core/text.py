@@ -72,9 +72,14 @@ def _singular(token: str) -> str:
     return token
 
 
+# A product's two texts. They differ on purpose, and each method's reported figures were measured
+# with its own: making them one would change those figures (bench/results/quality.json).
+
+
 def product_text(p: CatalogProduct) -> str:
-    """What the ranker's encoders read of a product: title, brand, deepest categories, start of
-    the description. Here, not in the trainer, because the scorer (no torch) reads it too."""
+    """What the ranker's encoders (the product tower) read of a product: title, brand, deepest
+    categories, start of the description. Here, not in the trainer, because the scorer (no
+    torch) reads it too."""
     parts = [p.title]
     if p.brand:
         parts.append(p.brand)
@@ -82,3 +87,10 @@ def product_text(p: CatalogProduct) -> str:
     if p.description:
         parts.append(p.description[:300])
     return " | ".join(parts)
+
+
+def product_long_text(p: CatalogProduct) -> str:
+    """What the text-only methods read of a product: its title, then its whole description
+    (BM25 and zero-shot MiniLM in :mod:`evaluation.baselines`, CrowdFlower's fine-tuned text
+    model in :mod:`trainer.text_ranker`, which embeds products as zero-shot MiniLM does)."""
+    return f"{p.title}. {p.description}" if p.description else p.title

@@ -5,8 +5,9 @@
 - ``popular_decayed``: clicks weighted by recency (half-life 7 days), updated online.
 - ``query_table``: normalized query text -> products clicked after it, most clicked first, global
   popularity to fill in; ``query_table_online`` also learns from each test click once observed.
-- ``bm25``: BM25 (bm25s, Lucene variant) between the query and the product text.
-- ``minilm``: zero-shot all-MiniLM-L6-v2 cosine between query text and product text.
+- ``bm25``: BM25 (bm25s, Lucene variant) between the query and the product's long text.
+- ``minilm``: zero-shot all-MiniLM-L6-v2 cosine between query text and the product's long text
+  (:func:`core.text.product_long_text`: title and whole description).
 
 Clicks on products outside the candidate set are counted but can never be ranked.
 """
@@ -23,15 +24,10 @@ from typing import Any
 import numpy as np
 
 from core.events import CatalogProduct
-from core.text import normalize_query, words
+from core.text import normalize_query, product_long_text, words
 from evaluation.ranker import BaseRanker, SearchRow
 
 DAY_S = 86_400.0
-
-
-def product_text(p: CatalogProduct) -> str:
-    """The text a text-only method sees for a product: its title, then its description."""
-    return f"{p.title}. {p.description}" if p.description else p.title
 
 
 class RandomRanker(BaseRanker):
@@ -118,7 +114,8 @@ class QueryTableRanker(_CountingRanker):
 
 
 class BM25Ranker(BaseRanker):
-    """BM25 over :func:`product_text`, tokenized as queries are normalized, English stopwords out."""
+    """BM25 over :func:`core.text.product_long_text`, tokenized as queries are normalized, English
+    stopwords out."""
 
     name = "bm25"
 
@@ -136,7 +133,7 @@ class BM25Ranker(BaseRanker):
         ids = tuple(c.product_id for c in candidates)
         if self._index is None or self._index[0] != ids:
             index = bm25s.BM25()
-            index.index([_tokens(product_text(c)) for c in candidates], show_progress=False)
+            index.index([_tokens(product_long_text(c)) for c in candidates], show_progress=False)
             self._index = (ids, index)
         return self._index[1]
 
@@ -172,7 +169,7 @@ class MiniLMRanker(BaseRanker):
     def _candidate_vectors(self, candidates: Sequence[CatalogProduct]) -> np.ndarray:
         ids = tuple(c.product_id for c in candidates)
         if self._candidates is None or self._candidates[0] != ids:
-            self._candidates = (ids, self._encode([product_text(c) for c in candidates]))
+            self._candidates = (ids, self._encode([product_long_text(c) for c in candidates]))
         return self._candidates[1]
 
     def _encode(self, texts: list[str]) -> np.ndarray:

@@ -16,8 +16,9 @@ from tokenizers import Tokenizer
 
 from core.events import CatalogProduct
 from core.pretrained import minilm_path
+from core.text import product_long_text
 from evaluation import metrics
-from evaluation.baselines import minilm_encoder, product_text
+from evaluation.baselines import minilm_encoder
 from evaluation.ranker import BaseRanker, SearchRow
 from trainer.fit import Examples, FitConfig, TextBatcher, fit, predict
 from trainer.model import PersonalRanker, RankerConfig, load_encoder
@@ -34,7 +35,7 @@ class ProductVectors:
         new = list({p.product_id: p for p in products if p.product_id not in self.rows}.values())
         if not new:
             return
-        vectors = minilm_encoder().encode([product_text(p) for p in new], batch_size=64,
+        vectors = minilm_encoder().encode([product_long_text(p) for p in new], batch_size=64,
                                           normalize_embeddings=True, convert_to_numpy=True,
                                           show_progress_bar=False).astype(np.float32)
         for p in new:
