@@ -29,7 +29,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import redis
-from confluent_kafka import TopicPartition
+from confluent_kafka import KafkaException, TopicPartition
 
 from bench.isolation import isolated_settings
 from bench.result_size import wire_bytes
@@ -219,12 +219,17 @@ def run(args: argparse.Namespace) -> dict[str, object]:
         for p in procs.values():
             p.stop()
         if not args.keep_topics:  # a full run leaves ~1.5 GB of topics behind
+            admin = kafka.admin_client(settings)  # held: the futures need their client alive
             names = [t.name for t in topic_specs(settings)]
-            for future in kafka.admin_client(settings).delete_topics(names, operation_timeout=60).values():
-                future.result()
+            for name, future in admin.delete_topics(names, operation_timeout=60).items():
+                try:
+                    future.result()
+                except KafkaException as exc:  # figures matter more than tidiness
+                    _print(f"could not delete {name}: {exc}")
     return {
         "cycle_s": round(cycle_s, 1),
         "cycle_exit": out.returncode,
+        "cycle_phases_s": manifest.get("cycle", {}).get("phases_s"),
         "lists": manifest.get("data_window", {}).get("train_lists"),
         "labeled_lists": lists_on_topic,
         "click_coverage": round(coverage, 4),
