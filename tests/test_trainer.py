@@ -57,7 +57,7 @@ def lists_of(rows: list[SearchRow], full_from: datetime | None = None,
     catalog = Catalog(ids, rng.normal(size=(len(ids), 8)).astype(np.float32))
     texts = {normalize_query(r.query) for r in rows}
     vectors = {t: rng.normal(size=8).astype(np.float32) for t in texts}
-    store = MemoryStore(features)
+    store = MemoryStore(features or FeatureSettings())  # the stores take no default
     for product in split().catalog.values():
         store.apply(product)
     return build_lists(rows, store, ListBuilder(catalog, vectors, 16, 4, 0), full_from=full_from,
