@@ -84,8 +84,12 @@ class ClickRow:
     @property
     def click_id(self) -> str:
         """A stable id for this click (the same on every load and every replay)."""
-        times = _iso(self.query_time), _iso(self.click_time)
-        return stable_id("click", self.user_id, self.sku, self.query, *times)
+        return click_id(self.user_id, self.sku, self.query, self.query_time, self.click_time)
+
+
+def click_id(user_id: str, sku: str, query: str, query_time: datetime, click_time: datetime) -> str:
+    """The id of a click: the event id it is published with, and the one training replays it with."""
+    return stable_id("click", user_id, sku, query, _iso(query_time), _iso(click_time))
 
 
 def stable_id(*parts: str) -> str:

@@ -10,6 +10,10 @@
   a stable ``event_id`` and the catalog price (``None`` for the 0.7% of clicks on skus the
   catalog lacks; those clicks are still published).
 
+:func:`query_event` and :func:`click_event` are the one conversion of a Best Buy search and click
+to the contract: the replay publishes them and the trainer replays them (``trainer.examples``), so
+a click has one id everywhere.
+
 The dataset has no sessions: ``session_id`` is the user id. Queries carry no candidates: for Best
 Buy the candidate set is the whole catalog.
 """
@@ -71,8 +75,8 @@ def timeline(
     clicks = list(clicks)
     queries: dict[str, TimedEvent] = {}
     for row in [*clicks, *searches]:
-        queries.setdefault(row.query_id, query_event(row))
-    events = [*queries.values(), *(click_event(c, products.get(c.sku)) for c in clicks)]
+        queries.setdefault(row.query_id, _timed_query(row))
+    events = [*queries.values(), *(_timed_click(c, products.get(c.sku)) for c in clicks)]
     order = {Stream.QUERIES: 0, Stream.INTERACTIONS: 1}
     return sorted(events, key=lambda e: (e.timestamp, order[e.stream], e.event_id))
 
@@ -114,25 +118,32 @@ def _attributes(p: Product) -> dict[str, str]:
     return {k: str(v)[:2000] for k, v in values.items() if v not in (None, "")}
 
 
-def query_event(row: ClickRow | Search) -> TimedEvent:
-    event = Query(
-        query_id=row.query_id,
-        user_id=row.user_id,
-        session_id=row.user_id,
-        text=row.query,
-        timestamp=row.query_time,
+def query_event(*, query_id: str, user_id: str, text: str, query_time: datetime) -> Query:
+    """A search as the contract's :class:`Query` (the dataset has no sessions: the user's id)."""
+    return Query(query_id=query_id, user_id=user_id, session_id=user_id, text=text, timestamp=query_time)
+
+
+def click_event(*, query_id: str, user_id: str, sku: str, query: str, query_time: datetime,
+                click_time: datetime, price: float | None = None) -> Click:
+    """A click as the contract's :class:`Click`, with its stable id (:func:`bestbuy.click_id`)."""
+    return Click(
+        event_id=bestbuy.click_id(user_id, sku, query, query_time, click_time),
+        user_id=user_id,
+        session_id=user_id,
+        product_id=sku,
+        query_id=query_id,
+        price=price,
+        timestamp=click_time,
     )
+
+
+def _timed_query(row: ClickRow | Search) -> TimedEvent:
+    event = query_event(query_id=row.query_id, user_id=row.user_id, text=row.query, query_time=row.query_time)
     return TimedEvent(row.query_time, Stream.QUERIES, row.user_id, row.query_id, event)
 
 
-def click_event(row: ClickRow, product: Product | None) -> TimedEvent:
-    event = Click(
-        event_id=row.click_id,
-        user_id=row.user_id,
-        session_id=row.user_id,
-        product_id=row.sku,
-        query_id=row.query_id,
-        price=product.price if product else None,
-        timestamp=row.click_time,
-    )
-    return TimedEvent(row.click_time, Stream.INTERACTIONS, row.user_id, row.click_id, event)
+def _timed_click(row: ClickRow, product: Product | None) -> TimedEvent:
+    event = click_event(query_id=row.query_id, user_id=row.user_id, sku=row.sku, query=row.query,
+                        query_time=row.query_time, click_time=row.click_time,
+                        price=product.price if product else None)
+    return TimedEvent(row.click_time, Stream.INTERACTIONS, row.user_id, event.event_id, event)

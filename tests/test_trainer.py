@@ -6,6 +6,7 @@ import json
 from datetime import datetime
 from pathlib import Path
 
+import msgspec
 import numpy as np
 import pytest
 import torch
@@ -16,9 +17,11 @@ from core.text import normalize_query
 from evaluation.ranker import SearchRow
 from features.memory import MemoryStore
 from features.read import FEATURE_NAMES, INDEX, Request, read_batch
+from replay import bestbuy
+from replay.to_events import timeline
 from scorer.runtime import load_served_model
 from tests.model_factory import SLICE, split, tiny_run, tiny_version
-from trainer import bert_ranker
+from trainer import bert_ranker, examples
 from trainer.bert_ranker import PersonalizedBertRanker
 from trainer.examples import REFIT, TRAIN, VALIDATE, Catalog, ListBuilder, build_lists
 from trainer.export import max_abs_difference
@@ -85,6 +88,18 @@ def test_training_lists_are_point_in_time() -> None:
         for j in np.flatnonzero(lists.valid[i]):
             pid = ids[lists.cand_idx[i, j]]
             assert (lists.dense[i, j, INDEX["query_item_clicks_log"]] > 0) == (pid in seen), (i, pid)
+
+
+def test_training_replays_the_events_the_replay_publishes() -> None:
+    # One conversion: a click has the same id (and so the same dedup marker) in training as on
+    # the interactions topic; the trainer's click carries no price (training reads none).
+    data = Settings().data_dir
+    replayed = timeline(bestbuy.load_catalog(data), bestbuy.load_clicks(data), [])
+    published = {e.event_id: e.event for e in replayed}
+    for row in split().train[:500]:
+        click = examples.click_event(row)
+        assert msgspec.structs.replace(published[click.event_id], price=None) == click  # type: ignore[type-var]
+        assert published[row.query_id] == examples.query_event(row.as_query())
 
 
 def test_each_validation_search_also_gives_its_training_list_for_the_refit() -> None:

@@ -29,24 +29,24 @@ from evaluation.ranker import SearchRow
 from features import query_item
 from features.memory import MemoryStore
 from features.read import FEATURE_NAMES, Request, read_batch
-from replay.bestbuy import stable_id
+from replay import to_events
 from trainer.fit import Examples
 
 log = structlog.get_logger(__name__)
 
 
 def query_event(row: SearchRow) -> Query:
-    user = row.user_id or "anonymous"
-    return Query(query_id=row.query_id, user_id=user, session_id=user, text=row.query,
-                 timestamp=_t(row.query_time))
+    """A Best Buy search row as the replay publishes it (:func:`replay.to_events.query_event`)."""
+    return to_events.query_event(query_id=row.query_id, user_id=row.user_id or "anonymous", text=row.query,
+                                 query_time=_t(row.query_time))
 
 
 def click_event(row: SearchRow) -> Click:
-    user = row.user_id or "anonymous"
-    click_time = _t(row.click_time)
-    return Click(event_id=stable_id("click", row.query_id, row.product_id or "", click_time.isoformat()),
-                 user_id=user, session_id=user, product_id=row.product_id or "", query_id=row.query_id,
-                 timestamp=click_time)
+    """A Best Buy click row as the replay publishes it, same event id
+    (:func:`replay.to_events.click_event`; training reads no click price)."""
+    return to_events.click_event(query_id=row.query_id, user_id=row.user_id or "anonymous",
+                                 sku=row.product_id or "", query=row.query, query_time=_t(row.query_time),
+                                 click_time=_t(row.click_time))
 
 
 def _t(ts: datetime | None) -> datetime:
