@@ -3,7 +3,8 @@
 Keys: queries, results and interactions are keyed by user id (one shopper's events stay in order
 on one partition, so a worker owns a shopper); the catalog by product id on a compacted topic
 (the latest version of each product is kept forever); model updates on one partition, in order;
-``forget`` requests by user id on a compacted topic.
+labeled lists by user id; ``forget`` requests by user id on a compacted topic. :func:`route`
+says where each event of the contract goes.
 """
 
 from __future__ import annotations
@@ -14,6 +15,17 @@ import structlog
 from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient, NewTopic
 
+from core.events import (
+    AddToCart,
+    CatalogProduct,
+    Click,
+    Event,
+    LabeledList,
+    ModelUpdate,
+    Purchase,
+    Query,
+    RankedResult,
+)
 from core.settings import Settings, TopicSettings
 
 log = structlog.get_logger(__name__)
@@ -21,6 +33,41 @@ log = structlog.get_logger(__name__)
 RETAIN_FOREVER = {"retention.ms": "-1"}
 # The settings field of each topic (for tools that name a whole set, like isolated test topics).
 TOPIC_KEYS = tuple(name for name in TopicSettings.model_fields if name != "partitions")
+
+
+MODEL_UPDATE_KEY = "model"  # one partition anyway: the key only names what the messages are
+
+
+def topic_field(event: Event) -> str:
+    """The :class:`~core.settings.TopicSettings` field naming the topic ``event`` goes to."""
+    match event:
+        case CatalogProduct():
+            return "catalog"
+        case Query():
+            return "queries"
+        case RankedResult():
+            return "results"
+        case Click() | AddToCart() | Purchase():
+            return "interactions"
+        case LabeledList():
+            return "labeled"
+        case ModelUpdate():
+            return "model_updates"
+    raise TypeError(f"not an event of the contract: {type(event).__name__}")
+
+
+def event_key(event: Event) -> str:
+    """The Kafka key of ``event`` (see the module docstring)."""
+    if isinstance(event, CatalogProduct):
+        return event.product_id
+    if isinstance(event, ModelUpdate):
+        return MODEL_UPDATE_KEY
+    return event.user_id
+
+
+def route(settings: Settings, event: Event) -> tuple[str, str]:
+    """The topic ``event`` is published on under these settings, and its Kafka key."""
+    return getattr(settings.topics, topic_field(event)), event_key(event)
 
 
 @dataclass(frozen=True)

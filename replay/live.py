@@ -7,9 +7,10 @@ result for each has arrived on the results topic, then publishes the clicks of t
 with the ``query_id`` of its search and the ``position`` its product had in the served list. A
 click therefore reaches the feature workers only after every search before it was ranked: no
 search is ranked with a click from its future. A step ends after ``step_searches`` searches, or
-when a click would fall more than ``step_s`` of event time after the step's first search: within
-a step, a search does not yet see the clicks of the searches just before it (as a busy shop's
-features lag its clicks by a few seconds).
+when a search would fall more than ``step_s`` of event time after the step's first search (the
+clicks up to the next step's first search are the step's): within a step, a search does not yet
+see the clicks of the searches just before it (as a busy shop's features lag its clicks by a few
+seconds); with ``step_searches=1`` a search sees every click that happened before it.
 
 Nothing here knows Best Buy: the log is :class:`replay.to_events.TimedEvent` queries and clicks.
 """
@@ -31,6 +32,7 @@ from tqdm import tqdm
 from core import kafka
 from core.events import RESULTS, Click, InvalidEvent, Query, RankedResult, encode
 from core.settings import Settings
+from core.topics import route
 from replay.to_events import Stream, TimedEvent
 
 log = structlog.get_logger(__name__)
@@ -172,7 +174,10 @@ class LiveReplay:
             t = e.timestamp.timestamp()
             full = len(step_q) >= self.step_searches
             too_long = step_start is not None and t - step_start > self.step_s
-            if (full or too_long) and (step_q or step_c):
+            # A step ends where a search opens the next one: the clicks between its last search
+            # and that one are published with it, so the next search sees them (ended at a click,
+            # a step would send the next search before the clicks that happened before it).
+            if e.stream is Stream.QUERIES and (full or too_long) and (step_q or step_c):
                 self._step(step_q, step_c, clicked, stats)
                 bar.update(len(step_q))
                 if on_step is not None:
@@ -203,12 +208,15 @@ class LiveReplay:
         stats.served = dict(self.collector.got)
         return stats
 
+    def _produce(self, event: Query | Click) -> None:
+        topic, key = route(self.settings, event)
+        self.producer.produce(topic, encode(event), key=key.encode())
+
     def _step(self, queries: list[Query], clicks: list[Click], clicked: dict[str, list[str]],
               stats: LiveReplayStats) -> None:
-        topics = self.settings.topics
         for q in queries:
             self.collector.expect(q.query_id, clicked.get(q.query_id, []))
-            self.producer.produce(topics.queries, encode(q), key=q.user_id.encode())
+            self._produce(q)
         self.producer.flush(30)
         missing = self.collector.wait([q.query_id for q in queries], self.result_timeout_s)
         stats.searches += len(queries)
@@ -224,5 +232,5 @@ class LiveReplay:
                 c = msgspec.structs.replace(c, position=position)
                 stats.clicks_shown += 1
             stats.clicks += 1
-            self.producer.produce(topics.interactions, encode(c), key=c.user_id.encode())
+            self._produce(c)
         self.producer.poll(0)

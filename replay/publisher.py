@@ -22,7 +22,8 @@ from tqdm import tqdm
 from core import kafka
 from core.events import encode
 from core.settings import Settings
-from replay.to_events import Replay, Stream, TimedEvent
+from core.topics import route
+from replay.to_events import Replay, TimedEvent
 
 log = structlog.get_logger(__name__)
 
@@ -85,17 +86,12 @@ def publish(
     """Publish the catalog (flushed before anything else), then the events in timestamp order."""
     if speed is not None and speed <= 0:
         raise ValueError(f"speed must be > 0 (or None for as fast as possible), got {speed}")
-    topics = {
-        Stream.CATALOG: settings.topics.catalog,
-        Stream.QUERIES: settings.topics.queries,
-        Stream.INTERACTIONS: settings.topics.interactions,
-    }
     producer, deliveries = kafka.producer(settings), _Deliveries()
     started = time.monotonic()
     with tqdm(total=len(replay.catalog) + len(replay.events), unit="ev", disable=not progress) as bar:
-        _send(producer, topics, replay.catalog, deliveries, bar, Pacer(None))
+        _send(producer, settings, replay.catalog, deliveries, bar, Pacer(None))
         _flush(producer, deliveries)
-        _send(producer, topics, replay.events, deliveries, bar, Pacer(speed))
+        _send(producer, settings, replay.events, deliveries, bar, Pacer(speed))
         _flush(producer, deliveries)
     stats = ReplayStats(len(replay.catalog), len(replay.events), time.monotonic() - started)
     log.info("replay_published", catalog=stats.catalog, events=stats.events,
@@ -105,7 +101,7 @@ def publish(
 
 def _send(
     producer: Producer,
-    topics: dict[Stream, str],
+    settings: Settings,
     events: Sequence[TimedEvent],
     deliveries: _Deliveries,
     bar: tqdm,
@@ -115,19 +111,20 @@ def _send(
         # poll() returns as soon as it serves a delivery report, so wait until the event is due.
         while (wait := pacer.delay_s(ev.timestamp)) > 0:
             producer.poll(wait)
-        _produce(producer, topics[ev.stream], ev, deliveries)
+        _produce(producer, settings, ev, deliveries)
         if i % POLL_EVERY == 0:
             producer.poll(0)
             bar.update(POLL_EVERY)
     bar.update(len(events) % POLL_EVERY)
 
 
-def _produce(producer: Producer, topic: str, ev: TimedEvent, deliveries: _Deliveries) -> None:
-    value, key = encode(ev.event), ev.key.encode()
+def _produce(producer: Producer, settings: Settings, ev: TimedEvent, deliveries: _Deliveries) -> None:
+    topic, key = route(settings, ev.event)
+    value = encode(ev.event)
     headers = [("event_id", ev.event_id.encode())]
     while True:
         try:
-            producer.produce(topic, value=value, key=key, headers=headers, on_delivery=deliveries)
+            producer.produce(topic, value=value, key=key.encode(), headers=headers, on_delivery=deliveries)
             return
         except BufferError:  # the local queue is full: let librdkafka drain it
             producer.poll(0.05)

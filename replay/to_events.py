@@ -27,12 +27,14 @@ from datetime import UTC, date, datetime
 from pathlib import Path
 
 from core.events import CatalogProduct, Click, Event, Query
+from core.topics import event_key, topic_field
 from replay import bestbuy
 from replay.bestbuy import ClickRow, Product, Search
 
 
 class Stream(enum.Enum):
-    """Which of the engine's topics an event belongs on (names come from the settings)."""
+    """Which of the engine's topics an event of a replay belongs on (a
+    :class:`~core.settings.TopicSettings` field: :func:`core.topics.topic_field`)."""
 
     CATALOG = "catalog"
     QUERIES = "queries"
@@ -41,13 +43,19 @@ class Stream(enum.Enum):
 
 @dataclass(frozen=True, slots=True)
 class TimedEvent:
-    """An event, when it happened, the topic it goes to and its Kafka key."""
+    """An event, when it happened and its id; where it goes is :func:`core.topics.route`'s."""
 
     timestamp: datetime
-    stream: Stream
-    key: str
     event_id: str
     event: Event
+
+    @property
+    def stream(self) -> Stream:
+        return Stream(topic_field(self.event))
+
+    @property
+    def key(self) -> str:
+        return event_key(self.event)
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,7 +90,7 @@ def timeline(
 
 
 def catalog_event(p: Product, updated_at: datetime) -> TimedEvent:
-    return TimedEvent(updated_at, Stream.CATALOG, p.sku, p.sku, catalog_product(p, updated_at))
+    return TimedEvent(updated_at, p.sku, catalog_product(p, updated_at))
 
 
 def catalog_product(p: Product, updated_at: datetime) -> CatalogProduct:
@@ -139,11 +147,11 @@ def click_event(*, query_id: str, user_id: str, sku: str, query: str, query_time
 
 def _timed_query(row: ClickRow | Search) -> TimedEvent:
     event = query_event(query_id=row.query_id, user_id=row.user_id, text=row.query, query_time=row.query_time)
-    return TimedEvent(row.query_time, Stream.QUERIES, row.user_id, row.query_id, event)
+    return TimedEvent(row.query_time, row.query_id, event)
 
 
 def _timed_click(row: ClickRow, product: Product | None) -> TimedEvent:
     event = click_event(query_id=row.query_id, user_id=row.user_id, sku=row.sku, query=row.query,
                         query_time=row.query_time, click_time=row.click_time,
                         price=product.price if product else None)
-    return TimedEvent(row.click_time, Stream.INTERACTIONS, row.user_id, event.event_id, event)
+    return TimedEvent(row.click_time, event.event_id, event)

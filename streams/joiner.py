@@ -47,6 +47,7 @@ from confluent_kafka import Consumer, KafkaException, Message, TopicPartition
 from core import events, kafka
 from core.events import InvalidEvent, RankedResult
 from core.settings import Settings
+from core.topics import event_key
 from features import keys
 from features.redis_store import connect
 from streams import metrics
@@ -294,7 +295,7 @@ class Joiner:
         for user, qids in task.unindexed.items():
             tx.zrem(keys.join_user(p, user), *qids)
         for ev in task.emitted:
-            tx.xadd(keys.join_outbox(p), {"k": ev.user_id, "v": events.encode(ev)})
+            tx.xadd(keys.join_outbox(p), {"k": event_key(ev), "v": events.encode(ev)})
         last: dict[str, int] = {}
         for m in fresh:
             last[m.topic()] = max(last.get(m.topic(), -1), m.offset())

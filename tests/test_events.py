@@ -13,6 +13,7 @@ import pytest
 from core import events as ev
 from core import kafka
 from core.settings import Settings
+from core.topics import route
 
 T0 = datetime(2011, 8, 11, 3, 59, 4, 270000, tzinfo=UTC)
 
@@ -89,9 +90,18 @@ SAMPLES: dict[str, tuple[ev.Codec, ev.Event]] = {
 
 
 def topic_for(settings: Settings, kind: str) -> str:
-    t = settings.topics
-    return {"query": t.queries, "ranked_result": t.results, "product": t.catalog,
-            "model_update": t.model_updates, "labeled_list": t.labeled}.get(kind, t.interactions)
+    return route(settings, SAMPLES[kind][1])[0]
+
+
+@pytest.mark.parametrize("kind", sorted(SAMPLES))
+def test_each_event_is_routed_to_the_topic_of_its_codec_under_the_contracts_key(kind: str) -> None:
+    t = Settings().topics
+    codec, event = SAMPLES[kind]
+    topic_of = {ev.QUERIES: t.queries, ev.RESULTS: t.results, ev.INTERACTIONS: t.interactions,
+                ev.CATALOG: t.catalog, ev.MODEL_UPDATES: t.model_updates, ev.LABELED: t.labeled}
+    key = {"product": getattr(event, "product_id", None), "model_update": "model"}.get(
+        kind, getattr(event, "user_id", None))
+    assert route(Settings(), event) == (topic_of[codec], key)
 
 
 @pytest.mark.parametrize("kind", sorted(SAMPLES))

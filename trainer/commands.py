@@ -64,6 +64,7 @@ def announce(settings: Settings, version) -> None:  # type: ignore[no-untyped-de
     from core import kafka
     from core.events import ModelUpdate, encode
     from core.registry import uri
+    from core.topics import route
     from scorer.embedder import embed_live_catalog
 
     embed_live_catalog(settings, version)  # the live catalog's vectors for its tower, before it serves
@@ -72,9 +73,9 @@ def announce(settings: Settings, version) -> None:  # type: ignore[no-untyped-de
                          uri=uri(version.version), manifest_sha256=version.manifest_sha256,
                          metrics={k: float(v) for k, v in version.manifest.get("metrics", {}).items()},
                          created_at=datetime.now(UTC))
-    kafka.send_acked(kafka.producer(settings), settings.topics.model_updates,
-                     [(b"model", encode(update), None)])
-    print(f"announced {version.version} on {settings.topics.model_updates}")
+    topic, key = route(settings, update)
+    kafka.send_acked(kafka.producer(settings), topic, [(key.encode(), encode(update), None)])
+    print(f"announced {version.version} on {topic}")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
