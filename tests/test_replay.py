@@ -26,6 +26,7 @@ class Received:
     key: str
     event_id: str
     event: events.Event
+    sent_ms: int  # the message's timestamp: when the producer sent it (the replay sets none)
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +49,8 @@ def read_all(settings: Settings, topics: list[str], expected: int, timeout_s: fl
                     raise RuntimeError(msg.error())
                 headers = dict(msg.headers() or [])
                 got.append(Received(msg.topic(), msg.partition(), msg.key().decode(),
-                                    headers["event_id"].decode(), events.ANY.decode(msg.value())))
+                                    headers["event_id"].decode(), events.ANY.decode(msg.value()),
+                                    msg.timestamp()[1]))
         return got
     finally:
         consumer.close()
@@ -91,14 +93,21 @@ def test_replay_publishes_in_order_with_stable_ids(settings: Settings, full_repl
         assert both == [r.event_id for r in first] * 2
 
 
-def test_speed_factor_paces_the_replay(settings: Settings, full_replay: Replay) -> None:
+def test_speed_factor_paces_the_replay_in_event_time(settings: Settings, full_replay: Replay) -> None:
     sliced = replace(full_replay, catalog=[], events=full_replay.events[:200])
-    span_s = (sliced.events[-1].timestamp - sliced.events[0].timestamp).total_seconds()
+    t0 = sliced.events[0].timestamp
+    span_s = (sliced.events[-1].timestamp - t0).total_seconds()
     speed = span_s / 1.5  # the slice's hours of traffic in 1.5 s
-    started = time.monotonic()
     publish(settings, sliced, speed=speed, progress=False)
-    elapsed = time.monotonic() - started
-    assert 1.45 <= elapsed < 10.0  # the last event is due 1.5 s after the first
+    t = settings.topics
+    sent = {r.event_id: r.sent_ms / 1000 for r in read_all(settings, [t.queries, t.interactions], 200)}
+    first = min(sent.values())  # the first event is due at once
+    # Each event is sent when its event time, scaled by the speed, has passed since the first's.
+    due = {e.event_id: (e.timestamp - t0).total_seconds() / speed for e in sliced.events}
+    lags = sorted(sent[i] - first - due[i] for i in due)
+    assert len(lags) == 200 and {e.timestamp for e in sliced.events} != {t0}
+    assert lags[0] >= -0.005  # never before it is due (message timestamps are in ms)
+    assert lags[len(lags) // 2] < 0.25  # nor held back: sent as it falls due
 
 
 def test_pacer_waits_until_an_event_is_due() -> None:
