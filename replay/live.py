@@ -66,15 +66,16 @@ class LiveReplayStats:
 
 
 class ResultCollector(threading.Thread):
-    """Follows the results topic from its end, keeping what ``want`` asks of each awaited result."""
+    """Follows the results topic (or ``topic``) from its end, keeping what ``want`` asks of each
+    awaited result."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, topic: str | None = None) -> None:
         super().__init__(name="replay-results", daemon=True)
         self._consumer = kafka.consumer(settings, group_id=f"replay-{uuid.uuid4().hex[:8]}",
                                         **{"fetch.wait.max.ms": 5})
         # Each partition from its end as it is now, assigned explicitly: a subscription's "latest"
         # is resolved a round trip after assignment and would miss a result produced meanwhile.
-        topic = settings.topics.results
+        topic = topic or settings.topics.results
         partitions = self._consumer.list_topics(topic, timeout=10).topics[topic].partitions
         self._consumer.assign([
             TopicPartition(topic, p, self._consumer.get_watermark_offsets(TopicPartition(topic, p), 10)[1])
@@ -136,7 +137,7 @@ class LiveReplay:
 
     def __init__(self, settings: Settings, candidates: Sequence[str] | None = None,
                  step_searches: int = 16, step_s: float = 600.0, result_timeout_s: float = 60.0,
-                 progress: bool = True) -> None:
+                 progress: bool = True, also_await: Sequence[str] = ()) -> None:
         self.settings = settings
         self.candidates = list(candidates) if candidates is not None else None
         self.step_searches = step_searches
@@ -145,14 +146,19 @@ class LiveReplay:
         self.progress = progress
         self.producer = kafka.producer(settings, **{"linger.ms": 1})
         self.collector = ResultCollector(settings)
+        # Results topics of other scorers ranking the same searches (e.g. a version compared
+        # with the serving one): a step's clicks wait for their answers too.
+        self.others = {topic: ResultCollector(settings, topic) for topic in also_await}
 
     def __enter__(self) -> LiveReplay:
-        self.collector.start()
+        for c in (self.collector, *self.others.values()):
+            c.start()
         return self
 
     def __exit__(self, *_: object) -> None:
-        self.collector.stop()
-        self.collector.join(10)
+        for c in (self.collector, *self.others.values()):
+            c.stop()
+            c.join(10)
         self.producer.flush(30)
 
     def run(self, log_events: Sequence[TimedEvent],
@@ -215,10 +221,14 @@ class LiveReplay:
     def _step(self, queries: list[Query], clicks: list[Click], clicked: dict[str, list[str]],
               stats: LiveReplayStats) -> None:
         for q in queries:
-            self.collector.expect(q.query_id, clicked.get(q.query_id, []))
+            for collector in (self.collector, *self.others.values()):
+                collector.expect(q.query_id, clicked.get(q.query_id, []))
             self._produce(q)
         self.producer.flush(30)
-        missing = self.collector.wait([q.query_id for q in queries], self.result_timeout_s)
+        ids = [q.query_id for q in queries]
+        missing = self.collector.wait(ids, self.result_timeout_s)
+        for other in self.others.values():
+            other.wait(ids, self.result_timeout_s)
         stats.searches += len(queries)
         stats.unanswered += len(missing)
         stats.answered += len(queries) - len(missing)
