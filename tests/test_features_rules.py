@@ -9,6 +9,7 @@ from datetime import UTC, datetime, timedelta
 import msgspec
 import numpy as np
 import pytest
+from prometheus_client import REGISTRY
 
 from core.events import AddToCart, CatalogProduct, Click, Purchase, Query, QueryContext
 from core.settings import FeatureSettings
@@ -167,3 +168,16 @@ def test_ties_go_to_the_word_with_more_clicks_and_new_trust_is_seen_at_once() ->
     assert speller.respell("carx") == "cart"  # one edit from both: the one with more clicks
     assert len(speller) == 2
     assert Speller(min_clicks=0).respell("kimect") == "kimect"  # respelling off
+
+
+def test_respellings_are_cached_and_the_cache_hits_and_misses_are_exported() -> None:
+    def lookups(result: str) -> float:
+        return REGISTRY.get_sample_value("shoprank_speller_cache_lookups_total", {"result": result}) or 0.0
+
+    speller = Speller.of({"kinect": 40}, min_clicks=3)
+    hits, misses = lookups("hit"), lookups("miss")
+    assert [speller.respell("kimect") for _ in range(3)] == ["kinect"] * 3
+    assert speller.respell("kinect") == "kinect"  # trusted: never looked up
+    assert (lookups("hit") - hits, lookups("miss") - misses) == (2, 1)
+    speller.add("lego", 3)  # a word newly trusted could be closer: the cache starts again
+    assert speller.respell("kimect") == "kinect" and lookups("miss") - misses == 2
