@@ -25,6 +25,7 @@ from features.read import FEATURE_NAMES, FEATURE_SCHEMA, Request, read_batch
 from scorer.app import Scorer, build_scorer
 from scorer.http import create_app
 from scorer.runtime import load_served_model
+from streams.testing import wait_until
 from tests.model_factory import split, tiny_version
 
 NOW = datetime(2011, 10, 1, tzinfo=UTC)
@@ -53,10 +54,9 @@ def running(settings: Settings) -> Iterator[Scorer]:
     for product in split().catalog.values():
         s.store.apply(product)
     s.start()
-    deadline = time.monotonic() + 30
-    while not s.loop.assigned.is_set() and time.monotonic() < deadline:
-        time.sleep(0.1)
     try:
+        # Fail here, not later in the test with fewer results and no reason.
+        wait_until(s.loop.assigned.is_set, 30, 0.1, "the scorer was assigned its partitions")
         yield s
     finally:
         s.stop()
