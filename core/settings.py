@@ -64,6 +64,11 @@ class RedisSettings(BaseSettings):
     password: SecretStr | None = None
     tls_ca_certs: str | None = None
     socket_timeout_s: float = 5.0
+    # A command that meets a connection error or a timeout is retried, after a jittered
+    # exponential backoff from retry_base_s up to retry_cap_s (redis-py's Retry); then it fails.
+    retries: int = Field(default=10, ge=0)
+    retry_base_s: float = Field(default=0.01, gt=0)
+    retry_cap_s: float = Field(default=1.0, gt=0)
 
 
 class TopicSettings(BaseSettings):

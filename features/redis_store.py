@@ -16,6 +16,8 @@ from typing import Any
 
 import redis
 import structlog
+from redis.backoff import ExponentialBackoff, ExponentialWithJitterBackoff
+from redis.retry import Retry
 
 from core.events import CatalogProduct, Purchase
 from core.settings import FeatureSettings, RedisSettings, StreamsSettings
@@ -29,10 +31,18 @@ log = structlog.get_logger(__name__)
 
 ETAG = lua.ETAG
 MAX_ATTEMPTS = 50
+# A conflicting batch (another writer, optimistic concurrency: not a connection error, so not the
+# client's Retry) is re-read and re-planned after 2 ms, 4 ms, ... up to 0.2 s.
+_CONFLICT_BACKOFF = ExponentialBackoff(cap=0.2, base=0.001)
 
 
 def connect(settings: RedisSettings) -> redis.Redis:
-    options: dict[str, Any] = {"socket_timeout": settings.socket_timeout_s, "health_check_interval": 30}
+    """A client whose commands retry connection errors and timeouts (``settings.retries``), with
+    jitter, so that workers and scorers coming back after an outage do not retry in step."""
+    retry = Retry(ExponentialWithJitterBackoff(cap=settings.retry_cap_s, base=settings.retry_base_s),
+                  settings.retries)
+    options: dict[str, Any] = {"socket_timeout": settings.socket_timeout_s, "health_check_interval": 30,
+                               "retry": retry}
     if settings.password is not None:
         options["password"] = settings.password.get_secret_value()
     if settings.url.startswith("rediss://") and settings.tls_ca_certs:
@@ -85,7 +95,7 @@ class RedisStore:
                 return Outcome(p.n_applied, p.duplicates, p.rejected, p.skipped, p.unknown_impressions)
             self.conflicts += 1
             log.info("batch_conflict", guard=failed, attempt=attempt, events=len(batch))
-            time.sleep(min(0.2, 0.002 * 2**attempt))
+            time.sleep(_CONFLICT_BACKOFF.compute(attempt + 1))
         raise ConflictError(f"batch of {len(batch)} events conflicted {MAX_ATTEMPTS} times")
 
     def _read(self, records: list[Record]) -> tuple[View, list[tuple[str, str, bytes]]]:

@@ -21,6 +21,10 @@ UNKNOWN_IMPRESSIONS = Counter(
 CONFLICTS = Counter(
     "shoprank_stream_conflicts_total", "Batches re-planned because another writer got there first"
 )
+REDIS_UNAVAILABLE = Counter(
+    "shoprank_stream_redis_unavailable_total",
+    "Attempts at a batch that found Redis unreachable after the client's retries (the batch waits)",
+)
 BATCH_SECONDS = Histogram(
     "shoprank_stream_batch_seconds",
     "Time to apply one batch to Redis (read, plan, commit)",

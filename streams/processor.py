@@ -1,7 +1,12 @@
 """From raw Kafka records to one atomic feature-store commit, plus the dead letters of the batch.
 
 Faust-free, so the worker, ``rebuild`` and the benchmark share it. Redis being unreachable is
-retried here, forever, with backoff: a batch is never acknowledged before it is in Redis.
+retried twice over. Each command retries on the client (:func:`features.redis_store.connect`:
+seconds at most), then the whole batch is retried here, forever, with backoff: a batch is
+never acknowledged before it is in Redis, so an outage longer than the client's retries holds
+the worker back instead of crashing it (or losing the batch). The batch is re-read and
+re-planned each time: a commit cut off mid-flight may have run, and its guards and markers make
+the second commit a no-op or a re-plan.
 """
 
 from __future__ import annotations
@@ -12,8 +17,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-import redis
 import structlog
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
 
 from core import events
 from core.events import InvalidEvent
@@ -47,6 +53,8 @@ def codecs(settings: Settings) -> dict[str, events.Codec[Any]]:
 
 
 Handover = Callable[[list[DeadLetter]], None]
+# 0.05 s, 0.1 s, ... 5 s between attempts at a batch while Redis is unreachable, without end.
+_UNAVAILABLE_BACKOFF = ExponentialBackoff(cap=5.0, base=0.025)
 
 
 @dataclass(frozen=True)
@@ -117,17 +125,21 @@ class Processor:
         return len(letters)
 
     def _apply_with_retry(self, records: list[Record], on_rejected: OnRejected) -> Outcome:
-        delay = 0.05
-        while True:
+        def attempt() -> Outcome:
             conflicts = self.store.conflicts
-            try:
-                outcome = self.store.apply_batch(records, on_rejected)
-                metrics.CONFLICTS.inc(self.store.conflicts - conflicts)
-                return outcome
-            except (redis.ConnectionError, redis.TimeoutError) as exc:
-                log.warning("redis_unavailable", error=str(exc), retry_in_s=delay)
-                time.sleep(delay)
-                delay = min(delay * 2, 5.0)
+            outcome = self.store.apply_batch(records, on_rejected)
+            metrics.CONFLICTS.inc(self.store.conflicts - conflicts)
+            return outcome
+
+        # retries=-1: forever. Retry's default errors: redis' ConnectionError and TimeoutError.
+        forever = Retry(_UNAVAILABLE_BACKOFF, -1)
+        return forever.call_with_retry(attempt, _unavailable, with_failure_count=True)
+
+
+def _unavailable(exc: Exception, failures: int) -> None:
+    metrics.REDIS_UNAVAILABLE.inc()
+    log.warning("redis_unavailable", error=str(exc), failures=failures,
+                retry_in_s=_UNAVAILABLE_BACKOFF.compute(failures))
 
 
 def _count(origins: list[RawRecord], outcome: Outcome) -> None:

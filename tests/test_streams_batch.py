@@ -7,17 +7,22 @@ showed a product the catalog does not know: counts it, keeps the result.
 
 from __future__ import annotations
 
+import contextlib
+import socket
+import threading
 from datetime import UTC, datetime
+from urllib.parse import urlsplit
 
 import redis
 from prometheus_client import REGISTRY
 
 from core.events import CatalogProduct, RankedProduct, RankedResult, encode
 from core.settings import Settings
-from features import item
-from features.redis_store import RedisStore
+from features import item, keys
+from features.redis_store import RedisStore, connect
 from streams.batch import BatchWorker
 from streams.processor import Decoded, Processor, RawRecord
+from streams.synthetic import Shape, catalog
 
 
 def decoded(n: int, start: int = 0) -> Decoded:
@@ -68,3 +73,80 @@ def test_a_result_showing_an_unknown_product_is_kept_counted_and_not_dead_letter
     assert dead == 0 and letters == []
     assert REGISTRY.get_sample_value("shoprank_unknown_impressions_total") == before + 1
     assert store.snapshot([], ["p1"], []).items["p1"][item.N_IMPRESSIONS] == 1.0
+
+
+class Outage:
+    """A TCP proxy in front of the real Redis that can be cut (open connections dropped, new ones
+    closed at once) and restored: an outage as a client sees one, the server left alone."""
+
+    def __init__(self, url: str) -> None:
+        parts = urlsplit(url)
+        self._target = (parts.hostname or "127.0.0.1", parts.port or 6379)
+        self._server = socket.create_server(("127.0.0.1", 0))
+        self.url = parts._replace(netloc=f"127.0.0.1:{self._server.getsockname()[1]}").geturl()
+        self._up = threading.Event()
+        self._up.set()
+        self._open: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._server.accept()
+            except OSError:
+                return
+            if not self._up.is_set():
+                client.close()
+                continue
+            upstream = socket.create_connection(self._target)
+            self._open += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(a: socket.socket, b: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := a.recv(65536):
+                b.sendall(data)
+        for s in (a, b):
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+
+    def cut(self) -> None:
+        self._up.clear()
+        for s in self._open:
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+        self._open.clear()
+
+    def restore(self) -> None:
+        self._up.set()
+
+    def close(self) -> None:
+        self.cut()
+        self._server.close()
+
+
+def test_a_batch_waits_out_an_outage_longer_than_the_clients_retries(
+    settings: Settings, redis_client: redis.Redis
+) -> None:
+    # The client gives up on a command within ~0.1 s; the outage lasts 1.5 s: the processor
+    # retries the batch until Redis is back, and commits it once.
+    outage = Outage(settings.redis.url)
+    fast = settings.redis.model_copy(update={"url": outage.url, "retries": 2, "retry_cap_s": 0.05})
+    store = RedisStore(connect(fast), settings.features, settings.streams)
+    processor = Processor(settings, store, lambda letters: None)
+    products = catalog(Shape(users=5, products=20))
+    raws = [RawRecord(settings.topics.catalog, 0, i, None, encode(p)) for i, p in enumerate(products)]
+    processor.apply(raws[:1])  # connected once: the outage cuts a live connection
+    before = REGISTRY.get_sample_value("shoprank_stream_redis_unavailable_total") or 0.0
+    outage.cut()
+    restore = threading.Timer(1.5, outage.restore)
+    restore.start()
+    try:
+        assert processor.apply(raws[1:]) == 0
+    finally:
+        restore.cancel()
+        outage.close()
+    assert (REGISTRY.get_sample_value("shoprank_stream_redis_unavailable_total") or 0.0) > before
+    assert all(redis_client.exists(keys.product(p.product_id)) for p in products)
