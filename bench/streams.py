@@ -39,12 +39,12 @@ from core import kafka
 from core.events import Click, Event, encode
 from core.logs import configure_logging
 from core.settings import Settings
-from core.topics import ensure_topics, topic_specs
+from core.topics import ensure_topics, route, topic_specs
 from features import keys
 from features.plan import Record
 from features.redis_store import RedisStore
 from streams.synthetic import START, Shape, catalog, sessions
-from streams.testing import Worker, environment, publish, topic_and_key, wait_until
+from streams.testing import Worker, environment, publish, wait_until
 
 RESULTS = Path(__file__).resolve().parent / "results" / "streams.json"
 BENCH_DB = 14
@@ -92,7 +92,7 @@ def worker_eps(client: redis.Redis, total: int, worker: Worker) -> float:
             raise RuntimeError(f"backlog not drained in 900 s:\n{worker.log_tail()}")
         if not worker.alive():
             raise RuntimeError("worker died:\n" + worker.log_tail())
-        done = int(client.hget(keys.STATS, "applied") or 0)
+        done = int(client.hget(keys.STATS, keys.STATS_APPLIED) or 0)
         now = time.perf_counter()
         for mark in (lo, hi):
             if done >= mark and mark not in marks:
@@ -184,7 +184,7 @@ def freshness(settings: Settings, client: redis.Redis, shape: Shape, rate: int, 
     # or the first ~0.5 s of events queue behind it and are charged to the worker.
     warmup = Click(event_id=f"warmup{tag}", user_id=f"warmup{tag}", session_id="s", product_id="p1",
                    timestamp=events[0].timestamp)
-    warmup_topic, warmup_key = topic_and_key(settings, warmup)
+    warmup_topic, warmup_key = route(settings, warmup)
     producer.produce(warmup_topic, encode(warmup), key=warmup_key.encode())
     producer.flush(30)
     tick, per_tick = 0.01, max(1, rate // 100)
@@ -195,11 +195,11 @@ def freshness(settings: Settings, client: redis.Redis, shape: Shape, rate: int, 
                 probe = f"probe{tag}-{j}"
                 ev = Click(event_id=probe, user_id=probe, session_id="s", product_id="p1",
                            timestamp=ev.timestamp)
-                topic, key = topic_and_key(settings, ev)
+                topic, key = route(settings, ev)
                 with lock:
                     sent[probe] = time.perf_counter()
             else:
-                topic, key = topic_and_key(settings, ev)
+                topic, key = route(settings, ev)
             producer.produce(topic, encode(ev), key=key.encode())
         producer.poll(0)
         next_at = started + (i // per_tick + 1) * tick
@@ -256,7 +256,7 @@ def run(args: argparse.Namespace) -> dict[str, object]:
         try:
             eps = worker_eps(client, len(events), worker)
             print(f"worker_eps       {eps:12,.0f}   ({eps / broker:.1%} of raw_broker_eps)", flush=True)
-            wait_until(lambda: int(client.hget(keys.STATS, "applied") or 0) >= len(events), 300,
+            wait_until(lambda: int(client.hget(keys.STATS, keys.STATS_APPLIED) or 0) >= len(events), 300,
                        what="backlog drained")
             lat, achieved, n_probes = freshness(settings, client, shape, args.rate, args.seconds,
                                                 args.probe_every)

@@ -17,7 +17,7 @@ from dataclasses import replace
 import msgspec
 import numpy as np
 from fastapi import FastAPI, HTTPException, Request, Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
 from core.events import QUERIES, InvalidEvent, Query, to_builtins
 from features.read import FEATURE_NAMES
@@ -64,7 +64,9 @@ def create_app(holder: ModelHolder, ranker: QueryRanker, metrics: ScorerMetrics,
 
     @app.get("/metrics")
     def prometheus() -> Response:
-        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        # The scorer's own figures, then the process-wide ones (the speller's cache lookups).
+        body = generate_latest(metrics.registry) + generate_latest(REGISTRY)
+        return Response(body, media_type=CONTENT_TYPE_LATEST)
 
     return app
 

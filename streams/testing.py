@@ -23,10 +23,6 @@ from core.topics import TOPIC_KEYS, route
 T = TypeVar("T")
 
 
-# The old name of core.topics.route, still imported by bench/streams.py.
-topic_and_key = route
-
-
 def publish(settings: Settings, events: Iterable[Event | tuple[str, str, bytes]]) -> int:
     """Publish events (or raw ``(topic, key, bytes)``) keyed as the contract says; wait for acks."""
     producer = kafka.producer(settings)
