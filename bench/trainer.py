@@ -24,28 +24,26 @@ import shutil
 import subprocess
 import sys
 import time
-import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import redis
-from confluent_kafka import KafkaException, TopicPartition
 
+from bench.engine import Services, advance_event_time, ask, delete_topics, engine_env, labeled_count
 from bench.isolation import isolated_settings
 from bench.result_size import wire_bytes
 from core import kafka
-from core.events import RESULTS as RESULTS_CODEC
-from core.events import CatalogProduct, Query, RankedResult, encode
+from core.events import CatalogProduct, encode
 from core.layout import product_tower
 from core.registry import load_version, serving_version, set_serving
-from core.settings import ROOT, Settings
+from core.settings import ROOT
 from core.topics import ensure_topics, topic_specs
 from evaluation.splits import bestbuy_split
 from features.embeddings import ProductEmbeddings
 from replay.live import LiveReplay
 from replay.to_events import Stream, bestbuy_replay
 from streams.joiner import stored_totals
-from streams.testing import Worker, environment, wait_until
+from streams.testing import wait_until
 
 RESULTS = ROOT / "bench" / "results" / "trainer.json"
 BENCH_DB = 11  # tests use 15 (and 12-14 beside them), bench.scorer 13, bench.streams 14
@@ -58,64 +56,6 @@ NEW_PRODUCT = CatalogProduct(
 
 def _print(msg: str) -> None:
     print(msg, flush=True)
-
-
-def _labeled_count(settings: Settings) -> int:
-    consumer = kafka.consumer(settings, group_id=f"bench-count-{uuid.uuid4().hex[:6]}")
-    try:
-        return sum(high - low for low, high in kafka.watermarks(consumer, [settings.topics.labeled]).values())
-    finally:
-        consumer.close()
-
-
-def _advance_event_time(settings: Settings, to: datetime) -> None:
-    """One empty result per partition at ``to``: each partition's event time moves past every
-    window (a replay ends; a live shop's next searches would do the same)."""
-    producer = kafka.producer(settings)
-    for p in range(settings.topics.partitions):
-        tick = RankedResult(query_id=f"bench-tick-{p}", user_id="bench-tick", session_id="bench-tick",
-                            model_version="-", products=[], timestamp=to)
-        producer.produce(settings.topics.results, encode(tick), partition=p)
-    if producer.flush(30):
-        raise RuntimeError("event-time ticks unacknowledged")
-
-
-def _ask(settings: Settings, text: str, candidates: list[str] | None, at: datetime, timeout_s: float = 60,
-         retries: int = 1) -> RankedResult:
-    """Publish one search and return its result from the results topic (asking again, up to
-    ``retries`` times, when it gets no answer within ``timeout_s / retries``)."""
-    for attempt in range(retries):
-        try:
-            return _ask_once(settings, text, candidates, at, timeout_s / retries)
-        except TimeoutError:
-            if attempt == retries - 1:
-                raise
-    raise AssertionError("unreachable")
-
-
-def _ask_once(settings: Settings, text: str, candidates: list[str] | None, at: datetime,
-              timeout_s: float) -> RankedResult:
-    q = Query(query_id=f"bench-{uuid.uuid4().hex[:10]}", user_id="bench-shopper", session_id="bench",
-              text=text, candidates=candidates, timestamp=at)
-    topic = settings.topics.results
-    consumer = kafka.consumer(settings, group_id=f"bench-ask-{uuid.uuid4().hex[:6]}")
-    try:
-        # Read from each partition's end as it is *before* the search is sent.
-        ends = [TopicPartition(topic, p, consumer.get_watermark_offsets(TopicPartition(topic, p), 10)[1])
-                for p in range(settings.topics.partitions)]
-        consumer.assign(ends)
-        kafka.send_acked(kafka.producer(settings), settings.topics.queries,
-                         [(q.user_id.encode(), encode(q), None)])
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            msg = consumer.poll(0.2)
-            if msg is None or msg.error() is not None:
-                continue
-            if (r := RESULTS_CODEC.decode(msg.value())).query_id == q.query_id:
-                return r
-    finally:
-        consumer.close()
-    raise TimeoutError(f"no result for {text!r} within {timeout_s:.0f} s")
 
 
 def run(args: argparse.Namespace) -> dict[str, object]:
@@ -144,18 +84,10 @@ def run(args: argparse.Namespace) -> dict[str, object]:
         period = [e for e in period if e.timestamp <= last]
     catalog_ids = [e.event.product_id for e in replay.catalog]  # type: ignore[union-attr]
 
-    env = environment(settings) | {
-        "SHOPRANK_MODEL_REGISTRY_DIR": str(registry),
-        "SHOPRANK_SCORER_GROUP_ID": f"bench-scorer-{uuid.uuid4().hex[:6]}",
-        "SHOPRANK_SCORER_HTTP_PORT": str(args.port),
-        "SHOPRANK_SCORER_DEVICE": "cpu",
-        "SHOPRANK_SCORER_MAX_CANDIDATES": str(max(1000, len(catalog_ids))),
-        "SHOPRANK_LOG_LEVEL": "INFO",
-    }
+    env = engine_env(settings, registry, args.port, len(catalog_ids))
     logs = work / "logs"
-    logs.mkdir()
-    procs = {name: Worker(env, logs / f"{name}.log", command=name)
-             for name in ("streams", "embedder", "joiner", "scorer")}
+    services = Services(logs)
+    procs = {name: services.start(name, env) for name in ("streams", "embedder", "joiner", "scorer")}
     try:
         started = time.monotonic()
         n = kafka.producer(settings)
@@ -176,19 +108,19 @@ def run(args: argparse.Namespace) -> dict[str, object]:
         # A new scorer group starts from the queries topic's end once its partitions are assigned:
         # one search answered proves it is reading before the replay starts.
         # Stamped before the log starts: a search from the replay's future would move event time.
-        _ask(settings, "warm up", catalog_ids[:10], period[0].timestamp - timedelta(seconds=1), retries=10)
+        ask(settings, "warm up", catalog_ids[:10], period[0].timestamp - timedelta(seconds=1), retries=10)
         with LiveReplay(settings, candidates=catalog_ids, step_searches=args.step_searches,
                         step_s=args.step_s, progress=sys.stderr.isatty()) as live:
             stats = live.run(period)
         _print(f"replay: {stats.searches:,} searches ({stats.unanswered} unanswered), {stats.clicks:,} "
                f"clicks in {stats.seconds:.0f} s")
-        _advance_event_time(settings, (stats.last or split.cutoff) + timedelta(days=2))
+        advance_event_time(settings, (stats.last or split.cutoff) + timedelta(days=2))
         expected = stats.answered
-        wait_until(lambda: _labeled_count(settings) >= expected * 0.99
+        wait_until(lambda: labeled_count(settings) >= expected * 0.99
                    or any(not p.alive() for p in procs.values()), 600, 1.0, "labeled lists")
         time.sleep(2.0)  # the joiner's last batch, if any, settles
         totals = stored_totals(client, settings.topics.partitions)
-        lists_on_topic = _labeled_count(settings)
+        lists_on_topic = labeled_count(settings)
         coverage = (totals["matched"] + totals["off_list"]) / totals["clicks"] if totals["clicks"] else 0.0
         _print(f"joiner: {lists_on_topic:,} lists, click coverage {coverage:.4f} ({totals})")
 
@@ -209,23 +141,16 @@ def run(args: argparse.Namespace) -> dict[str, object]:
                          [(NEW_PRODUCT.product_id.encode(), encode(NEW_PRODUCT), None)])
         rank, new_product_s = None, None
         while rank is None and time.monotonic() - published < 120:  # embedder, then scorer refresh
-            new = _ask(settings, NEW_PRODUCT.title, None, after)
+            new = ask(settings, NEW_PRODUCT.title, None, after)
             rank = next((p.position for p in new.products if p.product_id == NEW_PRODUCT.product_id), None)
             new_product_s = time.monotonic() - published
         _print(f"new product: rank {rank} for its own title, {new_product_s:.1f} s after publishing")
-        sized = _ask(settings, "call of duty", catalog_ids[:100], after)
+        sized = ask(settings, "call of duty", catalog_ids[:100], after)
         dead = [name for name, p in procs.items() if not p.alive()]
     finally:
-        for p in procs.values():
-            p.stop()
+        services.stop()
         if not args.keep_topics:  # a full run leaves ~1.5 GB of topics behind
-            admin = kafka.admin_client(settings)  # held: the futures need their client alive
-            names = [t.name for t in topic_specs(settings)]
-            for name, future in admin.delete_topics(names, operation_timeout=60).items():
-                try:
-                    future.result()
-                except KafkaException as exc:  # figures matter more than tidiness
-                    _print(f"could not delete {name}: {exc}")
+            delete_topics(settings)
     return {
         "cycle_s": round(cycle_s, 1),
         "cycle_exit": out.returncode,

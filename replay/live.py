@@ -243,4 +243,35 @@ class LiveReplay:
                 stats.clicks_shown += 1
             stats.clicks += 1
             self._produce(c)
-        self.producer.poll(0)
+        # Acknowledged before ``on_step``: a caller waiting for the engine to apply the step's
+        # clicks (each search seeing every click before it) knows where they are on the broker.
+        if self.producer.flush(30):
+            raise RuntimeError("a replay step's clicks unacknowledged after 30 s")
+
+
+def read_results(settings: Settings, topic: str | None = None,
+                 wanted: set[str] | None = None) -> dict[str, RankedResult]:
+    """What the engine answered, read back from the results topic (or ``topic``) from its start
+    to its end now: the first result of each query id (of ``wanted`` ids only, when given)."""
+    topic = topic or settings.topics.results
+    consumer = kafka.consumer(settings, group_id=f"replay-read-{uuid.uuid4().hex[:8]}")
+    out: dict[str, RankedResult] = {}
+    try:
+        ends = kafka.watermarks(consumer, [topic])
+        consumer.assign([TopicPartition(t, p, low) for (t, p), (low, _) in ends.items()])
+        left = {tp: high for tp, (_, high) in ends.items()}
+        while left:
+            for m in consumer.consume(2000, timeout=1.0):
+                if m.error() is not None:
+                    continue
+                if m.offset() >= left.get((m.topic(), m.partition()), 0) - 1:
+                    left.pop((m.topic(), m.partition()), None)
+                try:
+                    r = RESULTS.decode(m.value() or b"")
+                except InvalidEvent:
+                    continue
+                if (wanted is None or r.query_id in wanted) and r.query_id not in out:
+                    out[r.query_id] = r
+    finally:
+        consumer.close()
+    return out
