@@ -158,9 +158,9 @@ class JoinTask:
         at or before it) and the lists this batch touched.
 
         Interactions still waiting for their result give up only once the results read are
-        newer *on the broker* than they are (``results_read_ms``, infinite when the results input
-        is idle): a result reaches the broker before the clicks on it, whatever event times
-        say, so a result still unread is never given up on."""
+        newer *on the broker* than they are (``results_read_ms``): a result reaches the broker
+        before the clicks on it, whatever event times say, so a result still unread is never
+        given up on."""
         for qid in sorted(set(due) | self.changed):
             lst = self.lists.get(qid)
             if lst is None or qid in self.deleted:

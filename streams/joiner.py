@@ -245,7 +245,7 @@ class Joiner:
                     task.result(ev, m.value())
                 else:
                     task.interaction(ev, m.timestamp()[1])
-            task.advance(watermark, due, self._results_read_ms(p, clock))
+            task.advance(watermark, due, self._results_read_ms(clock))
             self._write(tx, p, task, fresh, clock, watermark)
             tx.execute()
         self.totals.add(task.counts)
@@ -264,10 +264,11 @@ class Joiner:
                 metrics.JOIN_SKIPPED.labels(m.topic()).inc()
         return out
 
-    def _results_read_ms(self, p: int, clock: dict[str, float]) -> float:
-        """Broker time of the newest result read on partition p; infinite once that input idles."""
-        idle = time.monotonic() - self._last_read.get((self.results_topic, p), self._assigned_at)
-        return math.inf if idle >= self.cfg.idle_s else clock.get(RESULTS_READ, 0.0)
+    @staticmethod
+    def _results_read_ms(clock: dict[str, float]) -> float:
+        """Broker time of the newest result read on the partition. No idle shortcut here: after a
+        broker outage the results input is quiet while it still has results to deliver."""
+        return clock.get(RESULTS_READ, 0.0)
 
     def _watermark(self, p: int, clock: dict[str, float]) -> float:
         """The lesser latest event time of the two inputs; an input idle for ``idle_s`` (nothing
