@@ -156,7 +156,7 @@ def once(settings: Settings) -> int:
 
 def test_a_cycle_over_labeled_lists_publishes_a_gated_version(settings: Settings, registry: Path,
                                                               redis_client, capsys) -> None:
-    s = trainer_settings(settings, registry)
+    s = trainer_settings(settings, registry, position_debias="auto")  # both variants tried
     lists = list(served_lists())
     correction = purchased(next(x for x in lists if any(p.grade for p in x.products)))
     other_schema = replace(lists[0], list_id="other-schema", query_id="other-schema",
