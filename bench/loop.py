@@ -65,7 +65,7 @@ from core.settings import ROOT, Settings
 from core.topics import ensure_topics, topic_specs
 from evaluation import metrics
 from evaluation.baselines import QueryTableRanker
-from evaluation.loop import ServedClick, paired_bootstrap, summary
+from evaluation.loop import ServedClick, by_group, paired_bootstrap, summary
 from evaluation.ranker import SearchRow
 from evaluation.splits import BestBuySplit, bestbuy_split
 from features.embeddings import ProductEmbeddings
@@ -382,6 +382,10 @@ class Loop:
         if "offline" in self.arms:
             clicks["offline"] = offline_clicks(self.data, self.main_registry, self.version)
             arms["offline"] = summary(clicks["offline"])
+        groups = query_groups(self.data)
+        for arm, arm_clicks in clicks.items():
+            per_group = by_group(arm_clicks, groups)
+            arms[arm]["per_query_group"] = {name: per_group[name] for _, name in GROUPS if name in per_group}
         manifest = load_version(self.main_registry, self.version).manifest
         out: dict[str, object] = {
             "static_map5": arms.get("static", {}).get("map@5"),
@@ -425,6 +429,29 @@ class Loop:
 
 
 # --- arms computed offline -------------------------------------------------------------------
+
+
+GROUPS = ((200, "200+"), (50, "50-199"), (10, "10-49"), (1, "1-9"), (0, "none"))
+
+
+def query_groups(data: Data) -> list[str]:
+    """Each test click's group: how many clicks its query (``core.text.normalize_query``) had been
+    followed by before it was searched (the README's error analysis uses the same groups)."""
+    from core.text import normalize_query
+
+    split = data.split
+    rows = [*split.train, *split.late, *split.test]
+    clicks = sorted((r.click_time, normalize_query(r.query)) for r in rows)
+    seen: dict[str, int] = {}
+    out, j = [], 0
+    for r in data.rows:
+        while j < len(clicks) and clicks[j][0] <= r.query_time:  # type: ignore[operator]
+            seen[clicks[j][1]] = seen.get(clicks[j][1], 0) + 1
+            j += 1
+        n = seen.get(normalize_query(r.query), 0)
+        out.append(next(name for low, name in GROUPS if n >= low))
+    return out
+
 
 
 def query_table_clicks(data: Data) -> list[ServedClick]:
@@ -500,10 +527,16 @@ def plot(result: dict, latency: dict[str, list], out_dir: Path) -> list[Path]:
     for arm, points in latency.items():
         if points:
             ax.plot(range(len(points)), [ms for _, ms in points], ".", markersize=2, alpha=0.5, label=arm)
+    points = next((p for p in latency.values() if p), [])
+    for cycle in result["cycles"]:  # type: ignore[attr-defined]
+        if cycle["outcome"] == "promoted":  # the first search the swapped-in version ranked
+            at = next((i for i, (t, _) in enumerate(points) if t[:10] >= cycle["day"]), None)
+            if at is not None:
+                ax.axvline(at, color="tab:green", alpha=0.5, linestyle="--")
     ax.set_yscale("log")
     ax.set_xlabel("test-period search (event-time order)")
     ax.set_ylabel("publish -> result (ms)")
-    ax.set_title("Publish-to-result latency through Kafka, over the replay")
+    ax.set_title("Publish-to-result latency through Kafka, over the replay (dashed: a swap)")
     ax.legend(markerscale=6)
     ax.grid(alpha=0.3)
     fig.tight_layout()

@@ -74,6 +74,18 @@ def summary(clicks: Sequence[ServedClick]) -> dict[str, object]:
     }
 
 
+def by_group(clicks: Sequence[ServedClick], groups: Sequence[str]) -> dict[str, dict[str, float | int]]:
+    """Each metric's mean over the clicks of each group (``groups[i]`` is click i's)."""
+    if len(groups) != len(clicks):
+        raise ValueError("one group per click")
+    values = click_metrics([c.position for c in clicks])
+    rows: dict[str, list[int]] = defaultdict(list)
+    for i, g in enumerate(groups):
+        rows[g].append(i)
+    return {g: {**{name: round(float(values[name][idx].mean()), 4) for name in NAMES}, "clicks": len(idx)}
+            for g, idx in rows.items()}
+
+
 def per_search(clicks: Sequence[ServedClick], values: np.ndarray) -> tuple[list[str], np.ndarray, np.ndarray]:
     """Searches in first-seen order, the sum of ``values`` over each search's clicks, and its click count."""
     index: dict[str, int] = {}

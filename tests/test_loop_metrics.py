@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from evaluation import metrics
-from evaluation.loop import ServedClick, click_metrics, paired_bootstrap, served_clicks, summary
+from evaluation.loop import ServedClick, by_group, click_metrics, paired_bootstrap, served_clicks, summary
 
 
 def test_served_positions_score_as_the_harness_scores_the_same_ranking() -> None:
@@ -40,6 +40,9 @@ def test_summary_per_day_and_rows_per_click() -> None:
     assert per_day["2011-10-20"]["map@5"] == pytest.approx((1 + 0.25 + 0.5) / 3, abs=1e-4)
     assert per_day["2011-10-20"]["clicks"] == 3
     assert per_day["2011-10-21"]["map@5"] == 0.0
+    groups = by_group(clicks, ["busy", "busy", "new", "new"])
+    assert groups["busy"]["mrr"] == pytest.approx((1 + 0.25) / 2) and groups["busy"]["clicks"] == 2
+    assert groups["new"]["map@5"] == pytest.approx(0.25)
 
 
 def test_paired_bootstrap_over_searches() -> None:
