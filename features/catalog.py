@@ -7,9 +7,14 @@ ratio, part of the shopper's features, depends on it).
 
 from __future__ import annotations
 
-import msgspec
+from collections.abc import Sequence
 
-from core.events import CatalogProduct
+import msgspec
+import structlog
+
+from core.events import CATALOG, CatalogProduct, InvalidEvent
+
+log = structlog.get_logger(__name__)
 
 
 class ProductAttrs(msgspec.Struct, array_like=True, frozen=True):
@@ -81,3 +86,15 @@ def typical_price(count: int, total_cents: int) -> float | None:
     if count <= 0:
         return None
     return total_cents / count / 100.0
+
+
+def documents(product_ids: Sequence[str], raws: Sequence[bytes | None]) -> dict[str, CatalogProduct]:
+    """Stored catalog documents (``pd:``) decoded by product id; missing or unreadable ones left out."""
+    out = {}
+    for pid, raw in zip(product_ids, raws, strict=True):
+        if raw:
+            try:
+                out[pid] = CATALOG.decode(raw)
+            except InvalidEvent:
+                log.warning("product_doc_invalid", product_id=pid)
+    return out

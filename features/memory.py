@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
+from core.events import CatalogProduct
 from core.settings import FeatureSettings
-from features import item, query_item
+from features import catalog, item, query_item
 from features.catalog import ProductAttrs
 from features.plan import FeatureEvent, Plan, Record, View, categories_needed, needs, plan
 from features.speller import Speller
@@ -126,6 +127,9 @@ class MemoryStore:
 
     def users(self) -> dict[str, UserState]:
         return dict(self._users)
+
+    def products(self, product_ids: Sequence[str]) -> dict[str, CatalogProduct]:
+        return catalog.documents(product_ids, [self.product_docs.get(p) for p in product_ids])
 
     def item(self, product_id: str) -> tuple[float, ...]:
         return self._items.get(product_id, item.EMPTY)

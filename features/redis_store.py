@@ -294,6 +294,10 @@ class RedisStore:
                 out[k.decode()[len(keys.USER):]] = user.decode(raw[ETAG:])
         return out
 
+    def products(self, product_ids: Sequence[str]) -> dict[str, CatalogProduct]:
+        ids = list(product_ids)
+        return catalog.documents(ids, self.client.mget([keys.product_doc(p) for p in ids]) if ids else [])
+
     def item(self, product_id: str) -> tuple[float, ...]:
         return item.decode(self.client.get(keys.item(product_id)))
 

@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from core.events import CatalogProduct
 from core.settings import FeatureSettings
 from features.catalog import ProductAttrs
 from features.plan import FeatureEvent, Record
@@ -74,6 +75,11 @@ class FeatureStore(Protocol):
         ...
 
     def user(self, user_id: str) -> UserState | None: ...
+
+    def products(self, product_ids: Sequence[str]) -> dict[str, CatalogProduct]:
+        """The catalog documents of these products as the catalog last sent them (unknown and
+        unreadable ones absent), e.g. the texts a re-ranker reads."""
+        ...
 
     def item(self, product_id: str) -> tuple[float, ...]:
         """A product's statistics (:mod:`features.item` layout; zeros when unknown)."""

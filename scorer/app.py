@@ -14,7 +14,7 @@ from features.redis_store import RedisStore, connect
 from scorer.http import create_app
 from scorer.metrics import ScorerMetrics
 from scorer.ranking import QueryRanker
-from scorer.rerank import RerankingRanker, redis_texts, rerank_allowed, version_sessions
+from scorer.rerank import RerankingRanker, rerank_allowed, store_texts, version_sessions
 from scorer.runtime import EmbeddingSource, load_served_model
 from scorer.service import ScoringLoop
 from scorer.swap import ModelHolder, UpdateListener
@@ -66,7 +66,7 @@ def build_scorer(settings: Settings) -> Scorer:
     ranker = QueryRanker(store, settings.scorer.retrieve_k, settings.scorer.max_candidates, metrics=metrics)
     if rerank_allowed(settings.scorer.rerank, model.device):  # a no-op for versions without one
         ranker = RerankingRanker(ranker, version_sessions(registry, model.providers),  # type: ignore[assignment]
-                                 redis_texts(store.client))
+                                 store_texts(store))
     loop = ScoringLoop(settings, holder, ranker, metrics)
     return Scorer(holder, ranker, metrics, loop, UpdateListener(settings, holder), store)
 

@@ -30,8 +30,9 @@ import onnxruntime as ort
 import structlog
 from tokenizers import Tokenizer
 
-from core.events import CATALOG, InvalidEvent, Query, RankedResult, ServedFeatures
+from core.events import Query, RankedResult, ServedFeatures
 from core.text import product_text
+from features.store import FeatureStore
 
 if TYPE_CHECKING:
     from scorer.ranking import QueryRanker
@@ -213,22 +214,12 @@ def _reorder(result: RankedResult, top_order: np.ndarray) -> ServedFeatures | No
     return ServedFeatures.pack(served.schema, matrix, served.history, served.history_weights)
 
 
-def redis_texts(client: Any) -> Callable[[list[str]], dict[str, str]]:
-    """Product texts from the catalog documents the feature workers keep in Redis."""
-    from features import keys
+def store_texts(store: FeatureStore) -> Callable[[list[str]], dict[str, str]]:
+    """Product texts from the catalog documents the feature store keeps (the feature workers
+    write them as the catalog sends them)."""
 
     def texts(product_ids: list[str]) -> dict[str, str]:
-        if not product_ids:
-            return {}
-        out = {}
-        raws = client.mget([keys.product_doc(p) for p in product_ids])
-        for pid, raw in zip(product_ids, raws, strict=True):
-            if raw:
-                try:
-                    out[pid] = product_text(CATALOG.decode(raw))
-                except InvalidEvent:
-                    log.warning("product_doc_invalid", product_id=pid)
-        return out
+        return {pid: product_text(p) for pid, p in store.products(product_ids).items()}
 
     return texts
 

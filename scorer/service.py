@@ -23,6 +23,7 @@ from core import kafka
 from core.events import RankedResult, encode
 from core.logs import hash_user
 from core.settings import Settings
+from core.topics import route
 from scorer.metrics import ScorerMetrics
 from scorer.ranking import Incoming, QueryRanker, decode_all
 from scorer.swap import ModelHolder
@@ -123,8 +124,8 @@ class ScoringLoop(threading.Thread):
             nxt[key] = max(nxt.get(key, 0), m.offset() + 1)
         batch = _InFlight([TopicPartition(t, p, o) for (t, p), o in nxt.items()], remaining=len(results))
         for r in results:
-            producer.produce(self.settings.topics.results, key=r.user_id.encode(), value=encode(r),
-                             on_delivery=batch.delivered)
+            topic, key = route(self.settings, r)
+            producer.produce(topic, key=key.encode(), value=encode(r), on_delivery=batch.delivered)
         self._observe(results, model.version, time.perf_counter() - started)
         self.metrics.queue_depth.set(0)
         return batch

@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
+import msgspec
 import numpy as np
 import pytest
 import redis
@@ -53,6 +54,15 @@ def query(qid: str, text: str = "Big TV!", minutes: float = 0) -> Query:
 def load_catalog(store: FeatureStore) -> None:
     store.apply_batch([Record(product(p, c, price)) for p, c, price in
                        [("p1", "tv", 100.0), ("p2", "tv", 300.0), ("p3", "phone", 50.0)]])
+
+
+def test_serves_the_catalog_documents_as_last_sent(store: FeatureStore) -> None:
+    load_catalog(store)
+    edited = msgspec.structs.replace(product("p2", "tv", 250.0), title="p2 v2", updated_at=T0)
+    store.apply(edited)
+    docs = store.products(["p1", "p2", "nope"])
+    assert docs == {"p1": product("p1", "tv", 100.0), "p2": edited}
+    assert store.products([]) == {}
 
 
 def test_applies_interactions_to_shopper_and_product(store: FeatureStore) -> None:
