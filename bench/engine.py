@@ -15,7 +15,7 @@ from datetime import datetime
 from pathlib import Path
 
 import redis
-from confluent_kafka import Consumer, KafkaException, TopicPartition
+from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
 
 from core import kafka
 from core.events import RESULTS as RESULTS_CODEC
@@ -94,9 +94,10 @@ def wait_serving(port: int, version: str, timeout_s: float = 120.0) -> None:
                f"scorer :{port} serving {version}")
 
 
-def publish_events(settings: Settings, events: Iterable[TimedEvent]) -> int:
-    """Publish replay events to their topics (catalog, queries, interactions), acknowledged."""
-    producer = kafka.producer(settings)
+def publish_events(settings: Settings, events: Iterable[TimedEvent], producer: Producer | None = None) -> int:
+    """Publish replay events to their topics (catalog, queries, interactions), acknowledged (a
+    caller publishing often passes its producer: a new idempotent one holds its first send)."""
+    producer = producer or kafka.producer(settings)
     n = 0
     for e in events:
         topic, key = route(settings, e.event)

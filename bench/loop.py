@@ -202,6 +202,15 @@ class Loop:
         }
         self.env = engine.engine_env(self.settings, self.main_registry, args.port, len(self.catalog_ids),
                                      **common)
+        # --search-after-result: the feature workers read searches from a topic of their own, to
+        # which a search goes once its results are in (its shopper's state can then not include
+        # it when the scorer reads; by default both consume the same query event at once).
+        self.feature_settings = self.settings
+        self.streams_env = self.env
+        if args.search_after_result:
+            self.feature_settings = self.settings.model_copy(update={"topics": t.model_copy(update={
+                "queries": f"{t.queries}-features"})})
+            self.streams_env = self.env | {"SHOPRANK_TOPIC_QUERIES": self.feature_settings.topics.queries}
         self.static_env = engine.engine_env(self.static_settings, self.static_registry, args.port + 1,
                                             len(self.catalog_ids), **common)
 
@@ -215,6 +224,9 @@ class Loop:
             ensure_topics(admin, [t for t in topic_specs(self.static_settings)
                                   if t.name in (self.static_settings.topics.results,
                                                 self.static_settings.topics.model_updates)])
+        if self.args.search_after_result:
+            ensure_topics(admin, [t for t in topic_specs(self.feature_settings)
+                                  if t.name == self.feature_settings.topics.queries])
         self.client.flushdb()
         services = engine.Services(WORK / "logs")
         self.services = services
@@ -226,12 +238,15 @@ class Loop:
             services.stop()
             if not self.args.keep_topics:
                 extra = [self.static_settings.topics.results, self.static_settings.topics.model_updates]
-                engine.delete_topics(s, extra if self.two_scorers else [])
+                extra = extra if self.two_scorers else []
+                if self.args.search_after_result:
+                    extra.append(self.feature_settings.topics.queries)
+                engine.delete_topics(s, extra)
 
     def _run(self, services: engine.Services, ends_consumer: Consumer) -> dict[str, object]:
         s, d = self.settings, self.data
         started = time.monotonic()
-        services.start("streams", self.env)
+        services.start("streams", self.streams_env)
         services.start("embedder", self.env)
         if "continuous" in self.arms:
             services.start("joiner", self.env)
@@ -241,8 +256,9 @@ class Loop:
             embedded = ProductEmbeddings(self.client, tower.id)
             wait_until(lambda: embedded.count() >= len(self.catalog_ids) or services.dead(), 300, 0.5,
                        "the catalog embedded")
-        feature_topics = [s.topics.catalog, s.topics.queries, s.topics.interactions]
-        n = engine.publish_events(s, d.history)
+        fs = self.feature_settings
+        feature_topics = [fs.topics.catalog, fs.topics.queries, fs.topics.interactions]
+        n = engine.publish_events(fs, d.history)
         engine.wait_features(s, self.client, feature_topics, 900, ends_consumer)
         services.check()
         self.phase_s["history"] = round(time.monotonic() - started, 1)
@@ -257,7 +273,7 @@ class Loop:
         if d.labeled:
             with LiveReplay(s, step_searches=self.args.label_step, step_s=1800.0,
                             progress=sys.stderr.isatty()) as live:
-                stats = live.run(d.labeled)
+                stats = live.run(d.labeled, on_step=self._forwarder(d.labeled))
             _print(f"training period's end through the engine: {stats.searches:,} searches "
                    f"({stats.unanswered} unanswered) in {stats.seconds:.0f} s")
         engine.wait_features(s, self.client, [*feature_topics, s.topics.results], 600, ends_consumer)
@@ -271,7 +287,7 @@ class Loop:
         also = [self.static_settings.topics.results] if self.two_scorers else []
         with LiveReplay(s, step_searches=self.args.step_searches, step_s=self.args.step_s,
                         progress=sys.stderr.isatty(), also_await=also) as live:
-            settle = self._settler(live, ends_consumer, [s.topics.queries, s.topics.interactions,
+            settle = self._settler(live, ends_consumer, [fs.topics.queries, s.topics.interactions,
                                                          s.topics.results])
             stats = live.run(d.test, on_step=settle)
         self.phase_s["test"] = round(time.monotonic() - mark, 1)
@@ -291,8 +307,10 @@ class Loop:
         everything published; at a day boundary, a training cycle first."""
         days = self.data.search_days
         watched = Ends(consumer, topics)
+        forward = self._forwarder(self.data.test)
 
         def settle(stats: LiveReplayStats) -> None:
+            forward(stats)
             if self.args.settle:
                 applied_up_to(self.client, watched.now())
             i = stats.searches
@@ -300,6 +318,21 @@ class Loop:
                 self._cycle(days[i], consumer)
 
         return settle
+
+    def _forwarder(self, log: Sequence[TimedEvent]):  # type: ignore[no-untyped-def]
+        """An ``on_step`` that, with --search-after-result, publishes the searches the step had
+        answered to the feature workers' own queries topic (acknowledged); else does nothing."""
+        queries = [e for e in log if e.stream is Stream.QUERIES]
+        done = 0
+        producer = kafka.producer(self.settings, **{"linger.ms": 0})
+
+        def forward(stats: LiveReplayStats) -> None:
+            nonlocal done
+            if self.args.search_after_result and stats.searches > done:
+                engine.publish_events(self.feature_settings, queries[done:stats.searches], producer)
+                done = stats.searches
+
+        return forward
 
     def _cycle(self, day: str, consumer: Consumer) -> None:
         """Event time to ``day``'s midnight, the joiner's lists out, one trainer cycle, the swap."""
@@ -415,6 +448,7 @@ class Loop:
             "settings": {"days": self.data.days, "label_days": self.args.label_days,
                          "with_unlabeled": self.args.with_unlabeled, "step_searches": self.args.step_searches,
                          "settle": self.args.settle, "spelling_refresh_s": self.args.spelling_refresh_s,
+                         "search_after_result": self.args.search_after_result,
                          "max_cycle_s": self.args.max_cycle_s, "fresh_lists": self.args.fresh_lists,
                          "older_sample": self.args.older_sample, "arms": sorted(self.arms)},
             "phases_s": self.phase_s,
@@ -551,9 +585,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--days", type=int, default=0, help="replay the first N test days only (0: all)")
     parser.add_argument("--arms", type=lambda t: [a for a in t.split(",") if a], default=list(ARMS),
                         help=f"comma-separated, from {','.join(ARMS)}")
-    parser.add_argument("--label-days", type=float, default=None,
-                        help="replay only the training period's last N days through the engine (labeled "
-                             "lists); the rest goes to Redis directly (default: the whole period)")
+    parser.add_argument("--label-days", type=float, default=28.0,
+                        help="replay the training period's last N days through the engine (the trainer's "
+                             "first labeled lists; the rest goes to the feature topics only; 0: none; "
+                             "-1: the whole period)")
     parser.add_argument("--label-step", type=int, default=64, help="searches per step on the training period")
     parser.add_argument("--step-searches", type=int, default=1, help="searches per step on the test period")
     parser.add_argument("--step-s", type=float, default=1800.0)
@@ -562,6 +597,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--with-unlabeled", action="store_true",
                         help="also replay the searches whose click the dataset withholds (as searches "
                              "without clicks)")
+    parser.add_argument("--search-after-result", action="store_true",
+                        help="the feature workers apply each search only once its result is out (by "
+                             "default they consume the query event as the scorer does, and usually "
+                             "apply it before the scorer reads the shopper's features)")
     parser.add_argument("--spelling-refresh-s", type=float, default=0.001,
                         help="SHOPRANK_FEATURES_SPELLING_REFRESH_S of the scorers (default: every batch)")
     parser.add_argument("--max-cycle-s", type=float, default=3600.0,
@@ -584,7 +623,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if unknown := set(args.arms) - set(ARMS):
         parser.error(f"unknown arms {sorted(unknown)}")
     settings = Settings()
-    label_days = args.label_days if "continuous" in args.arms else 0.0
+    label_days = None if args.label_days < 0 else args.label_days if "continuous" in args.arms else 0.0
     data = prepare(settings, args.days, label_days, args.with_unlabeled)
     _print(f"{len(data.days)} test days ({data.days[0]} .. {data.days[-1]}), {len(data.rows):,} test clicks, "
            f"{len(data.search_days):,} searches; arms {args.arms}")

@@ -19,6 +19,9 @@ switched on alone:
 - ``speller``: the respelling dictionary read as of ``--speller-every`` searches ago (a scorer
   reloads it every ``spelling_refresh_s`` of wall time; replayed at ~30 searches/s, its default
   60 s is ~1,800 searches, more than a simulated day);
+- ``own_query``: each search read *after* the feature workers applied it (its shopper's search
+  count and last-seen time include it): the scorer and the feature workers consume the same query
+  event at once, so the scorer may read either state;
 - ``batch``: searches read in micro-batches of ``--batch`` consecutive searches, every one at the
   batch's latest query time and before the batch's searches are applied (the scorer's read time).
 
@@ -52,7 +55,8 @@ from replay import bestbuy
 from scorer.runtime import Batch, ServedModel
 from trainer.examples import click_event, history, query_event, timeline
 
-VARIANTS = ("harness", "unlabeled", "impressions", "impressions_all", "lag", "speller", "batch", "all")
+VARIANTS = ("harness", "unlabeled", "impressions", "impressions_all", "lag", "speller", "batch", "own_query",
+            "all")
 
 
 @dataclass(frozen=True)
@@ -130,7 +134,7 @@ def walk(name: str, model: ServedModel, split: BestBuySplit, settings: Settings,
          ) -> tuple[dict[str, dict[str, int]], int]:
     """The harness's walk with variant ``name``: each test search's served positions (up to the
     last of ``wanted`` when given), and how many test searches were ranked."""
-    on = {v: name in (v, "all") for v in VARIANTS}
+    on = {v: name in (v, "all") for v in VARIANTS if v != "own_query"} | {"own_query": name == "own_query"}
     on["impressions"] = on["impressions"] or on["impressions_all"]
     store = MemoryStore(settings.features)
     for p in split.catalog.values():
@@ -171,6 +175,9 @@ def walk(name: str, model: ServedModel, split: BestBuySplit, settings: Settings,
         until = previous_at if on["lag"] and previous_at is not None else group[0].at
         while pending and pending[0][0] <= until:
             store.apply(click_event(heapq.heappop(pending)[2]))  # type: ignore[arg-type]
+        if on["own_query"]:
+            for s in group:
+                store.apply(query_event(_row(s)))
         now = max(s.at for s in group).timestamp()
         feats = read_batch(reader, [Request.for_text(s.user_id, s.text, ids) for s in group], now)  # type: ignore[arg-type]
         for s, f in zip(group, feats, strict=True):

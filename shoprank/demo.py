@@ -1,17 +1,25 @@
-"""``shoprank demo``: the main job end to end on the real Best Buy data.
+"""``shoprank demo``: the main job end to end on the real Best Buy data, showing what the engine
+knew at the time.
 
-1. topics; 2. a model version serving (trained here when there is none: the version whose
-figures ``make eval`` reports); 3. the Best Buy catalog, searches and clicks replayed into Kafka
-(skipped when Kafka already holds them: ids are stable, so a second replay would only be
-recognised and ignored downstream); 4. a feature worker and a scorer started as real processes;
-5. live traffic: test-period searches published as new queries at a steady rate, their ranked
-results consumed from Kafka; 6. what came out: example rankings, latency, counts, and the
-offline quality table. The processes are stopped at the end.
+1. a model version serving (trained here when there is none: the version whose figures
+``make eval`` reports); 2. a fresh engine of its own: topics ``demo.<run>.*`` and a Redis
+database (``--redis-db``, emptied first), so nothing a search is ranked with comes from its
+future; 3. the Best Buy log up to the live window (the catalog, every search and click before the
+first of the last N test-period searches) published into Kafka; 4. a feature worker and a scorer
+started as real processes, the feature worker applying that log; 5. live traffic in event time:
+the last N test-period searches, each published as a query and ranked by the running scorer
+*before* its clicks exist, then its clicks, sent as a frontend sends them (with the query id and
+the served position); the next search waits until the feature worker has applied them; 6. what
+came out: example rankings with the product the shopper went on to click marked, the
+publish-to-result latency, the live searches' MAP@5, the offline quality table, and where the
+event-time evaluation (``make loop-eval``) wrote its figures and plots. The processes are stopped
+at the end and the run's topics deleted (``--keep-topics`` keeps them).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -19,21 +27,25 @@ import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
+import msgspec
 import numpy as np
+from confluent_kafka import KafkaException
 
 from core import kafka
-from core.commands import cmd_inspect, count_messages
-from core.events import RESULTS, Query, RankedResult, encode
-from core.settings import Settings
-from core.topics import ensure_topics, topic_specs
-from evaluation.ranker import SearchRow
+from core.commands import cmd_inspect
+from core.events import Query, RankedResult
+from core.settings import ROOT, Settings, TopicSettings
+from core.topics import TOPIC_KEYS, ensure_topics, topic_specs
 from shoprank.processes import http_ready, stop_group
 
-LiveRun = tuple[list[Query], list[RankedResult], dict[str, str]]  # queries, results, clicked product
 LIVE_QUERIES = 300
-LIVE_QPS = 50.0
+DEMO_REDIS_DB = 1
+LOOP_JSON = ROOT / "bench" / "results" / "loop.json"
+LOOP_PLOTS = ("loop_map5_per_day.png", "loop_latency.png")
 
 
 def _stage(title: str) -> None:
@@ -56,20 +68,32 @@ def ensure_model(settings: Settings) -> str:
     return version
 
 
-def replay_if_needed(settings: Settings, force: bool) -> None:
-    from replay.publisher import publish
-    from replay.to_events import Stream, bestbuy_replay
+def demo_settings(settings: Settings, redis_db: int) -> Settings:
+    """This run's own topics (``demo.<run>.<kind>``) and Redis database, the rest as configured."""
+    tag = uuid.uuid4().hex[:6]
+    names = {k: f"demo.{tag}.{k}" for k in TOPIC_KEYS}
+    topics = TopicSettings(**names, partitions=settings.topics.partitions)
+    url = settings.redis.url.rsplit("/", 1)[0] + f"/{redis_db}"
+    return settings.model_copy(update={"topics": topics,
+                                       "redis": settings.redis.model_copy(update={"url": url})})
 
-    replay = bestbuy_replay(settings.data_dir)
-    expected = sum(1 for e in replay.events if e.stream is Stream.INTERACTIONS)
-    held = count_messages(settings, [settings.topics.interactions])[0].messages
-    if held >= expected and not force:
-        print(f"the interactions topic already holds {held:,} events (the replay has {expected:,}): "
-              "not replaying again (--replay forces it)")
-        return
-    stats = publish(settings, replay, progress=sys.stderr.isatty())
-    print(f"published {stats.catalog:,} catalog products and {stats.events:,} searches and clicks "
-          f"in {stats.seconds:.1f}s ({stats.events_per_s:,.0f} events/s)")
+
+def environment(settings: Settings, catalog_size: int) -> dict[str, str]:
+    """The services' environment: this run's topics, Redis database and consumer groups."""
+    tag = uuid.uuid4().hex[:6]
+    env = dict(os.environ)
+    env.update({f"SHOPRANK_TOPIC_{k.upper()}": getattr(settings.topics, k) for k in TOPIC_KEYS})
+    env.update({
+        "SHOPRANK_REDIS_URL": settings.redis.url,
+        "SHOPRANK_STREAMS_GROUP_ID": f"demo-streams-{tag}",
+        "SHOPRANK_SCORER_GROUP_ID": f"demo-scorer-{tag}",
+        # Each live search reads the respelling dictionary as it is (the scorer's default reloads
+        # it once a minute of wall time: in a replay, that is hours of the shop's time).
+        "SHOPRANK_FEATURES_SPELLING_REFRESH_S": "0.001",
+        # Each search ranks the whole catalog, as `make eval` and `make loop-eval` rank it.
+        "SHOPRANK_SCORER_RETRIEVE_K": str(catalog_size),
+    })
+    return env
 
 
 @contextmanager
@@ -79,7 +103,7 @@ def service(name: str, args: list[str], log_dir: Path, env: dict[str, str] | Non
     log_path = log_dir / f"{name}.log"
     with log_path.open("w") as log:
         proc = subprocess.Popen([sys.executable, "-m", "shoprank", *args], stdout=log, stderr=log,
-                                start_new_session=True, env={**os.environ, **(env or {})})
+                                start_new_session=True, env=env or dict(os.environ))
         print(f"started {name} (pid {proc.pid}, log {log_path})")
         try:
             yield
@@ -99,81 +123,120 @@ def wait_for(check, what: str, timeout_s: float = 120.0) -> None:  # type: ignor
     raise TimeoutError(f"{what} not ready after {timeout_s:.0f} s")
 
 
-def features_settled(settings: Settings) -> bool:
-    """True once the feature worker's applied-events counter stops moving."""
-    from features.redis_store import connect
+@dataclass
+class Window:
+    """The live window: the last N test-period searches that were clicked, and their clicks."""
 
-    client = connect(settings.redis)
-    before = int(client.hget("stats", "applied") or 0)
-    time.sleep(2.0)
-    after = int(client.hget("stats", "applied") or 0)
-    return after > 0 and after == before
+    live: list  # TimedEvent, in event time
+    clicked: dict[str, list[str]]  # query id -> products clicked after it, in click order
 
 
-def live_traffic(settings: Settings, n: int, qps: float) -> LiveRun:
-    """Publish ``n`` test-period searches as new queries at ``qps``; collect their results.
+def split_log(settings: Settings, n: int):  # type: ignore[no-untyped-def]
+    """The log before the live window (a Replay: catalog, then events) and the window."""
+    from replay.to_events import Replay, Stream, bestbuy_replay
 
-    Returns the queries, their results, and the product each search's shopper really clicked.
-    """
-    from evaluation.splits import bestbuy_split
+    replay = bestbuy_replay(settings.data_dir)
+    clicked: dict[str, list[str]] = {}
+    for e in replay.events:
+        if e.stream is Stream.INTERACTIONS:
+            clicked.setdefault(e.event.query_id or "", []).append(e.event.product_id)
+    searches = [e for e in replay.events if e.stream is Stream.QUERIES and e.event.query_id in clicked]
+    live_ids = {e.event.query_id for e in searches[-n:]}
+    start = searches[-n].timestamp
+    history = [e for e in replay.events if e.timestamp < start]
+    live = [e for e in replay.events if e.timestamp >= start and e.event.query_id in live_ids]
+    return Replay(replay.catalog, history), Window(live, {q: clicked[q] for q in live_ids})
 
-    warm_up, *rows = bestbuy_split(settings.data_dir).test[-(n + 1):]
-    run = uuid.uuid4().hex[:6]
 
-    def query(name: str, r: SearchRow) -> Query:
-        user = r.user_id or "anonymous"
-        return Query(query_id=f"demo-{run}-{name}", user_id=user, session_id=user, text=r.query,
-                     timestamp=r.query_time)
+def apply_log(settings: Settings, log, progress: bool) -> None:  # type: ignore[no-untyped-def]
+    """Publish the log and wait until the feature worker has applied all of it."""
+    import redis
 
-    warm = query("warm-up", warm_up)
-    queries = [query(str(i), r) for i, r in enumerate(rows)]
-    consumer = kafka.consumer(settings, group_id=f"demo-{run}", **{"auto.offset.reset": "latest"})
-    consumer.subscribe([settings.topics.results])
-    wait_for(lambda: consumer.poll(0.2) is None and bool(consumer.assignment()), "results consumer", 30)
-    producer = kafka.producer(settings, **{"linger.ms": 0})
-    # A new idempotent producer holds its first send until the broker has given it a producer id
-    # (about 0.5 s here), and a shop's frontend keeps its producer: the search before the measured
-    # ones goes first, unmeasured, so the figures are the engine's and not this producer's start.
-    producer.produce(settings.topics.queries, key=warm.user_id.encode(), value=encode(warm))
-    producer.flush(10)
-    started = time.monotonic()
-    for i, q in enumerate(queries):
-        time.sleep(max(0.0, started + i / qps - time.monotonic()))
-        producer.produce(settings.topics.queries, key=q.user_id.encode(), value=encode(q))
-        producer.poll(0)
-    producer.flush(10)
-    wanted = {q.query_id for q in queries}
-    results: dict[str, RankedResult] = {}
-    deadline = time.monotonic() + 60
-    while len(results) < len(wanted) and time.monotonic() < deadline:
-        msg = consumer.poll(0.2)
-        if msg is not None and msg.error() is None and (r := RESULTS.decode(msg.value())).query_id in wanted:
-            results[r.query_id] = r
-    consumer.close()
-    clicked = {q.query_id: r.product_id or "" for q, r in zip(queries, rows, strict=True)}
-    return queries, [results[q.query_id] for q in queries if q.query_id in results], clicked
+    from replay.publisher import publish
+    from streams.progress import Ends, applied_up_to
+
+    stats = publish(settings, log, progress=progress)
+    print(f"published {stats.catalog:,} catalog products and {stats.events:,} searches and clicks "
+          f"in {stats.seconds:.1f}s ({stats.events_per_s:,.0f} events/s)")
+    consumer = kafka.consumer(settings, group_id=f"demo-ends-{uuid.uuid4().hex[:6]}")
+    t = settings.topics
+    try:
+        started = time.monotonic()
+        applied_up_to(redis.Redis.from_url(settings.redis.url),
+                      Ends(consumer, [t.catalog, t.queries, t.interactions]).now(), timeout_s=600, poll_s=0.2)
+    finally:
+        consumer.close()
+    print(f"the feature worker applied it all ({time.monotonic() - started:.1f} s after publishing)")
+
+
+def live_traffic(settings: Settings, window: Window,
+                 progress: bool) -> tuple[list[Query], list[RankedResult]]:
+    """The live window in event time: each search ranked before its clicks, which follow; the
+    next search once the feature worker has applied them. Returns the searches and results."""
+    import redis
+
+    from replay.live import LiveReplay, LiveReplayStats, read_results
+    from replay.to_events import TimedEvent
+    from streams.progress import Ends, applied_up_to
+
+    client = redis.Redis.from_url(settings.redis.url)
+    consumer = kafka.consumer(settings, group_id=f"demo-ends-{uuid.uuid4().hex[:6]}")
+    t = settings.topics
+    ends = Ends(consumer, [t.queries, t.interactions, t.results])
+
+    def settle(_: LiveReplayStats) -> None:
+        applied_up_to(client, ends.now())
+
+    first = window.live[0]
+    # One unmeasured search first (stamped before the window, by a shopper of its own): it proves
+    # the scorer's new consumer group reads, and warms the publishing producer (a new idempotent
+    # producer holds its first send ~0.5 s for its producer id: a frontend keeps its producer).
+    warm = Query(query_id=f"demo-warm-up-{uuid.uuid4().hex[:6]}", user_id="demo-warm-up", session_id="demo",
+                 text="warm up", timestamp=first.timestamp - timedelta(seconds=1))
+    try:
+        with LiveReplay(settings, step_searches=1, result_timeout_s=10.0, progress=progress) as live:
+            for _ in range(12):
+                if live.run([TimedEvent(warm.timestamp, warm.query_id, warm)]).answered:
+                    break
+                warm = msgspec.structs.replace(warm, query_id=f"demo-warm-up-{uuid.uuid4().hex[:6]}")
+            stats = live.run(window.live, on_step=settle)
+    finally:
+        consumer.close()
+    queries = [e.event for e in window.live if isinstance(e.event, Query)]
+    results = read_results(settings, wanted={q.query_id for q in queries})
+    print(f"{stats.searches} searches ranked before their {stats.clicks} clicks were sent "
+          f"({stats.unanswered} unanswered) in {stats.seconds:.1f} s")
+    return queries, [results[q.query_id] for q in queries if q.query_id in results]
 
 
 def show_results(settings: Settings, queries: list[Query], results: list[RankedResult],
-                 clicked: dict[str, str]) -> None:
-    """Counts, latency, and a few rankings with the product the shopper really clicked marked."""
-    from evaluation.splits import bestbuy_split
+                 clicked: dict[str, list[str]]) -> None:
+    """Counts, latency, quality of these searches, and a few rankings with what the shopper
+    clicked next marked (the engine had not seen that click when it ranked)."""
+    from evaluation.loop import ServedClick, summary
+    from replay import bestbuy
 
-    catalog = bestbuy_split(settings.data_dir).catalog
-    title = {pid: p.title for pid, p in catalog.items()}
-    latencies = np.array([r.latency_ms for r in results])
+    title = {sku: p.name for sku, p in bestbuy.load_catalog(settings.data_dir).items()}
+    latencies = np.array([r.latency_ms for r in results]) if results else np.zeros(1)
     errors = sum(1 for r in results if r.error)
-    print(f"{len(results)}/{len(queries)} queries answered ({errors} errors), model "
+    print(f"{len(results)}/{len(queries)} searches answered ({errors} errors), model "
           f"{sorted({r.model_version for r in results})}; publish-to-result latency: "
           f"p50 {np.percentile(latencies, 50):.1f} ms, p99 {np.percentile(latencies, 99):.1f} ms")
     by_id = {r.query_id: r for r in results}
+    rows = [ServedClick(q.query_id, q.timestamp.date().isoformat(),
+                        {p.product_id: p.position for p in by_id[q.query_id].products}.get(pid)
+                        if q.query_id in by_id else None)
+            for q in queries for pid in clicked.get(q.query_id, [])]
+    s = summary(rows)
+    print(f"these {s['searches']} searches' {s['clicks']} clicks: MAP@5 {s['map@5']:.4f}, NDCG@10 "
+          f"{s['ndcg@10']:.4f}, MRR {s['mrr']:.4f} (each ranked before its click reached the engine)")
     for q in queries[:: max(1, len(queries) // 4)][:4]:
         r = by_id.get(q.query_id)
         if r is None or r.error:
             continue
-        print(f"\n  query {q.text!r} (user {q.user_id[:8]}…):")
+        print(f"\n  query {q.text!r} (user {q.user_id[:8]}…, {q.timestamp:%Y-%m-%d %H:%M}):")
         for p in r.products[:5]:
-            mark = "  <- clicked" if p.product_id == clicked.get(q.query_id) else ""
+            mark = "  <- clicked next" if p.product_id in clicked.get(q.query_id, []) else ""
             name = title.get(p.product_id, p.product_id)[:70]
             print(f"    {p.position}. {name:70} score {p.score:7.3f}{mark}")
 
@@ -188,34 +251,71 @@ def show_quality() -> None:
         print("no quality figures yet: run `make eval`")
 
 
+def show_loop() -> None:
+    """Where the event-time evaluation's figures are, and its headline when it has run."""
+    if not LOOP_JSON.exists():
+        print(f"not run yet: `make loop-eval` writes {LOOP_JSON.relative_to(ROOT)} and its plots")
+        return
+    loop = json.loads(LOOP_JSON.read_text())
+    ci = loop.get("continuous_ci95")
+    print(f"{LOOP_JSON.relative_to(ROOT)} ({loop.get('measured_at')}, {loop.get('searches')} searches over "
+          f"{loop.get('days')} days): static MAP@5 {loop.get('static_map5')} (offline harness "
+          f"{loop.get('offline_map5')}), continuous {loop.get('continuous_map5')} (vs static, 95% CI {ci}), "
+          f"online query table {loop.get('query_table_map5')}, {loop.get('swaps')} swaps")
+    for name in LOOP_PLOTS:
+        path = LOOP_JSON.parent / name
+        print(f"  plot: {path.relative_to(ROOT)}{'' if path.exists() else ' (missing)'}")
+
+
 def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
-    _stage("topics")
-    created = ensure_topics(kafka.admin_client(settings), topic_specs(settings))
-    print(f"{len(topic_specs(settings))} topics ready ({len(created)} created)")
     _stage("model")
-    ensure_model(settings)
-    _stage("replay the Best Buy search log (Aug-Oct 2011) into Kafka")
-    replay_if_needed(settings, force=args.replay)
-    _stage("what arrived, per topic")
-    cmd_inspect(args, settings)
+    version = ensure_model(settings)
+    demo = demo_settings(settings, args.redis_db)
+    _stage(f"a fresh engine: topics demo.*, Redis database {args.redis_db} (emptied)")
+    admin = kafka.admin_client(demo)
+    created = ensure_topics(admin, topic_specs(demo))
+    print(f"{len(created)} topics created: {', '.join(created)}")
+    import redis
+
+    redis.Redis.from_url(demo.redis.url).flushdb()
     logs = settings.var_dir / "demo"
-    port = str(settings.scorer.http_port)
-    with service("streams", ["streams"], logs), service("scorer", ["scorer"], logs):
-        _stage("feature worker: catalog, searches and clicks -> Redis")
-        wait_for(lambda: features_settled(settings), "feature worker", 300)
-        print("features settled in Redis")
-        _stage(f"live traffic: {args.queries} test-period searches at {args.qps:.0f} queries/s through Kafka")
-        wait_for(lambda: http_ready(f"http://127.0.0.1:{port}/readyz"), "scorer", 120)
-        queries, results, clicked = live_traffic(settings, args.queries, args.qps)
-        show_results(settings, queries, results, clicked)
+    progress = sys.stderr.isatty()
+    try:
+        log, window = split_log(settings, args.queries)
+        env = environment(demo, len(log.catalog))
+        first = window.live[0].timestamp
+        with service("streams", ["streams"], logs, env):
+            _stage(f"the Best Buy log before {first:%Y-%m-%d %H:%M} (the live window's first search) "
+                   "into Kafka")
+            apply_log(demo, log, progress)
+            _stage("what arrived, per topic")
+            cmd_inspect(args, demo)
+            with service("scorer", ["scorer"], logs, env):
+                ready = f"http://127.0.0.1:{settings.scorer.http_port}/readyz"
+                wait_for(lambda: http_ready(ready), "scorer", 120)
+                _stage(f"live, in event time: the last {args.queries} test-period searches, each ranked by "
+                       f"{version} before its clicks arrive")
+                queries, results = live_traffic(demo, window, progress)
+                show_results(settings, queries, results, window.clicked)
+    finally:
+        if not args.keep_topics:
+            names = [t.name for t in topic_specs(demo)]
+            for name, future in admin.delete_topics(names, operation_timeout=60).items():
+                try:
+                    future.result()
+                except KafkaException as exc:  # the demo's figures are shown already
+                    print(f"could not delete {name}: {exc}")
     _stage("ranking quality, offline (make eval; bench/results/quality.json)")
     show_quality()
+    _stage("ranking quality in event time, through the running engine (make loop-eval)")
+    show_loop()
     return 0
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="run the main job end to end on the Best Buy data")
-    p.add_argument("--replay", action="store_true", help="replay the dataset even if Kafka already holds it")
-    p.add_argument("--queries", type=int, default=LIVE_QUERIES, help="live queries to send")
-    p.add_argument("--qps", type=float, default=LIVE_QPS, help="their rate")
+    p.add_argument("--queries", type=int, default=LIVE_QUERIES, help="live searches to rank in event time")
+    p.add_argument("--redis-db", type=int, default=DEMO_REDIS_DB,
+                   help="the Redis database the demo's engine uses (emptied first)")
+    p.add_argument("--keep-topics", action="store_true", help="leave the run's topics for inspection")
     p.set_defaults(func=cmd_demo)
