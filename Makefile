@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: help venv up down status topics demo test lint eval bench-streams bench-scorer bench-scorer-gpu bench-trainer loop-eval clean-data
+.PHONY: help venv up down status topics demo test lint eval bench-streams bench-scorer bench-scorer-gpu bench-trainer bench-swap loop-eval clean-data
 
 help:
 	@echo "make demo    set up everything, start Kafka and Redis, replay the Best Buy data, show results"
@@ -67,6 +67,13 @@ bench-streams: up
 # torch baseline, RSS; 100 candidates per query; about 6-8 minutes -> bench/results/scorer.json.
 bench-scorer: up
 	$(BIN)/python -m bench.scorer $(BENCH_ARGS)
+
+# Hot swaps under load on this CPU: 100 queries/s through Kafka, 5 minutes without swaps, then 5
+# minutes with a version announced every 2.5 s (two real-size MiniLM versions in turn, a corrupt
+# one every 10th time): dropped, duplicates, p99 steady vs swapping, RSS after 10 swaps vs the end,
+# every corrupt one rejected; about 13 minutes -> bench/results/swap.json.
+bench-swap: up
+	$(BIN)/python -m bench.swap $(BENCH_ARGS)
 
 # The closed loop on this CPU: a zero-shot version serves the Best Buy training period replayed in
 # event time through the running engine (feature worker, embedder, joiner, scorer), then one

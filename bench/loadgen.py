@@ -13,6 +13,7 @@ from __future__ import annotations
 import threading
 import time
 import uuid
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from datetime import datetime
@@ -44,6 +45,7 @@ class _Ack(msgspec.Struct):
 
     query_id: str
     error: str | None = None
+    model_version: str | None = None
 
 
 _ACK = msgspec.json.Decoder(_Ack)
@@ -92,6 +94,9 @@ class LoadGenerator:
         self._next_spec = 0
         self.sample: bytes | None = None  # one full ranked result, for the caller to check
         self.sent_texts: list[str] = []  # every query text published, in order
+        self.deliveries: Counter[str] = Counter()  # query_id -> results read (more than 1: a duplicate)
+        self.served_by: Counter[str | None] = Counter()  # model_version -> results read
+        self.last_sent: dict[str, float] = {}  # the last step's query_id -> produce-call time
         self._reader = threading.Thread(target=self._read, name="results-reader", daemon=True)
         self._lag_consumer = kafka.consumer(settings, group_id=scorer_group)  # never subscribes
         self._parts = [TopicPartition(settings.topics.queries, p) for p in range(settings.topics.partitions)]
@@ -127,6 +132,8 @@ class LoadGenerator:
                     ack = _ACK.decode(msg.value())
                     with self._lock:
                         self._received.setdefault(ack.query_id, now)
+                        self.deliveries[ack.query_id] += 1
+                        self.served_by[ack.model_version] += 1
                         if ack.error:
                             self._errors.add(ack.query_id)
                         elif self.sample is None:
@@ -184,6 +191,12 @@ class LoadGenerator:
             time.sleep(0.05)
         return time.perf_counter() - started
 
+    def latencies(self, sent: dict[str, float]) -> list[tuple[float, float | None]]:
+        """(produce-call time, publish-to-result ms or None when unanswered) of each query in ``sent``."""
+        with self._lock:
+            return [(t, (self._received[q] - t) * 1000 if q in self._received else None)
+                    for q, t in sent.items()]
+
     def step(self, rate: float, seconds: float, drain_s: float = 60.0) -> StepResult:
         """Offer ``rate`` queries/s for ``seconds``; wait up to ``drain_s`` for the stragglers."""
         sent: dict[str, float] = {}
@@ -207,6 +220,7 @@ class LoadGenerator:
             lat = np.array([(self._received[q] - t) * 1000 for q, t in sent.items() if q in self._received])
             in_window = sum(1 for q in sent if q in self._received and self._received[q] <= t_end)
             errors = sum(1 for q in sent if q in self._errors)
+        self.last_sent = sent
         pct = (lambda p: float(np.percentile(lat, p))) if lat.size else (lambda p: None)
         return StepResult(
             offered_qps=rate, seconds=seconds, sent=len(sent), answered=int(lat.size), errors=errors,

@@ -25,7 +25,7 @@ import os
 import platform
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -90,8 +90,10 @@ def publish_version(registry: Path, version: str, manifest: dict[str, Any],
     return load_version(registry, version)
 
 
-def load_version(registry: Path, version: str) -> ModelVersion:
-    """A version whose files all match the hashes in its manifest, or :class:`RegistryError`."""
+def load_version(registry: Path, version: str, files: Iterable[str] | None = None) -> ModelVersion:
+    """A version whose files all match the hashes in its manifest, or :class:`RegistryError`.
+    ``files``: verify only these (each must be in the manifest): what a reader reads, e.g. a
+    scorer, which never reads the torch weights or the product tower (180 of 270 MB)."""
     path = registry / version
     manifest_path = path / MANIFEST
     if not manifest_path.is_file():
@@ -100,7 +102,14 @@ def load_version(registry: Path, version: str) -> ModelVersion:
         manifest = json.loads(manifest_path.read_text())
     except json.JSONDecodeError as exc:
         raise RegistryError(f"version {version}: unreadable manifest: {exc}") from None
-    for name, expected in manifest.get("files", {}).items():
+    listed = manifest.get("files", {})
+    if files is not None:
+        wanted = list(files)
+        unlisted = sorted(set(wanted) - set(listed))
+        if unlisted:
+            raise RegistryError(f"version {version}: {', '.join(unlisted)} not in its manifest")
+        listed = {name: listed[name] for name in wanted}
+    for name, expected in listed.items():
         file = path / name
         if not file.is_file():
             raise RegistryError(f"version {version}: file {name} is missing")

@@ -1,8 +1,8 @@
 """A loaded model version served with onnxruntime: tokenizer, graphs, the product table.
 
 CUDA provider on a GPU, CPU provider elsewhere, chosen by ``Settings.scorer.device``. Loading
-verifies the version's files against its manifest (core.registry) and warms the session, so a
-version that cannot score never replaces one that can.
+verifies the files it reads against the version's manifest (core.registry) and warms the
+session, so a version that cannot score never replaces one that can.
 
 The product table is the version's shipped rows (the products known at training), overlaid and
 extended by the vectors the embedder wrote to Redis for the version's product tower
@@ -17,8 +17,10 @@ reads valid rows: at worst, a product edited meanwhile is scored with its newer 
 
 from __future__ import annotations
 
+import ctypes
 import json
 import threading
+import time
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -45,6 +47,14 @@ UNKNOWN_ROW = -1  # the row of a product without a vector: always the zero vecto
 # A vector from Redis this close to the row served is that row (the shipped table was computed
 # by torch, the embedder's by onnxruntime: they differ by ~1e-7), not an edit needing a new row.
 SAME_VECTOR = 1e-5
+# The files a scorer reads from a version, the only ones it verifies on load (the torch weights
+# and the product tower are the trainer's and the embedder's: 180 MB of hashing saved per swap).
+SERVED_FILES = (layout.QUERY_ENCODER, layout.RANKER_HEAD, layout.TOKENIZER, layout.PRODUCT_EMB,
+                layout.PRODUCT_IDS)
+# Query tokenizers kept for the versions a swap loads next (a few MB each; see query_tokenizer).
+TOKENIZERS_KEPT = 4
+_tokenizers: OrderedDict[tuple[str, int], Tokenizer] = OrderedDict()
+_tokenizers_lock = threading.Lock()
 
 
 def choose_providers(device: str) -> list[str]:
@@ -135,9 +145,9 @@ class ServedModel:
         path = version.path
         self.encoder = ort.InferenceSession(str(path / layout.QUERY_ENCODER), opts, providers=self.providers)
         self.head = ort.InferenceSession(str(path / layout.RANKER_HEAD), opts, providers=self.providers)
-        self.tokenizer = Tokenizer.from_file(str(path / layout.TOKENIZER))
-        self.tokenizer.enable_truncation(self.max_query_len)
-        self.tokenizer.enable_padding(pad_id=0, pad_token="[PAD]")
+        self.tokenizer = query_tokenizer(path / layout.TOKENIZER,
+                                         version.manifest.get("files", {}).get(layout.TOKENIZER),
+                                         self.max_query_len)
         shipped = np.load(path / layout.PRODUCT_EMB).astype(np.float32)
         self.dim = int(cfg.get("dim") or shipped.shape[1])
         shipped = shipped.reshape(-1, self.dim)
@@ -258,6 +268,32 @@ class ServedModel:
         """Stop following Redis (a dropped model stops by itself)."""
         self._stop.set()
 
+    # --- the query cache ---------------------------------------------------------------------
+
+    @property
+    def query_side(self) -> tuple[str, str, int, tuple[str, ...]] | None:
+        """What a query's embedding depends on: the query encoder's and tokenizer's hashes, the
+        query length, the providers (None when the manifest lacks the hashes)."""
+        files = self.manifest.get("files", {})
+        encoder, tokenizer = files.get(layout.QUERY_ENCODER), files.get(layout.TOKENIZER)
+        if not encoder or not tokenizer:
+            return None
+        return encoder, tokenizer, self.max_query_len, tuple(self.providers)
+
+    def adopt_query_cache(self, other: ServedModel) -> int:
+        """Take ``other``'s cached query embeddings when they are this version's too (the same query
+        side: a version that changed only its head, e.g. zero-shot versions or a head retrained);
+        returns how many. Otherwise the cache starts empty: every query text is encoded again,
+        which doubled p50 when versions swapped every 2.5 s (``make bench-swap``)."""
+        if self.query_side is None or self.query_side != other.query_side:
+            return 0
+        with other._cache_lock:
+            entries = list(other._query_cache.items())
+        with self._cache_lock:
+            entries.extend(self._query_cache.items())  # this version's own (its warm-up) last
+            self._query_cache = OrderedDict(entries[-QUERY_CACHE_SIZE:])
+            return len(self._query_cache)
+
     # --- scoring -----------------------------------------------------------------------------
 
     @property
@@ -328,6 +364,57 @@ class ServedModel:
         return [scores[i, :n] for i, n in enumerate(batch.n_candidates)]
 
 
+def query_tokenizer(path: Path, sha256: str | None, max_len: int) -> Tokenizer:
+    """The query tokenizer at ``path`` (truncating at ``max_len``, padding), one per file content
+    (``sha256``, from the manifest the registry verified) and length: every version fine-tuned
+    from one pretrained encoder ships the same file. Building one from its JSON holds the GIL for
+    25-35 ms, a stall of the scoring thread on every swap (``make bench-swap``); dropping one, 4 ms
+    more. Configured before it is shared, never after: concurrent ``encode_batch`` calls only read."""
+    key = (sha256, max_len) if sha256 else None
+    if key is not None:
+        with _tokenizers_lock:
+            if key in _tokenizers:
+                _tokenizers.move_to_end(key)
+                return _tokenizers[key]
+    tokenizer = Tokenizer.from_file(str(path))
+    tokenizer.enable_truncation(max_len)
+    tokenizer.enable_padding(pad_id=0, pad_token="[PAD]")
+    if key is not None:
+        with _tokenizers_lock:
+            tokenizer = _tokenizers.setdefault(key, tokenizer)
+            while len(_tokenizers) > TOKENIZERS_KEPT:
+                _tokenizers.popitem(last=False)
+    return tokenizer
+
+
+def _malloc_trim():  # type: ignore[no-untyped-def]
+    try:
+        return ctypes.CDLL(None).malloc_trim  # glibc; ctypes releases the GIL while it runs
+    except (OSError, AttributeError):  # another libc: nothing to trim
+        return None
+
+
+_MALLOC_TRIM = _malloc_trim()
+
+
+def release_memory(retired: weakref.ref[ServedModel] | None = None, wait_s: float = 2.0) -> None:
+    """Give the memory of a dropped version back to the OS (glibc's ``malloc_trim``).
+
+    glibc keeps what a freed onnxruntime session held in its heaps: without this, a scorer's RSS
+    rose by ~140 MB over its first swaps (two versions side by side, then the old one freed into
+    the heaps) and stayed there. ``retired``: the version swapped out, which the batch in
+    progress may hold a few ms more; trimmed once it is freed (or after ``wait_s``)."""
+    deadline = time.monotonic() + wait_s
+    while retired is not None and retired() is not None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    if _MALLOC_TRIM is None:
+        return
+    started = time.perf_counter()
+    _MALLOC_TRIM(0)
+    log.info("memory_released", ms=round((time.perf_counter() - started) * 1000, 2),
+             retired_alive=retired is not None and retired() is not None)
+
+
 def _start_refresher(model: ServedModel, every_s: float) -> None:
     """A daemon thread that refreshes ``model`` until it is closed or garbage: it holds the model
     only weakly, so a swapped-out version is freed (and its thread ends) like any other."""
@@ -353,8 +440,8 @@ def _start_refresher(model: ServedModel, every_s: float) -> None:
 def load_served_model(registry: Path, version: str, device: str = "auto", threads: int = 0,
                       embeddings: EmbeddingSource | None = None) -> ServedModel:
     """Verify, load and warm a version; raises when any of that fails."""
-    model = ServedModel(load_version(registry, version), device=device, threads=threads,
-                        embeddings=embeddings)
+    model = ServedModel(load_version(registry, version, files=SERVED_FILES), device=device,
+                        threads=threads, embeddings=embeddings)
     if model.feature_names != FEATURE_NAMES:
         model.close()
         # Its input layout differs from what features.read builds: every query would fail.
