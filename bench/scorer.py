@@ -12,7 +12,15 @@ candidates per query:
 - ``max_qps``: rates stepped up (20 s each) until p99 passes 100 ms, throughput falls short of
   the offered rate, or a query goes unanswered; the highest rate that held. One more step well
   past it shows overload: latency and consumer lag grow, every query is still answered;
-- ``naive_p50_ms``: bench.naive (eager torch, one query at a time), after the scorer stopped.
+- ``naive_p50_ms``: bench.naive (eager torch, one query at a time), after the scorer stopped;
+- ``cpu_ms_per_query``: the scorer process's CPU time (utime + stime, /proc/<pid>/stat, every
+  thread: Kafka client, HTTP, onnxruntime's pool) over the queries it answered (its own
+  ``shoprank_queries_total``) during the ``load_qps`` step: what a query costs on any machine of
+  this kind, where latency and max_qps also depend on what else runs. ``cpu_stages_ms_per_query``
+  splits it: each stage's CPU time on the scoring thread (``time.thread_time`` around the stage,
+  ``shoprank_stage_cpu_seconds``), and ``other``, the rest of the process (the consume loop,
+  decoding queries, librdkafka's threads, onnxruntime's worker threads). Each step's row carries
+  its own ``cpu_ms_per_query`` too.
 
 Set-up: fresh topics (``bench.<tag>.*``, deleted afterwards), Redis DB 13 flushed, the Best Buy
 catalog and the training period's searches and clicks applied to the feature store, so shoppers
@@ -32,6 +40,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 import uuid
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -42,6 +51,7 @@ from pathlib import Path
 import numpy as np
 import redis
 import structlog
+from prometheus_client.parser import text_string_to_metric_families
 
 from bench.isolation import isolated_settings
 from bench.loadgen import LoadGenerator, QuerySpec, StepResult
@@ -212,6 +222,59 @@ def memory_mb(pid: int) -> tuple[float, float]:
     return fields["VmRSS"], fields["VmHWM"]
 
 
+@dataclass(frozen=True)
+class CpuSample:
+    """The scorer's cumulative CPU figures at one moment."""
+
+    process_s: float  # utime + stime of the whole process
+    stage_cpu_s: dict[str, float]  # shoprank_stage_cpu_seconds_total by stage
+    stage_wall_s: dict[str, float]  # shoprank_stage_seconds_sum by stage
+    queries: float  # shoprank_queries_total, every outcome
+
+
+def process_cpu_s(pid: int) -> float:
+    """utime + stime of a process (all its threads), in seconds."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    fields = stat[stat.rindex(")") + 2:].split()  # after the command name, which may hold spaces
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_sample(pid: int, port: int) -> CpuSample:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
+        text = reply.read().decode()
+    process = process_cpu_s(pid)  # after the scrape: the scrape's own CPU falls before the window
+    cpu: dict[str, float] = {}
+    wall: dict[str, float] = {}
+    queries = 0.0
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "shoprank_stage_cpu_seconds_total":
+                cpu[sample.labels["stage"]] = sample.value
+            elif sample.name == "shoprank_stage_seconds_sum":
+                wall[sample.labels["stage"]] = sample.value
+            elif sample.name == "shoprank_queries_total":
+                queries += sample.value
+    return CpuSample(process, cpu, wall, queries)
+
+
+def cpu_per_query(before: CpuSample, after: CpuSample) -> dict[str, object]:
+    """CPU ms per answered query between two samples, whole and by stage (``other``: the rest of
+    the process); the stages' wall ms per query beside them."""
+    n = after.queries - before.queries
+    if n <= 0:
+        return {"cpu_ms_per_query": None, "cpu_stages_ms_per_query": {}, "wall_stages_ms_per_query": {}}
+
+    def per_query(a: dict[str, float], b: dict[str, float]) -> dict[str, float]:
+        return {k: round((a[k] - b.get(k, 0.0)) * 1000 / n, 3) for k in sorted(a)}
+
+    total = (after.process_s - before.process_s) * 1000 / n
+    stages = per_query(after.stage_cpu_s, before.stage_cpu_s)
+    stages["other"] = round(total - sum(stages.values()), 3)
+    return {"cpu_ms_per_query": round(total, 3), "cpu_stages_ms_per_query": stages,
+            "wall_stages_ms_per_query": per_query(after.stage_wall_s, before.stage_wall_s),
+            "queries_counted": int(n)}
+
+
 def cpu_name() -> str:
     for line in Path("/proc/cpuinfo").read_text().splitlines():
         if line.startswith("model name"):
@@ -230,30 +293,46 @@ def check_sample(sample: bytes | None) -> None:
         raise RuntimeError(f"unexpected result: error={result.error!r}, {len(products)} products")
 
 
-def ramp(gen: LoadGenerator, rates: list[float], seconds: float
-         ) -> tuple[float, list[tuple[str, StepResult]]]:
+class Steps:
+    """Runs load steps against one scorer and keeps each with the scorer's CPU per query over it."""
+
+    def __init__(self, gen: LoadGenerator, pid: int, port: int) -> None:
+        self.gen, self.pid, self.port = gen, pid, port
+        self.rows: list[tuple[str, StepResult, dict[str, object]]] = []
+
+    def step(self, phase: str, rate: float, seconds: float, drain_s: float = 60.0) -> StepResult:
+        before = cpu_sample(self.pid, self.port)
+        res = self.gen.step(rate, seconds, drain_s=drain_s)
+        cpu = cpu_per_query(before, cpu_sample(self.pid, self.port))
+        self.rows.append((phase, res, cpu))
+        _print_step(phase, res, res.held(P99_LIMIT_MS, MIN_THROUGHPUT_RATIO) if phase != "load" else None,
+                    cpu["cpu_ms_per_query"])  # type: ignore[arg-type]
+        return res
+
+
+def ramp(steps: Steps, rates: list[float], seconds: float) -> tuple[float, list[StepResult]]:
     """Step the rate up until one does not hold; the highest that held, and every step."""
-    held, steps = 0.0, []
+    held, results = 0.0, []
     for rate in rates:
-        res = gen.step(rate, seconds)
+        res = steps.step("ramp", rate, seconds)
         ok = res.held(P99_LIMIT_MS, MIN_THROUGHPUT_RATIO)
-        steps.append(("ramp", res))
-        _print_step("ramp", res, ok)
+        results.append(res)
         if not ok:
             break
         held = rate
-    return held, steps
+    return held, results
 
 
-def _print_step(phase: str, r: StepResult, ok: bool | None = None) -> None:
+def _print_step(phase: str, r: StepResult, ok: bool | None = None, cpu_ms: float | None = None) -> None:
     mark = "" if ok is None else ("  held" if ok else "  did not hold")
+    cpu = f"  cpu {cpu_ms:.2f} ms/q" if cpu_ms is not None else ""
 
     def fmt(v: float | None) -> str:
         return f"{v:8.1f}" if v is not None else "       -"
 
     print(f"  {phase:8} {r.offered_qps:6.0f}/s  achieved {r.achieved_qps:7.1f}/s  p50 {fmt(r.p50_ms)} ms  "
           f"p99 {fmt(r.p99_ms)} ms  sent {r.sent:6d}  answered {r.answered:6d}  lag max {r.lag_max:5d}"
-          f"{mark}", flush=True)
+          f"{cpu}{mark}", flush=True)
 
 
 def run(args: argparse.Namespace) -> dict[str, object]:
@@ -276,36 +355,30 @@ def run(args: argparse.Namespace) -> dict[str, object]:
               f"in {time.perf_counter() - started:.1f}s", flush=True)
         specs = query_specs(split)
         env = scorer_env(settings, model, port, group, overrides)
-        steps: list[tuple[str, StepResult]] = []
         with scorer_process(env, Path(args.log), port) as proc:
             gen = LoadGenerator(settings, specs, group)
             gen.start()
+            steps = Steps(gen, proc.pid, port)
             try:
                 warmed = gen.warm(args.warm_qps, args.warm_s)
                 check_sample(gen.sample)
                 measured_from = len(gen.sent_texts)
                 print(f"scorer pid {proc.pid} ready, model {model.version}; warm-up answered {warmed}",
                       flush=True)
-                load = gen.step(args.load_qps, args.load_s)
-                steps.append(("load", load))
-                _print_step("load", load)
-                max_qps, ramp_steps = ramp(gen, [r for r in args.rates if r > args.load_qps], args.step_s)
+                load = steps.step("load", args.load_qps, args.load_s)
+                load_cpu = steps.rows[-1][2]
+                max_qps, ramp_steps = ramp(steps, [r for r in args.rates if r > args.load_qps], args.step_s)
                 if load.held(P99_LIMIT_MS, MIN_THROUGHPUT_RATIO):
                     max_qps = max(max_qps, args.load_qps)
-                steps.extend(ramp_steps)
                 if max_qps == 0:  # not even the load rate held: find the rate that does, downwards
                     for rate in (args.load_qps / 2, args.load_qps / 4):
-                        res = gen.step(rate, args.step_s)
-                        steps.append(("down", res))
-                        _print_step("down", res, ok := res.held(P99_LIMIT_MS, MIN_THROUGHPUT_RATIO))
-                        if ok:
+                        res = steps.step("down", rate, args.step_s)
+                        if res.held(P99_LIMIT_MS, MIN_THROUGHPUT_RATIO):
                             max_qps = rate
                             break
-                over_rate = round(max(ramp_steps[-1][1].offered_qps if ramp_steps else args.load_qps,
+                over_rate = round(max(ramp_steps[-1].offered_qps if ramp_steps else args.load_qps,
                                       max_qps) * args.overload_factor)
-                over = gen.step(over_rate, args.overload_s, drain_s=120)
-                steps.append(("overload", over))
-                _print_step("overload", over)
+                steps.step("overload", over_rate, args.overload_s, drain_s=120)
                 rss, hwm = memory_mb(proc.pid)
                 hit_rate = cache_hit_rate(gen.sent_texts, QUERY_CACHE_SIZE, measured_from)
                 n_sent = len(gen.sent_texts) - measured_from
@@ -332,12 +405,17 @@ def run(args: argparse.Namespace) -> dict[str, object]:
         "p99_ms": round(load.p99_ms, 2) if load.p99_ms is not None else None,
         "load_qps": args.load_qps,
         "max_qps": max_qps,
+        # at load_qps: the scorer process's CPU per answered query, and by stage (see the docstring)
+        "cpu_ms_per_query": load_cpu["cpu_ms_per_query"],
+        "cpu_stages_ms_per_query": load_cpu["cpu_stages_ms_per_query"],
+        "wall_stages_ms_per_query": load_cpu["wall_stages_ms_per_query"],
         "naive_p50_ms": round(float(np.percentile(naive, 50)), 2) if naive.size else None,
         "rss_mb": round(rss, 1),
         "candidates": CANDIDATES,
         "device": f"cpu ({cpu_name()}, {os.cpu_count()} cores), onnxruntime CPUExecutionProvider",
-        "steps": [{"phase": phase, **r.row(), "held": r.held(P99_LIMIT_MS, MIN_THROUGHPUT_RATIO)}
-                  for phase, r in steps],
+        "steps": [{"phase": phase, **r.row(), "held": r.held(P99_LIMIT_MS, MIN_THROUGHPUT_RATIO),
+                   "cpu_ms_per_query": cpu["cpu_ms_per_query"]}
+                  for phase, r, cpu in steps.rows],
         "model_version": model.version,
         "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "command": args.command,
@@ -383,12 +461,15 @@ def notes(args: argparse.Namespace, overrides: dict[str, str], load_start: tuple
 
 def print_table(result: dict[str, object]) -> None:
     rows = [("p50_ms", "at load_qps"), ("p99_ms", "target <= 25"), ("load_qps", ""),
-            ("max_qps", "target >= 300"), ("naive_p50_ms", "eager torch, one query at a time"),
+            ("max_qps", "target >= 300"), ("cpu_ms_per_query", "scorer process, at load_qps"),
+            ("naive_p50_ms", "eager torch, one query at a time"),
             ("rss_mb", "scorer process"), ("candidates", "per query"), ("device", ""),
             ("model_version", "")]
     print()
     for key, comment in rows:
         print(f"  {key:14} {result[key]!s:>24}  {comment}")
+    stages = result["cpu_stages_ms_per_query"]
+    print("  cpu ms/query by stage: " + ", ".join(f"{k} {v}" for k, v in stages.items()))  # type: ignore[union-attr]
 
 
 def main() -> int:

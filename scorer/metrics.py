@@ -27,10 +27,18 @@ class ScorerMetrics:
         self.swaps = Counter("shoprank_model_swaps", "Model swaps, by outcome", ["outcome"], registry=r)
         # Where a batch's time goes, for whoever is paged for p99: encode (query embeddings and
         # retrieval), features (one Redis round trip and featurizing), model (the ranking head),
-        # results (building the ranked results), rerank (the cross-encoder, where it runs).
+        # results (building the ranked results), publish (encoding them, handing them to the
+        # producer), rerank (the cross-encoder, where it runs).
         self.stage = Histogram(
             "shoprank_stage_seconds", "Time a scoring batch spends in each stage", ["stage"], registry=r,
             buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25),
+        )
+        # The same stages in CPU time of the thread that ran them (time.thread_time): what a query
+        # costs wherever it runs, where wall time also counts waiting for Redis and for the cores.
+        # onnxruntime's own worker threads (intra_op_num_threads > 1) are not in it.
+        self.stage_cpu = Counter(
+            "shoprank_stage_cpu_seconds", "CPU time of the scoring thread in each stage", ["stage"],
+            registry=r,
         )
 
     def serving(self, version: str) -> None:

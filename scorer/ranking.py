@@ -27,6 +27,11 @@ from scorer.runtime import Batch, ServedModel
 log = structlog.get_logger(__name__)
 
 UNKNOWN = "unknown"
+Mark = tuple[float, float]  # (time.perf_counter(), time.thread_time()): where a stage started
+
+
+def mark() -> Mark:
+    return time.perf_counter(), time.thread_time()
 
 
 @dataclass(frozen=True)
@@ -105,7 +110,7 @@ class QueryRanker:
     def _prepare(self, model: ServedModel, queries: Sequence[Query]) -> tuple[Batch, list[Result]]:
         """The model's inputs, and the features as read (their history ids, which the batch holds
         only as embedding rows, go out with the results)."""
-        started = time.perf_counter()
+        started = mark()
         query_emb = model.encode([q.text for q in queries])
         retrieved = None
         if any(not q.candidates for q in queries):
@@ -127,7 +132,7 @@ class QueryRanker:
 
     def _rank_valid(self, model: ServedModel, queries: Sequence[tuple[Query, float]]) -> list[RankedResult]:
         batch, feats = self._prepare(model, [q for q, _ in queries])
-        started = time.perf_counter()
+        started = mark()
         scores = model.score(batch)
         started = self.time_stage("model", started)
         schema = feature_schema(model.feature_names)
@@ -137,12 +142,14 @@ class QueryRanker:
         self.time_stage("results", started)
         return results
 
-    def time_stage(self, name: str, started: float) -> float:
-        """Record the time since ``started`` under stage ``name`` (``shoprank_stage_seconds``; the
-        reranker times its stage here too); returns now, the next stage's start."""
-        now = time.perf_counter()
+    def time_stage(self, name: str, started: Mark) -> Mark:
+        """Record the time since ``started`` (a :func:`mark`) under stage ``name``: wall time in
+        ``shoprank_stage_seconds``, this thread's CPU time in ``shoprank_stage_cpu_seconds`` (the
+        reranker and the Kafka loop time their stages here too); returns now, the next stage's start."""
+        now = mark()
         if self.metrics is not None:
-            self.metrics.stage.labels(stage=name).observe(now - started)
+            self.metrics.stage.labels(stage=name).observe(now[0] - started[0])
+            self.metrics.stage_cpu.labels(stage=name).inc(max(0.0, now[1] - started[1]))
         return now
 
     @staticmethod

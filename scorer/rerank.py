@@ -19,7 +19,6 @@ outputs bound on the device with IO binding). Only :func:`build_cross_encoder` a
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -33,6 +32,7 @@ from tokenizers import Tokenizer
 from core.events import Query, RankedResult, ServedFeatures
 from core.text import product_text
 from features.store import FeatureStore
+from scorer.ranking import mark
 
 if TYPE_CHECKING:
     from scorer.ranking import QueryRanker
@@ -171,7 +171,7 @@ class RerankingRanker:
         session = self.session_for(model)
         if session is None:
             return results
-        started = time.perf_counter()
+        started = mark()
         reranked = self._rerank(session, queries, results)
         self.inner.time_stage("rerank", started)
         return reranked

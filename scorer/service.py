@@ -25,7 +25,7 @@ from core.logs import hash_user
 from core.settings import Settings
 from core.topics import route
 from scorer.metrics import ScorerMetrics
-from scorer.ranking import Incoming, QueryRanker, decode_all
+from scorer.ranking import Incoming, QueryRanker, decode_all, mark
 from scorer.swap import ModelHolder
 
 log = structlog.get_logger(__name__)
@@ -123,9 +123,11 @@ class ScoringLoop(threading.Thread):
             key = (m.topic(), m.partition())
             nxt[key] = max(nxt.get(key, 0), m.offset() + 1)
         batch = _InFlight([TopicPartition(t, p, o) for (t, p), o in nxt.items()], remaining=len(results))
+        publishing = mark()
         for r in results:
             topic, key = route(self.settings, r)
             producer.produce(topic, key=key.encode(), value=encode(r), on_delivery=batch.delivered)
+        self.ranker.time_stage("publish", publishing)  # encoding and handing results to the producer
         self._observe(results, model.version, time.perf_counter() - started)
         self.metrics.queue_depth.set(0)
         return batch
