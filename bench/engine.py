@@ -20,11 +20,12 @@ from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
 from core import kafka
 from core.events import RESULTS as RESULTS_CODEC
 from core.events import Query, RankedResult, encode
+from core.processes import Service, wait_until
 from core.settings import Settings
 from core.topics import route, topic_specs
 from replay.to_events import TimedEvent
 from streams.progress import Ends, applied_up_to
-from streams.testing import Worker, environment, wait_until
+from streams.testing import environment
 
 
 def engine_env(settings: Settings, registry: Path, port: int, max_candidates: int = 1000,
@@ -53,10 +54,10 @@ class Services:
     def __init__(self, logs: Path) -> None:
         self.logs = logs
         logs.mkdir(parents=True, exist_ok=True)
-        self.procs: dict[str, Worker] = {}
+        self.procs: dict[str, Service] = {}
 
-    def start(self, name: str, env: dict[str, str], command: str | None = None) -> Worker:
-        self.procs[name] = Worker(env, self.logs / f"{name}.log", command=command or name)
+    def start(self, name: str, env: dict[str, str], command: str | None = None) -> Service:
+        self.procs[name] = Service(env, self.logs / f"{name}.log", command=command or name)
         return self.procs[name]
 
     def dead(self) -> list[str]:
@@ -64,9 +65,8 @@ class Services:
 
     def check(self) -> None:
         """Raise, naming the log, when a service has died."""
-        if dead := self.dead():
-            p = self.procs[dead[0]]
-            raise RuntimeError(f"{dead[0]} exited ({p.proc.returncode}); {p.log_path}:\n{p.log_tail(15)}")
+        for p in self.procs.values():
+            p.check()
 
     def stop(self) -> None:
         for p in self.procs.values():

@@ -60,6 +60,7 @@ from bench import engine
 from bench.isolation import isolated_settings
 from core import kafka
 from core.layout import product_tower
+from core.processes import wait_until
 from core.registry import load_version, serving_version, set_serving
 from core.settings import ROOT, Settings
 from core.topics import ensure_topics, topic_specs
@@ -72,7 +73,6 @@ from features.embeddings import ProductEmbeddings
 from replay.live import LiveReplay, LiveReplayStats, read_results
 from replay.to_events import Stream, TimedEvent, bestbuy_replay
 from streams.progress import Ends, applied_up_to, joiner_reached
-from streams.testing import wait_until
 
 OUT = ROOT / "bench" / "results" / "loop.json"
 WORK = ROOT / "var" / "loop-eval"

@@ -36,8 +36,6 @@ import os
 import random
 import shutil
 import socket
-import subprocess
-import sys
 import tempfile
 import time
 import urllib.request
@@ -57,6 +55,7 @@ from bench.isolation import isolated_settings
 from bench.loadgen import LoadGenerator, QuerySpec, StepResult
 from core import events, kafka
 from core.logs import configure_logging
+from core.processes import Service
 from core.registry import load_version, serving_version
 from core.settings import ScorerSettings, Settings
 from core.topics import ensure_topics, topic_specs
@@ -66,7 +65,6 @@ from features.plan import Record
 from features.read import FEATURE_NAMES
 from features.redis_store import RedisStore, connect
 from scorer.runtime import QUERY_CACHE_SIZE
-from shoprank.processes import http_ready, stop_group
 
 log = structlog.get_logger(__name__)
 
@@ -191,25 +189,12 @@ def scorer_env(settings: Settings, model: ModelChoice, port: int, group: str,
 
 
 @contextmanager
-def scorer_process(env: dict[str, str], log_path: Path, port: int) -> Iterator[subprocess.Popen]:
+def scorer_process(env: dict[str, str], log_path: Path, port: int) -> Iterator[Service]:
     """``python -m shoprank scorer`` in its own process group, ready (HTTP /readyz) when yielded."""
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with log_path.open("w") as log_file:
-        proc = subprocess.Popen([sys.executable, "-m", "shoprank", "scorer"], stdout=log_file,
-                                stderr=log_file, env=env, cwd=ROOT, start_new_session=True)
-        try:
-            deadline = time.monotonic() + 180
-            while not http_ready(f"http://127.0.0.1:{port}/readyz"):
-                if proc.poll() is not None:
-                    raise RuntimeError(f"scorer exited with {proc.returncode}; see {log_path}")
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"scorer not ready after 180 s; see {log_path}")
-                time.sleep(0.3)
-            yield proc
-            if proc.poll() is not None:
-                raise RuntimeError(f"scorer exited with {proc.returncode} during the run; see {log_path}")
-        finally:
-            stop_group(proc)
+    with Service(env, log_path, command="scorer", log_mode="w") as proc:
+        proc.wait_ready(f"http://127.0.0.1:{port}/readyz", 180)
+        yield proc
+        proc.check()
 
 
 def memory_mb(pid: int) -> tuple[float, float]:

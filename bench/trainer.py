@@ -35,6 +35,7 @@ from bench.result_size import wire_bytes
 from core import kafka
 from core.events import CatalogProduct, encode
 from core.layout import product_tower
+from core.processes import wait_until
 from core.registry import load_version, serving_version, set_serving
 from core.settings import ROOT
 from core.topics import ensure_topics, topic_specs
@@ -43,7 +44,6 @@ from features.embeddings import ProductEmbeddings
 from replay.live import LiveReplay
 from replay.to_events import Stream, bestbuy_replay
 from streams.joiner import stored_totals
-from streams.testing import wait_until
 
 RESULTS = ROOT / "bench" / "results" / "trainer.json"
 BENCH_DB = 11  # tests use 15 (and 12-14 beside them), bench.scorer 13, bench.streams 14
@@ -95,7 +95,7 @@ def run(args: argparse.Namespace) -> dict[str, object]:
             n.produce(settings.topics.catalog, encode(e.event), key=e.key.encode())
         if n.flush(30):
             raise RuntimeError("catalog unacknowledged")
-        from shoprank.processes import http_ready
+        from core.processes import http_ready
 
         wait_until(lambda: http_ready(f"http://127.0.0.1:{args.port}/readyz"), 180, 0.5, "scorer ready")
         tower = product_tower(version.manifest)

@@ -38,9 +38,9 @@ from confluent_kafka import KafkaException
 from core import kafka
 from core.commands import cmd_inspect
 from core.events import Query, RankedResult
+from core.processes import Service
 from core.settings import ROOT, Settings, TopicSettings
 from core.topics import TOPIC_KEYS, ensure_topics, topic_specs
-from shoprank.processes import http_ready, stop_group
 
 LIVE_QUERIES = 300
 DEMO_REDIS_DB = 1
@@ -97,30 +97,13 @@ def environment(settings: Settings, catalog_size: int) -> dict[str, str]:
 
 
 @contextmanager
-def service(name: str, args: list[str], log_dir: Path, env: dict[str, str] | None = None) -> Iterator[None]:
-    """A ``shoprank`` subcommand as a real process (own process group, log file), stopped on exit."""
-    log_dir.mkdir(parents=True, exist_ok=True)
-    log_path = log_dir / f"{name}.log"
-    with log_path.open("w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "shoprank", *args], stdout=log, stderr=log,
-                                start_new_session=True, env=env or dict(os.environ))
-        print(f"started {name} (pid {proc.pid}, log {log_path})")
-        try:
-            yield
-            if proc.poll() is not None:
-                raise RuntimeError(f"{name} exited with {proc.returncode}; see {log_path}")
-        finally:
-            stop_group(proc)
-            print(f"stopped {name}")
-
-
-def wait_for(check, what: str, timeout_s: float = 120.0) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(0.5)
-    raise TimeoutError(f"{what} not ready after {timeout_s:.0f} s")
+def service(name: str, log_dir: Path, env: dict[str, str]) -> Iterator[Service]:
+    """A ``shoprank`` service as a real process for the demo's run, stopped on exit."""
+    with Service(env, log_dir / f"{name}.log", command=name, log_mode="w") as proc:
+        print(f"started {name} (pid {proc.pid}, log {proc.log_path})")
+        yield proc
+        proc.check()
+    print(f"stopped {name}")
 
 
 @dataclass
@@ -284,15 +267,14 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
         log, window = split_log(settings, args.queries)
         env = environment(demo, len(log.catalog))
         first = window.live[0].timestamp
-        with service("streams", ["streams"], logs, env):
+        with service("streams", logs, env):
             _stage(f"the Best Buy log before {first:%Y-%m-%d %H:%M} (the live window's first search) "
                    "into Kafka")
             apply_log(demo, log, progress)
             _stage("what arrived, per topic")
             cmd_inspect(args, demo)
-            with service("scorer", ["scorer"], logs, env):
-                ready = f"http://127.0.0.1:{settings.scorer.http_port}/readyz"
-                wait_for(lambda: http_ready(ready), "scorer", 120)
+            with service("scorer", logs, env) as scorer:
+                scorer.wait_ready(f"http://127.0.0.1:{settings.scorer.http_port}/readyz", 120)
                 _stage(f"live, in event time: the last {args.queries} test-period searches, each ranked by "
                        f"{version} before its clicks arrive")
                 queries, results = live_traffic(demo, window, progress)
