@@ -48,6 +48,7 @@ demo: up
 	$(BIN)/shoprank demo
 
 test: up
+	@infra/browser.sh install
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 lint: venv

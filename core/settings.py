@@ -255,6 +255,24 @@ class StreamsSettings(BaseSettings):
     event_loop: Literal["aio", "uvloop"] = "aio"  # uvloop (install it first) measured no faster here
 
 
+class ConsoleSettings(BaseSettings):
+    """``shoprank console``: the web pages people look at (search with explain, shoppers, models,
+    quality plots, live figures)."""
+
+    model_config = _group("SHOPRANK_CONSOLE_")
+
+    host: str = "127.0.0.1"
+    port: int = 8090
+    # The scorer's Prometheus endpoint, scraped for live throughput and p99.
+    scorer_metrics_url: str = "http://127.0.0.1:8080/metrics"
+    scrape_s: float = Field(default=2.0, gt=0)  # how often the console scrapes it
+    live_window_s: float = Field(default=60.0, gt=0)  # throughput and p99 over this much of the past
+    kafka_timeout_s: float = Field(default=3.0, gt=0)  # consumer lag: a broker that does not answer
+    top_k: int = Field(default=10, ge=1, le=100)  # products a search shows
+    # What make loop-eval wrote: quality per day and latency per arm.
+    loop_results: Path = ROOT / "bench" / "results" / "loop.json"
+
+
 class Settings(BaseSettings):
     """Everything configurable, grouped; frozen so no part can change another's view."""
 
@@ -270,6 +288,7 @@ class Settings(BaseSettings):
     joiner: JoinerSettings = Field(default_factory=JoinerSettings)
     trainer: TrainerSettings = Field(default_factory=TrainerSettings)
     embedder: EmbedderSettings = Field(default_factory=EmbedderSettings)
+    console: ConsoleSettings = Field(default_factory=ConsoleSettings)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     data_dir: Path = ROOT / "data"
     var_dir: Path = ROOT / "var"

@@ -12,17 +12,15 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import replace
 
 import msgspec
-import numpy as np
 from fastapi import FastAPI, HTTPException, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
 from core.events import QUERIES, InvalidEvent, Query, to_builtins
 from features.read import FEATURE_NAMES
 from scorer.metrics import ScorerMetrics
-from scorer.ranking import QueryRanker, error_result
+from scorer.ranking import QueryRanker, error_result, feature_contributions, feature_shares
 from scorer.swap import ModelHolder
 
 
@@ -76,21 +74,12 @@ def explain_one(holder: ModelHolder, ranker: QueryRanker, query: Query, product_
     model = holder.current
     batch = ranker.prepare(model, [query])
     values = batch.dense[0, 0]
-    means = np.asarray(model.manifest.get("feature_mean", np.zeros(len(FEATURE_NAMES))), np.float32)
-    n = len(FEATURE_NAMES) + 1  # one variant per feature set to its mean, and the served input last
-    dense = np.repeat(batch.dense, n, axis=0)
-    dense[np.arange(n - 1), 0, np.arange(n - 1)] = means
-    variants = replace(batch, query_emb=np.repeat(batch.query_emb, n, axis=0),
-                       cand_idx=np.repeat(batch.cand_idx, n, axis=0),
-                       hist_idx=np.repeat(batch.hist_idx, n, axis=0),
-                       hist_w=np.repeat(batch.hist_w, n, axis=0), dense=dense, n_candidates=[1] * n)
-    scores = np.array([s[0] for s in model.score(variants)])
-    contributions = scores[-1] - scores[:-1]
-    total = float(np.abs(contributions).sum()) or 1.0
+    scores, contributions = feature_contributions(model, batch)
+    shares = feature_shares(contributions)
     return {
         "query_id": query.query_id, "product_id": product_id, "model_version": model.version,
-        "score": float(scores[-1]),
-        "features": {name: {"value": float(values[i]), "contribution": float(contributions[i]),
-                            "share": float(contributions[i] / total)}
+        "score": float(scores[0]),
+        "features": {name: {"value": float(values[i]), "contribution": float(contributions[0, i]),
+                            "share": float(shares[0, i])}
                      for i, name in enumerate(FEATURE_NAMES)},
     }

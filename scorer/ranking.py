@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 
 import msgspec
@@ -76,6 +76,31 @@ def _recover_ids(payload: bytes) -> dict[str, str]:
         return value if isinstance(value, str) and value.strip() and len(value) <= 128 else UNKNOWN
 
     return {k: pick(k).split()[0] for k in ("query_id", "user_id", "session_id")}
+
+
+def feature_contributions(model: ServedModel, batch: Batch) -> tuple[np.ndarray, np.ndarray]:
+    """Each feature's part in the scores of one query's candidates (``batch`` from
+    :meth:`QueryRanker.prepare` for one query): the score change when that feature alone is set to
+    its training mean (the manifest's ``feature_mean``). Returns the served scores [N] and the
+    contributions [N, F]; a feature's share of a score is its contribution over the sum of their
+    absolute values. One model call: the ranking head scores each candidate on its own."""
+    n, f = batch.n_candidates[0], len(model.feature_names)
+    means = np.asarray(model.manifest.get("feature_mean", np.zeros(f)), np.float32)
+    dense = np.repeat(batch.dense[:1, :n], f + 1, axis=0)  # one variant per feature, served input last
+    dense[np.arange(f), :, np.arange(f)] = means[:, None]
+    variants = replace(batch, query_emb=np.repeat(batch.query_emb[:1], f + 1, axis=0),
+                       cand_idx=np.repeat(batch.cand_idx[:1, :n], f + 1, axis=0),
+                       hist_idx=np.repeat(batch.hist_idx[:1], f + 1, axis=0),
+                       hist_w=np.repeat(batch.hist_w[:1], f + 1, axis=0), dense=dense,
+                       n_candidates=[n] * (f + 1))
+    scores = np.stack(model.score(variants))  # [F + 1, N]
+    return scores[-1], (scores[-1] - scores[:-1]).T
+
+
+def feature_shares(contributions: np.ndarray) -> np.ndarray:
+    """Contributions [N, F] as shares of each candidate's total absolute contribution."""
+    total = np.abs(contributions).sum(axis=-1, keepdims=True)
+    return contributions / np.where(total > 0, total, 1.0)
 
 
 class QueryRanker:

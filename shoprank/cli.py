@@ -23,6 +23,7 @@ COMMAND_MODULES = (
     "scorer.commands",
     "shoprank.demo",
     "streams.commands",
+    "console.commands",
 )
 
 
