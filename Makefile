@@ -16,7 +16,7 @@ export PYTHONUNBUFFERED := 1
 help:
 	@echo "make demo    set up everything, start Kafka and Redis, replay the Best Buy data, show results"
 	@echo "make test    set up everything, start Kafka and Redis, run the test suite"
-	@echo "make up / down / status    start, stop, inspect the local Kafka and Redis"
+	@echo "make up / down / status    start, stop, inspect the local Kafka, Redis and Prometheus"
 	@echo "make lint    ruff"
 	@echo "make eval    measure ranking quality on the real data, write bench/results/quality.json"
 
@@ -32,14 +32,18 @@ up: venv
 	@infra/redis.sh start
 	@infra/kafka.sh start
 	@$(BIN)/shoprank topics
+	@if $(BIN)/python -m shoprank.monitoring enabled; then infra/prometheus.sh start; \
+	else echo "prometheus: not started (SHOPRANK_PROMETHEUS_ENABLED=0)"; fi
 
 down:
+	@infra/prometheus.sh stop
 	@infra/kafka.sh stop
 	@infra/redis.sh stop
 
 status:
 	@infra/kafka.sh status || true
 	@infra/redis.sh status || true
+	@infra/prometheus.sh status || true
 
 topics: venv
 	$(BIN)/shoprank topics

@@ -182,7 +182,8 @@ class JoinerSettings(BaseSettings):
     idle_s: float = Field(default=5.0, gt=0)
     # A joiner that dies holds its partitions this long before the group hands them on.
     session_timeout_s: float = Field(default=10.0, ge=6.0)
-    metrics_port: int | None = None
+    # Prometheus /metrics (None: off); a port another process holds is logged and left unserved.
+    metrics_port: int | None = 9101
 
 
 class TrainerSettings(BaseSettings):
@@ -217,7 +218,7 @@ class TrainerSettings(BaseSettings):
     position_debias: Literal["auto", "on", "off"] = "off"
     ipw_clip: float = Field(default=10.0, ge=1.0)
     poll_s: float = Field(default=5.0, gt=0)  # how often the service reads new lists (guardrail)
-    metrics_port: int | None = None  # Prometheus: cycles by outcome, rollbacks, cycle seconds
+    metrics_port: int | None = 9102  # Prometheus: cycles by outcome, rollbacks, last model update
 
 
 class EmbedderSettings(BaseSettings):
@@ -251,7 +252,9 @@ class StreamsSettings(BaseSettings):
     session_timeout_s: float = Field(default=10.0, ge=6.0)
     commit_interval_s: float = Field(default=1.0, gt=0)  # Kafka offsets (Redis holds the truth)
     web_port: int | None = None
-    metrics_port: int | None = None
+    # Prometheus /metrics (None: off); a second worker on the host finds it taken and serves none
+    # (logged): give each worker its own port to scrape them all.
+    metrics_port: int | None = 9100
     event_loop: Literal["aio", "uvloop"] = "aio"  # uvloop (install it first) measured no faster here
 
 
@@ -273,6 +276,21 @@ class ConsoleSettings(BaseSettings):
     loop_results: Path = ROOT / "bench" / "results" / "loop.json"
 
 
+class PrometheusSettings(BaseSettings):
+    """Monitoring: the Prometheus server ``make up`` starts (infra/prometheus.sh) and the address
+    the feature workers, joiner and trainer serve /metrics on (the scorer serves it on its HTTP
+    port). The scrape targets are the services' own port settings."""
+
+    model_config = _group("SHOPRANK_PROMETHEUS_")
+
+    enabled: bool = True  # make up starts Prometheus
+    host: str = "127.0.0.1"
+    port: int = 9090
+    scrape_interval_s: float = Field(default=5.0, gt=0)
+    retention: str = "15d"
+    metrics_host: str = "127.0.0.1"  # 0.0.0.0 in containers, where Prometheus scrapes from outside
+
+
 class Settings(BaseSettings):
     """Everything configurable, grouped; frozen so no part can change another's view."""
 
@@ -289,6 +307,10 @@ class Settings(BaseSettings):
     trainer: TrainerSettings = Field(default_factory=TrainerSettings)
     embedder: EmbedderSettings = Field(default_factory=EmbedderSettings)
     console: ConsoleSettings = Field(default_factory=ConsoleSettings)
+    prometheus: PrometheusSettings = Field(default_factory=PrometheusSettings)
+    # Long work without a terminal (CI, containers, a log file) logs its progress this often
+    # instead of redrawing a progress bar (core.progress).
+    progress_log_s: float = Field(default=30.0, gt=0)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     data_dir: Path = ROOT / "data"
     var_dir: Path = ROOT / "var"

@@ -402,10 +402,9 @@ def stored_totals(client: redis.Redis, partitions: int) -> dict[str, int]:
 
 
 def run_joiner(settings: Settings) -> int:
-    if settings.joiner.metrics_port is not None:
-        from prometheus_client import start_http_server
+    from core.metrics import serve_metrics
 
-        start_http_server(settings.joiner.metrics_port, addr="127.0.0.1")
+    serve_metrics(settings, settings.joiner.metrics_port, "joiner")
     joiner = Joiner(settings)
     joiner.install_signal_handlers()
     return joiner.run()

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import structlog
-from prometheus_client import start_http_server
 
+from core.metrics import serve_metrics
 from core.settings import Settings
 
 log = structlog.get_logger(__name__)
@@ -12,8 +12,7 @@ log = structlog.get_logger(__name__)
 
 def run_worker(settings: Settings) -> int:
     s = settings.streams
-    if s.metrics_port is not None:
-        start_http_server(s.metrics_port, addr="127.0.0.1")
+    serve_metrics(settings, s.metrics_port, "streams")
     log.info("streams_worker_starting", engine=s.engine, group=s.group_id, instance=s.instance_id,
              topics=[settings.topics.catalog, settings.topics.queries, settings.topics.results,
                      settings.topics.interactions])

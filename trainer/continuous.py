@@ -45,11 +45,12 @@ from typing import Any
 import numpy as np
 import structlog
 import torch
-from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge
 from tokenizers import Tokenizer
 
 from core import layout
 from core import registry as reg
+from core.metrics import serve_metrics
 from core.registry import ModelVersion, load_version, publish_version, serving_version
 from core.settings import Settings
 from features.embeddings import ProductEmbeddings
@@ -100,7 +101,7 @@ class CycleReport:
 class TrainerMetrics:
     """Prometheus figures of the service (served on ``metrics_port`` when set)."""
 
-    def __init__(self) -> None:
+    def __init__(self, registry_dir: Path | None = None) -> None:
         self.registry = CollectorRegistry()
         self.cycles = Counter("shoprank_trainer_cycles", "Trainer cycles by outcome", ["outcome"],
                               registry=self.registry)
@@ -109,6 +110,20 @@ class TrainerMetrics:
         self.cycle_seconds = Gauge("shoprank_trainer_cycle_seconds", "Duration of the last cycle",
                                    registry=self.registry)
         self.lists = Gauge("shoprank_trainer_labeled_lists", "Labeled lists held", registry=self.registry)
+        # Read from the registry's log at each scrape: a promotion or rollback by anyone (another
+        # trainer, `shoprank train`, `shoprank model rollback`) counts, and a restart forgets none.
+        self.last_update = Gauge("shoprank_trainer_last_model_update_timestamp_seconds",
+                                 "When the serving version last changed (promotion or rollback)",
+                                 registry=self.registry)
+        if registry_dir is not None:
+            self.last_update.set_function(lambda: last_model_update(registry_dir))
+
+
+def last_model_update(registry_dir: Path) -> float:
+    """Unix time of the registry log's last promotion or rollback (0: none yet)."""
+    changes = [e["at"] for e in reg.history(registry_dir)
+               if e.get("event") in (reg.PROMOTED, reg.ROLLBACK_TO)]
+    return datetime.fromisoformat(changes[-1]).timestamp() if changes else 0.0
 
 
 # --- the registry as the trainer sees it ---------------------------------------------------------
@@ -281,7 +296,7 @@ class ContinuousTrainer:
         self.registry = settings.model.registry_dir
         self.pool = LabeledPool(settings, seed=settings.model.seed)
         self.lease = Lease(connect(settings.redis), settings.trainer.lease_ttl_s)
-        self.metrics = TrainerMetrics()
+        self.metrics = TrainerMetrics(self.registry)
         self._guardrail_noted: set[str] = set()
         self._cycles = 0
         # Seconds the export and the gate took in the last cycle (what fine-tuning leaves them).
@@ -628,8 +643,7 @@ def serve(settings: Settings) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     trainer = ContinuousTrainer(settings)
-    if settings.trainer.metrics_port:
-        start_http_server(settings.trainer.metrics_port, registry=trainer.metrics.registry)
+    serve_metrics(settings, settings.trainer.metrics_port, "trainer", trainer.metrics.registry)
     try:
         trainer.run_forever(stop)
     finally:
