@@ -30,6 +30,7 @@ log = structlog.get_logger(__name__)
 QUERIES = "shoprank_queries"  # counter, by outcome (scorer.metrics)
 LATENCY = "shoprank_query_latency_seconds"  # histogram
 MODEL = "shoprank_model_version_info"
+SCRAPE_TIMEOUT_S = 2.0
 
 
 @dataclass(frozen=True)
@@ -119,7 +120,7 @@ class Sampler(threading.Thread):
     def scrape(self) -> None:
         at = time.time()
         try:
-            with urllib.request.urlopen(self.url, timeout=min(self.every_s, 2.0)) as resp:
+            with urllib.request.urlopen(self.url, timeout=SCRAPE_TIMEOUT_S) as resp:
                 sample = parse(resp.read().decode(), at)
         except (OSError, ValueError) as exc:
             with self._lock:

@@ -33,8 +33,6 @@ from features.redis_store import RedisStore, connect
 from streams.testing import Worker, environment, publish, wait_until
 from tests.model_factory import split, tiny_run, tiny_version
 
-pytestmark = pytest.mark.browser
-
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
 SHOTS = ROOT / "bench" / "results" / "console"
@@ -182,11 +180,11 @@ def text_of(driver, css: str) -> str:  # type: ignore[no-untyped-def]
     return driver.find_element(By.CSS_SELECTOR, css).text
 
 
+@pytest.mark.browser
 def test_console_in_a_real_browser(engine: dict, browser) -> None:  # type: ignore[no-untyped-def]
     from selenium.webdriver.common.by import By
 
     url, did, titles = engine["url"], engine["did"], engine["titles"]
-    publish_queries(engine["settings"], 30)
 
     # The search page: the form, then a search through the form as the replayed shopper.
     browser.get(url + "/")
@@ -232,6 +230,9 @@ def test_console_in_a_real_browser(engine: dict, browser) -> None:  # type: igno
     assert "pays" in text_of(browser, "#price")
     assert engine["categories"][did["click"]] in text_of(browser, "#categories")
     shoot(browser, "shopper")
+
+    # Searches for the scorer, counted on the live page below (the console has scraped it by now).
+    publish_queries(engine["settings"], 30)
 
     # Model versions: lineage, gate figures, which one serves.
     browser.get(url + "/models")
@@ -319,3 +320,25 @@ def test_redis_and_kafka_down_are_said_on_the_page(tmp_path: Path) -> None:
         assert "No model version in" in page.text
         page = client.get("/quality")
         assert page.status_code == 404 and "make loop-eval" in page.text
+
+
+def test_live_figures_from_the_scorers_own_exposition() -> None:
+    """Throughput and p99 as the live page computes them, from what ScorerMetrics exposes."""
+    from prometheus_client import generate_latest
+
+    from console.live import parse, quantile
+    from scorer.metrics import ScorerMetrics
+
+    m = ScorerMetrics()
+    m.serving("v7")
+    before = parse(generate_latest(m.registry).decode(), at=100.0)
+    assert before.queries == 0 and quantile(0.99, before.buckets) is None and before.model_version == "v7"
+    for i in range(1000):  # 990 fast queries, 10 slow ones
+        m.latency.observe(0.004 if i % 100 else 0.2)
+        m.queries.labels(outcome="ranked" if i % 250 else "error").inc()
+    after = parse(generate_latest(m.registry).decode(), at=110.0)
+    assert (after.queries - before.queries) / (after.at - before.at) == 100.0
+    assert after.errors == 4
+    p99 = quantile(0.99, after.buckets)
+    assert p99 is not None and 0.0025 < p99 <= 0.005  # the 990th of 1000 is a fast one
+    assert 0.1 < quantile(0.995, after.buckets) <= 0.25  # type: ignore[operator]
