@@ -272,7 +272,7 @@ class Loop:
         mark = time.monotonic()
         if d.labeled:
             with LiveReplay(s, step_searches=self.args.label_step, step_s=1800.0,
-                            progress=sys.stderr.isatty()) as live:
+                            progress=True) as live:
                 stats = live.run(d.labeled, on_step=self._forwarder(d.labeled))
             _print(f"training period's end through the engine: {stats.searches:,} searches "
                    f"({stats.unanswered} unanswered) in {stats.seconds:.0f} s")
@@ -286,7 +286,7 @@ class Loop:
         mark = time.monotonic()
         also = [self.static_settings.topics.results] if self.two_scorers else []
         with LiveReplay(s, step_searches=self.args.step_searches, step_s=self.args.step_s,
-                        progress=sys.stderr.isatty(), also_await=also) as live:
+                        progress=True, also_await=also) as live:
             settle = self._settler(live, ends_consumer, [fs.topics.queries, s.topics.interactions,
                                                          s.topics.results])
             stats = live.run(d.test, on_step=settle)

@@ -110,7 +110,7 @@ def run(args: argparse.Namespace) -> dict[str, object]:
         # Stamped before the log starts: a search from the replay's future would move event time.
         ask(settings, "warm up", catalog_ids[:10], period[0].timestamp - timedelta(seconds=1), retries=10)
         with LiveReplay(settings, candidates=catalog_ids, step_searches=args.step_searches,
-                        step_s=args.step_s, progress=sys.stderr.isatty()) as live:
+                        step_s=args.step_s, progress=True) as live:
             stats = live.run(period)
         _print(f"replay: {stats.searches:,} searches ({stats.unanswered} unanswered), {stats.clicks:,} "
                f"clicks in {stats.seconds:.0f} s")

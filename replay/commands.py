@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from dataclasses import replace
 
 from core.settings import Settings
@@ -22,7 +21,7 @@ def cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
     replay = bestbuy_replay(settings.data_dir)
     events = [] if args.catalog_only else replay.events[: args.limit]
     stats = publish(settings, replace(replay, events=events), speed=args.speed,
-                    progress=not args.no_progress and sys.stderr.isatty())
+                    progress=not args.no_progress)
     print(f"replay {args.dataset}: {stats.catalog} catalog products, {stats.events} events "
           f"in {stats.seconds:.1f}s ({stats.events_per_s:,.0f} events/s)")
     return 0

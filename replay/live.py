@@ -27,17 +27,15 @@ from datetime import datetime
 import msgspec
 import structlog
 from confluent_kafka import TopicPartition
-from tqdm import tqdm
 
 from core import kafka
 from core.events import RESULTS, Click, InvalidEvent, Query, RankedResult, encode
+from core.progress import progress
 from core.settings import Settings
 from core.topics import route
 from replay.to_events import Stream, TimedEvent
 
 log = structlog.get_logger(__name__)
-
-PROGRESS_EVERY_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -170,9 +168,9 @@ class LiveReplay:
         for e in log_events:
             if e.stream is Stream.INTERACTIONS:
                 clicked.setdefault(e.event.query_id or "", []).append(e.event.product_id)  # type: ignore[union-attr]
-        started = last_log = time.monotonic()
+        started = time.monotonic()
         searches = sum(1 for e in log_events if e.stream is Stream.QUERIES)
-        bar = tqdm(total=searches, desc="live replay", unit="search", disable=not self.progress, leave=False)
+        bar = progress(total=searches, desc="live replay", unit="search", enabled=self.progress, leave=False)
         step_q: list[Query] = []
         step_c: list[Click] = []
         step_start: float | None = None
@@ -185,6 +183,7 @@ class LiveReplay:
             # a step would send the next search before the clicks that happened before it).
             if e.stream is Stream.QUERIES and (full or too_long) and (step_q or step_c):
                 self._step(step_q, step_c, clicked, stats)
+                bar.set_postfix(answered=stats.answered, event_time=e.timestamp.isoformat())
                 bar.update(len(step_q))
                 if on_step is not None:
                     on_step(stats)
@@ -200,10 +199,6 @@ class LiveReplay:
                 step_c.append(e.event)  # type: ignore[arg-type]
             stats.first = stats.first or e.timestamp
             stats.last = e.timestamp
-            if time.monotonic() - last_log >= PROGRESS_EVERY_S and not self.progress:
-                last_log = time.monotonic()
-                log.info("live_replay_progress", searches=stats.searches, of=searches,
-                         answered=stats.answered, event_time=e.timestamp.isoformat())
         if step_q or step_c:
             self._step(step_q, step_c, clicked, stats)
             bar.update(len(step_q))

@@ -17,10 +17,11 @@ from datetime import datetime
 
 import structlog
 from confluent_kafka import KafkaError, Message, Producer
-from tqdm import tqdm
 
 from core import kafka
 from core.events import encode
+from core.progress import Progress
+from core.progress import progress as progress_bar
 from core.settings import Settings
 from core.topics import route
 from replay.to_events import Replay, TimedEvent
@@ -88,7 +89,8 @@ def publish(
         raise ValueError(f"speed must be > 0 (or None for as fast as possible), got {speed}")
     producer, deliveries = kafka.producer(settings), _Deliveries()
     started = time.monotonic()
-    with tqdm(total=len(replay.catalog) + len(replay.events), unit="ev", disable=not progress) as bar:
+    with progress_bar(total=len(replay.catalog) + len(replay.events), desc="publish", unit="ev",
+                      enabled=progress) as bar:
         _send(producer, settings, replay.catalog, deliveries, bar, Pacer(None))
         _flush(producer, deliveries)
         _send(producer, settings, replay.events, deliveries, bar, Pacer(speed))
@@ -104,7 +106,7 @@ def _send(
     settings: Settings,
     events: Sequence[TimedEvent],
     deliveries: _Deliveries,
-    bar: tqdm,
+    bar: Progress,
     pacer: Pacer,
 ) -> None:
     for i, ev in enumerate(events, 1):

@@ -262,7 +262,7 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
 
     redis.Redis.from_url(demo.redis.url).flushdb()
     logs = settings.var_dir / "demo"
-    progress = sys.stderr.isatty()
+    progress = True  # a bar on a terminal, periodic log lines elsewhere (core.progress)
     try:
         log, window = split_log(settings, args.queries)
         env = environment(demo, len(log.catalog))

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 
 import structlog
 from confluent_kafka import Consumer, KafkaException, TopicPartition
-from tqdm import tqdm
 
 from core import kafka
+from core.progress import progress as progress_bar
 from core.settings import Settings
 from features import keys
 from features.redis_store import RedisStore, connect
@@ -70,7 +70,7 @@ def _replay(consumer: Consumer, topics: list[str], processor: Processor, batch: 
         return 0
     consumer.assign(starts)
     seen = 0
-    with tqdm(total=total, desc=f"rebuild {', '.join(topics)}", unit="ev", disable=not progress) as bar:
+    with progress_bar(total=total, desc=f"rebuild {', '.join(topics)}", unit="ev", enabled=progress) as bar:
         while ends:
             msgs = consumer.consume(num_messages=batch, timeout=0.5)
             raws = []

@@ -21,9 +21,9 @@ from typing import Final
 
 import numpy as np
 import structlog
-from tqdm import tqdm
 
 from core.events import Click, Query
+from core.progress import progress as progress_bar
 from core.text import normalize_query, query_words
 from evaluation.ranker import SearchRow
 from features import query_item
@@ -160,7 +160,8 @@ def build_lists(rows: Sequence[SearchRow], store: MemoryStore, builder: ListBuil
     roles: list[int] = []
     rejected, first_reason = 0, None
     n_search = len({r.query_id for r in rows})
-    bar = tqdm(total=n_search, desc="point-in-time lists", unit="search", disable=not progress, leave=False)
+    bar = progress_bar(total=n_search, desc="point-in-time lists", unit="search", enabled=progress,
+                       leave=False)
     for kind, payload in timeline(rows):
         if kind == "click":
             row = payload  # type: ignore[assignment]

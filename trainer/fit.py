@@ -17,8 +17,8 @@ import numpy as np
 import structlog
 import torch
 from tokenizers import Tokenizer
-from tqdm import tqdm
 
+from core.progress import progress
 from evaluation import metrics
 from trainer.losses import listwise_softmax_loss
 from trainer.model import PersonalRanker
@@ -211,8 +211,8 @@ def fit(model: PersonalRanker, tokenizer: Tokenizer, product_emb: np.ndarray, tr
         model.train()
         order = grouped_order(train.text_id, rng)
         losses = []
-        bar = tqdm(range(0, len(order), cfg.batch_size), desc=f"epoch {epoch}/{cfg.epochs}", unit="batch",
-                   leave=False, disable=not cfg.progress)
+        bar = progress(range(0, len(order), cfg.batch_size), desc=f"epoch {epoch}/{cfg.epochs}", unit="batch",
+                       leave=False, enabled=cfg.progress)
         for start in bar:
             if cfg.deadline_s is not None and time.monotonic() - started > cfg.deadline_s:
                 result.stopped = "time budget"

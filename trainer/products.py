@@ -14,9 +14,9 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 from tokenizers import Tokenizer
-from tqdm import tqdm
 
 from core.layout import PRODUCT_MAX_LEN
+from core.progress import progress as progress_bar
 from trainer.model import QueryTower
 from trainer.tokens import pad, token_ids
 
@@ -32,7 +32,7 @@ def embed_texts(tower: QueryTower, tokenizer: Tokenizer, texts: Sequence[str], m
     tower.eval()
     batches = range(0, len(order), batch_size)
     with torch.no_grad():
-        for start in tqdm(batches, desc="embedding", unit="batch", disable=not progress, leave=False):
+        for start in progress_bar(batches, desc="embedding", unit="batch", enabled=progress, leave=False):
             rows = order[start : start + batch_size]
             out[rows] = tower(*pad([encoded[i] for i in rows])).numpy()
     return out
