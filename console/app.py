@@ -17,6 +17,7 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
+from functools import lru_cache
 from pathlib import Path
 
 import redis
@@ -136,11 +137,19 @@ def create_app(settings: Settings) -> FastAPI:
     def plot(name: str) -> Response:
         if name == "live":
             return Response(plots.live_png(sampler.live()), media_type="image/png")
-        draw = {"quality": plots.quality_png, "latency": plots.latency_png}.get(name)
-        if draw is None:
+        if name not in ("quality", "latency"):
             raise ConsoleError(f"No plot named {name!r}.", 404)
-        return Response(draw(plots.load_loop(c.loop_results)), media_type="image/png",
-                        headers={"Cache-Control": "no-store"})
+        try:
+            stamp = c.loop_results.stat().st_mtime_ns
+        except OSError:
+            stamp = 0  # load_loop says what is missing
+        return Response(loop_plot(name, stamp), media_type="image/png", headers={"Cache-Control": "no-store"})
+
+    @lru_cache(maxsize=4)
+    def loop_plot(name: str, stamp: int) -> bytes:
+        """A loop-eval plot, drawn once per version of the results file (``stamp``: its mtime)."""
+        draw = plots.quality_png if name == "quality" else plots.latency_png
+        return draw(plots.load_loop(c.loop_results))
 
     @app.get("/live", response_class=HTMLResponse)
     def live(request: Request) -> HTMLResponse:

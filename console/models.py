@@ -52,17 +52,31 @@ def read(path: Path, log_entries: int = 30) -> Registry:
     for e in entries:
         if e.get("reason"):
             why[e["version"]] = e["reason"]
-    versions = []
+    manifests: dict[str, dict[str, Any]] = {}
+    errors: dict[str, str] = {}
     for name in reg.list_versions(path):
-        error = None
         try:
-            manifest = json.loads((path / name / reg.MANIFEST).read_text())
+            manifests[name] = json.loads((path / name / reg.MANIFEST).read_text())
         except (OSError, json.JSONDecodeError) as exc:
-            manifest, error = {}, f"unreadable manifest: {exc}"
+            manifests[name], errors[name] = {}, f"unreadable manifest: {exc}"
+    parents = {name: m.get("parent_version") for name, m in manifests.items()}
+    versions = []
+    for name, manifest in manifests.items():
         versions.append(Version(
             name=name, status=status.get(name, "?"), created_at=(manifest.get("created_at") or "")[:19],
-            trained_by=manifest.get("trained_by", "train"), parent=manifest.get("parent_version"),
-            lineage=reg.lineage(path, name), metrics=manifest.get("metrics") or {},
-            gate=manifest.get("gate"), reason=why.get(name), error=error))
+            trained_by=manifest.get("trained_by", "train"), parent=parents[name],
+            lineage=_lineage(name, parents), metrics=manifest.get("metrics") or {},
+            gate=manifest.get("gate"), reason=why.get(name), error=errors.get(name)))
     versions.sort(key=lambda v: v.created_at, reverse=True)
     return Registry(path, reg.serving_version(path), versions, list(reversed(entries))[:log_entries])
+
+
+def _lineage(version: str, parents: dict[str, str | None]) -> list[str]:
+    """core.registry.lineage over manifests already read: each version's chain would otherwise
+    read every ancestor's manifest again (a continuous trainer's registry holds hundreds)."""
+    chain: list[str] = []
+    current: str | None = version
+    while current and current not in chain:
+        chain.append(current)
+        current = parents.get(current)
+    return chain
