@@ -47,9 +47,13 @@ start() {
   curl -fsS -o /dev/null "$url/-/ready" 2>/dev/null \
     && die "$url answers but is not ours: stop that server or set SHOPRANK_PROMETHEUS_PORT"
   config
-  # setsid: its own session, so the shell that ran `make up` can end without taking it along.
-  setsid prometheus --config.file="$CONFIG" --storage.tsdb.path="$DATA/tsdb" \
-    --storage.tsdb.retention.time="$(setting retention)" --web.listen-address="$host:$port" \
+  # setsid: its own session, so the shell that ran `make up` can end without taking it along; no
+  # descriptor but stdio inherited (under `flock /tmp/shoprank-heavy.lock make ...` the daemon
+  # would otherwise hold the benchmarks' lock for as long as it runs).
+  local retention; retention="$(setting retention)"
+  setsid bash -c 'for fd in /proc/$$/fd/*; do n=${fd##*/}; (( n > 2 )) && eval "exec $n>&-"; done 2>/dev/null
+    exec "$@"' prometheus prometheus --config.file="$CONFIG" --storage.tsdb.path="$DATA/tsdb" \
+    --storage.tsdb.retention.time="$retention" --web.listen-address="$host:$port" \
     --web.enable-lifecycle >>"$LOG" 2>&1 < /dev/null &
   echo $! > "$PIDFILE"
   for _ in $(seq 1 100); do

@@ -12,8 +12,9 @@ the last N test-period searches, each published as a query and ranked by the run
 the served position); the next search waits until the feature worker has applied them; 6. what
 came out: example rankings with the product the shopper went on to click marked, the
 publish-to-result latency, the live searches' MAP@5, the offline quality table, and where the
-event-time evaluation (``make loop-eval``) wrote its figures and plots. The processes are stopped
-at the end and the run's topics deleted (``--keep-topics`` keeps them).
+event-time evaluation (``make loop-eval``) wrote its figures and plots; 7. a report with plots
+(``var/demo/report/report.md``: shoprank.report) and where the console is. The processes are
+stopped at the end and the run's topics deleted (``--keep-topics`` keeps them).
 """
 
 from __future__ import annotations
@@ -30,9 +31,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import msgspec
-import numpy as np
 from confluent_kafka import KafkaException
 
 from core import kafka
@@ -41,6 +42,9 @@ from core.events import Query, RankedResult
 from core.processes import Service
 from core.settings import ROOT, Settings, TopicSettings
 from core.topics import TOPIC_KEYS, ensure_topics, topic_specs
+
+if TYPE_CHECKING:
+    from shoprank.report import DemoFigures
 
 LIVE_QUERIES = 300
 DEMO_REDIS_DB = 1
@@ -192,25 +196,21 @@ def live_traffic(settings: Settings, window: Window,
     return queries, [results[q.query_id] for q in queries if q.query_id in results]
 
 
-def show_results(settings: Settings, queries: list[Query], results: list[RankedResult],
-                 clicked: dict[str, list[str]]) -> None:
+def show_results(settings: Settings, version: str, queries: list[Query], results: list[RankedResult],
+                 clicked: dict[str, list[str]]) -> DemoFigures:
     """Counts, latency, quality of these searches, and a few rankings with what the shopper
-    clicked next marked (the engine had not seen that click when it ranked)."""
-    from evaluation.loop import ServedClick, summary
+    clicked next marked (the engine had not seen that click when it ranked); returns the figures
+    for the report."""
     from replay import bestbuy
+    from shoprank.report import demo_figures
 
     title = {sku: p.name for sku, p in bestbuy.load_catalog(settings.data_dir).items()}
-    latencies = np.array([r.latency_ms for r in results]) if results else np.zeros(1)
-    errors = sum(1 for r in results if r.error)
-    print(f"{len(results)}/{len(queries)} searches answered ({errors} errors), model "
+    figures = demo_figures(version, queries, results, clicked)
+    print(f"{figures.answered}/{figures.asked} searches answered ({figures.errors} errors), model "
           f"{sorted({r.model_version for r in results})}; publish-to-result latency: "
-          f"p50 {np.percentile(latencies, 50):.1f} ms, p99 {np.percentile(latencies, 99):.1f} ms")
+          f"p50 {figures.percentile(50):.1f} ms, p99 {figures.percentile(99):.1f} ms")
     by_id = {r.query_id: r for r in results}
-    rows = [ServedClick(q.query_id, q.timestamp.date().isoformat(),
-                        {p.product_id: p.position for p in by_id[q.query_id].products}.get(pid)
-                        if q.query_id in by_id else None)
-            for q in queries for pid in clicked.get(q.query_id, [])]
-    s = summary(rows)
+    s = figures.quality
     print(f"these {s['searches']} searches' {s['clicks']} clicks: MAP@5 {s['map@5']:.4f}, NDCG@10 "
           f"{s['ndcg@10']:.4f}, MRR {s['mrr']:.4f} (each ranked before its click reached the engine)")
     for q in queries[:: max(1, len(queries) // 4)][:4]:
@@ -222,6 +222,7 @@ def show_results(settings: Settings, queries: list[Query], results: list[RankedR
             mark = "  <- clicked next" if p.product_id in clicked.get(q.query_id, []) else ""
             name = title.get(p.product_id, p.product_id)[:70]
             print(f"    {p.position}. {name:70} score {p.score:7.3f}{mark}")
+    return figures
 
 
 def show_quality() -> None:
@@ -278,7 +279,7 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
                 _stage(f"live, in event time: the last {args.queries} test-period searches, each ranked by "
                        f"{version} before its clicks arrive")
                 queries, results = live_traffic(demo, window, progress)
-                show_results(settings, queries, results, window.clicked)
+                figures = show_results(settings, version, queries, results, window.clicked)
     finally:
         if not args.keep_topics:
             names = [t.name for t in topic_specs(demo)]
@@ -291,6 +292,13 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     show_quality()
     _stage("ranking quality in event time, through the running engine (make loop-eval)")
     show_loop()
+    _stage("the report")
+    from shoprank.report import write_report
+
+    console = f"http://{settings.console.host}:{settings.console.port}"
+    report = write_report(settings.var_dir / "demo" / "report", figures, LOOP_JSON, console)
+    print(f"report with plots: {report}")
+    print(f"the console: run `shoprank console`, then open {console}")
     return 0
 
 
