@@ -6,6 +6,8 @@
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 root="$(dirname "$here")"
+# shellcheck source=infra/daemon.sh
+source "$here/daemon.sh"
 
 KAFKA_VERSION="$(sed -n 's:.*<kafka.version>\(.*\)</kafka.version>.*:\1:p' "$here/kafka/pom.xml")"
 KAFKA_HOST="${SHOPRANK_KAFKA_HOST:-127.0.0.1}"
@@ -78,9 +80,9 @@ start() {
   fi
   echo "kafka: starting $KAFKA_VERSION on $KAFKA_HOST:$KAFKA_PORT (data in $DATA)"
   : > "$LOG"
-  nohup java -Xms"$HEAP" -Xmx"$HEAP" -XX:+UseG1GC -XX:MaxGCPauseMillis=20 -Djava.awt.headless=true \
-    -Dlog4j2.configurationFile="$here/kafka/log4j2.yaml" -Dkafka.logs.dir="$DATA" \
-    -cp "$LIBS/*" kafka.Kafka "$DATA/server.properties" >>"$LOG" 2>&1 &
+  (close_inherited_fds; exec nohup java -Xms"$HEAP" -Xmx"$HEAP" -XX:+UseG1GC -XX:MaxGCPauseMillis=20 \
+    -Djava.awt.headless=true -Dlog4j2.configurationFile="$here/kafka/log4j2.yaml" -Dkafka.logs.dir="$DATA" \
+    -cp "$LIBS/*" kafka.Kafka "$DATA/server.properties") >>"$LOG" 2>&1 &
   echo $! > "$PIDFILE"
   for _ in $(seq 1 120); do
     if ! running; then die "the broker exited during start-up; last lines of $LOG:

@@ -4,6 +4,8 @@
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 root="$(dirname "$here")"
+# shellcheck source=infra/daemon.sh
+source "$here/daemon.sh"
 
 REDIS_HOST="${SHOPRANK_REDIS_HOST:-127.0.0.1}"
 REDIS_PORT="${SHOPRANK_REDIS_PORT:-6379}"
@@ -34,10 +36,10 @@ start() {
   # AOF rewrites fork and rewrite the whole dataset: at the default 64 MB threshold a feature
   # worker at 20,000 events/s triggered one every few seconds (10 in 4 minutes of benchmark),
   # each taking a core for ~2 s and showing in the freshness tail. 1 GB: far fewer.
-  redis-server --bind "$REDIS_HOST" --port "$REDIS_PORT" --dir "$DATA" \
+  (close_inherited_fds; exec redis-server --bind "$REDIS_HOST" --port "$REDIS_PORT" --dir "$DATA" \
     --appendonly yes --appendfsync everysec --save "" \
     --auto-aof-rewrite-min-size 1gb \
-    --daemonize yes --pidfile "$PIDFILE" --logfile "$DATA/redis.log" \
+    --daemonize yes --pidfile "$PIDFILE" --logfile "$DATA/redis.log") \
     || die "redis-server failed to start; see $DATA/redis.log"
   for _ in $(seq 1 50); do ping && { echo "redis: ready on $REDIS_HOST:$REDIS_PORT (AOF in $DATA)"; return 0; }; sleep 0.2; done
   die "no answer on $REDIS_HOST:$REDIS_PORT after 10 s; last lines of $DATA/redis.log:
