@@ -11,12 +11,13 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: help venv up down status topics demo test lint eval bench-streams bench-scorer bench-scorer-gpu bench-trainer bench-swap loop-eval clean-data
+.PHONY: help venv up down status topics demo test lint eval bench-streams bench-scorer bench-scorer-gpu bench-trainer bench-swap loop-eval clean-data up-cluster down-cluster status-cluster test-cluster bench-chaos
 
 help:
 	@echo "make demo    set up everything, start Kafka and Redis, replay the Best Buy data, show results"
 	@echo "make test    set up everything, start Kafka and Redis, run the test suite"
 	@echo "make up / down / status    start, stop, inspect the local Kafka, Redis and Prometheus"
+	@echo "make up-cluster / down-cluster    3 Kafka brokers (KRaft) + Redis primary, replica, 3 Sentinels"
 	@echo "make lint    ruff"
 	@echo "make eval    measure ranking quality on the real data, write bench/results/quality.json"
 
@@ -51,9 +52,39 @@ topics: venv
 demo: up
 	$(BIN)/shoprank demo
 
-test: up
+# The replicated topology runs beside the single node (its own loopback ports): the failover
+# tests (tests/test_cluster.py) use it, the rest of the suite the single node.
+test: up up-cluster
 	@infra/browser.sh install
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# Replicated Kafka and Redis on loopback (ports in infra/kafka-cluster.sh, infra/redis-sentinel.sh);
+# the engine's settings for it are written to var/cluster.env (set -a; . var/cluster.env; set +a).
+CLUSTER_ENV := var/cluster.env
+up-cluster: venv
+	@infra/redis-sentinel.sh start
+	@infra/kafka-cluster.sh start
+	@{ infra/kafka-cluster.sh env; infra/redis-sentinel.sh env; \
+	   echo SHOPRANK_TOPIC_REPLICATION_FACTOR=3; echo SHOPRANK_TOPIC_MIN_INSYNC_REPLICAS=2; } > $(CLUSTER_ENV)
+	@set -a; . ./$(CLUSTER_ENV); set +a; $(BIN)/shoprank topics >/dev/null
+	@echo "cluster: settings in $(CLUSTER_ENV)"
+
+down-cluster:
+	@infra/kafka-cluster.sh stop
+	@infra/redis-sentinel.sh stop
+
+status-cluster:
+	@infra/kafka-cluster.sh status || true
+	@infra/redis-sentinel.sh status || true
+
+test-cluster: up-cluster
+	$(BIN)/python -m pytest -q tests/test_cluster.py $(PYTEST_ARGS)
+
+# SIGKILL one process at a time (a broker, the Redis primary, a feature worker, a scorer, the
+# trainer) under steady load on the cluster, then restart it: unanswered, duplicate results, lost
+# and double-counted events, the longest gap and the recovery per fault -> bench/results/chaos.json.
+bench-chaos: up-cluster
+	flock /tmp/shoprank-heavy.lock $(BIN)/python -m bench.chaos $(BENCH_ARGS)
 
 lint: venv
 	$(BIN)/ruff check .

@@ -69,6 +69,14 @@ class RedisSettings(BaseSettings):
     retries: int = Field(default=10, ge=0)
     retry_base_s: float = Field(default=0.01, gt=0)
     retry_cap_s: float = Field(default=1.0, gt=0)
+    # Replicated Redis (make up-cluster): "host:port,host:port,..." of the Sentinels; when set,
+    # clients ask them for the primary of ``sentinel_master`` (and follow a failover) instead of
+    # connecting to the URL's host and port (its db number and password still apply).
+    sentinels: str | None = None
+    sentinel_master: str = "shoprank"
+    # Scorers read features from a replica (the primary when none answers): spares the primary,
+    # at the cost of the replication lag (milliseconds) in freshness. Sentinel only.
+    read_from_replicas: bool = False
 
 
 class TopicSettings(BaseSettings):
@@ -85,6 +93,10 @@ class TopicSettings(BaseSettings):
     forgotten: str = "shoprank.forgotten"  # `forget` requests, compacted: rebuilds honour them
     labeled: str = "shoprank.labeled"  # served lists joined with what followed (the joiner's output)
     partitions: int = Field(default=4, ge=1)
+    # 1 on the single-node broker; 3 and 2 on the cluster (make up-cluster): with acks=all, an
+    # acknowledged event is on at least 2 brokers, so losing any one loses none.
+    replication_factor: int = Field(default=1, ge=1)
+    min_insync_replicas: int = Field(default=1, ge=1)
 
 
 class ModelSettings(BaseSettings):

@@ -32,7 +32,7 @@ log = structlog.get_logger(__name__)
 
 RETAIN_FOREVER = {"retention.ms": "-1"}
 # The settings field of each topic (for tools that name a whole set, like isolated test topics).
-TOPIC_KEYS = tuple(name for name in TopicSettings.model_fields if name != "partitions")
+TOPIC_KEYS = tuple(name for name, f in TopicSettings.model_fields.items() if f.annotation is str)
 
 
 MODEL_UPDATE_KEY = "model"  # one partition anyway: the key only names what the messages are
@@ -77,12 +77,16 @@ class TopicSpec:
     name: str
     partitions: int
     config: dict[str, str] = field(default_factory=dict)
+    replication_factor: int = 1
 
 
 def topic_specs(settings: Settings) -> list[TopicSpec]:
     """The topics this deployment needs, named by the settings."""
     t = settings.topics
-    return [
+    # Replicated: each topic on replication_factor brokers, a write acknowledged (acks=all) once
+    # min_insync_replicas of them have it.
+    replicated = {"min.insync.replicas": str(t.min_insync_replicas)} if t.replication_factor > 1 else {}
+    specs = [
         TopicSpec(t.queries, t.partitions, {"retention.ms": str(7 * 24 * 3600 * 1000)}),
         # What the joiner needs (minutes to a day of impressions) and a week for the feature
         # rebuild's impressions (decayed with a 7-day half-life); labels live on the labeled topic.
@@ -103,6 +107,7 @@ def topic_specs(settings: Settings) -> list[TopicSpec]:
         # restores every tombstone before it replays the events.
         TopicSpec(t.forgotten, 1, {"cleanup.policy": "compact"}),
     ]
+    return [TopicSpec(s.name, s.partitions, s.config | replicated, t.replication_factor) for s in specs]
 
 
 def ensure_topics(admin: AdminClient, specs: list[TopicSpec], timeout_s: float = 30.0) -> list[str]:
@@ -112,7 +117,8 @@ def ensure_topics(admin: AdminClient, specs: list[TopicSpec], timeout_s: float =
     if not missing:
         return []
     futures = admin.create_topics(
-        [NewTopic(s.name, num_partitions=s.partitions, replication_factor=1, config=s.config)
+        [NewTopic(s.name, num_partitions=s.partitions, replication_factor=s.replication_factor,
+                  config=s.config)
          for s in missing],
         operation_timeout=timeout_s,
     )

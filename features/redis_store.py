@@ -23,6 +23,7 @@ from core.events import CatalogProduct, Purchase
 from core.settings import FeatureSettings, RedisSettings, StreamsSettings
 from features import catalog, item, keys, lua, query_item, user
 from features.plan import FeatureEvent, Plan, Record, View, needs, plan
+from features.sentinel import sentinel_client
 from features.speller import Speller
 from features.store import OnRejected, Outcome, Snapshot
 from features.user import UserState
@@ -36,9 +37,10 @@ MAX_ATTEMPTS = 50
 _CONFLICT_BACKOFF = ExponentialBackoff(cap=0.2, base=0.001)
 
 
-def connect(settings: RedisSettings) -> redis.Redis:
+def connect(settings: RedisSettings, replica: bool = False) -> redis.Redis:
     """A client whose commands retry connection errors and timeouts (``settings.retries``), with
-    jitter, so that workers and scorers coming back after an outage do not retry in step."""
+    jitter, so that workers and scorers coming back after an outage do not retry in step. With
+    ``settings.sentinels``, of the primary the Sentinels name (``replica``: of a replica)."""
     retry = Retry(ExponentialWithJitterBackoff(cap=settings.retry_cap_s, base=settings.retry_base_s),
                   settings.retries)
     options: dict[str, Any] = {"socket_timeout": settings.socket_timeout_s, "health_check_interval": 30,
@@ -47,6 +49,8 @@ def connect(settings: RedisSettings) -> redis.Redis:
         options["password"] = settings.password.get_secret_value()
     if settings.url.startswith("rediss://") and settings.tls_ca_certs:
         options["ssl_ca_certs"] = settings.tls_ca_certs
+    if settings.sentinels:
+        return sentinel_client(settings, options, replica)
     return redis.Redis.from_url(settings.url, **options)
 
 

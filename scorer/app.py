@@ -57,7 +57,9 @@ def build_scorer(settings: Settings) -> Scorer:
     if version is None:
         raise RegistryError(f"no model version is serving in {registry}: run `shoprank train` first")
     metrics = ScorerMetrics()
-    store = RedisStore(connect(settings.redis), settings.features, settings.streams)
+    # Reads only: a replica may serve them when the settings allow (replicated Redis).
+    store = RedisStore(connect(settings.redis, replica=settings.redis.read_from_replicas),
+                       settings.features, settings.streams)
     # Products embedded after training (shoprank embedder); swapped-in versions read them too.
     embeddings = EmbeddingSource(store.client, settings.scorer.embeddings_refresh_s)
     model = load_served_model(registry, version, device=settings.scorer.device, embeddings=embeddings)
