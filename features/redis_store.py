@@ -58,6 +58,16 @@ class ConflictError(RuntimeError):
     """A batch kept conflicting with other writers; nothing of it was written."""
 
 
+class StateBehind(RuntimeError):
+    """Redis holds less of a partition than this writer had committed: a failover promoted a
+    replica that lacked the last acknowledged writes. Nothing of the batch was written; ``offsets``
+    holds what Redis has (-1: nothing), from where the writer must replay."""
+
+    def __init__(self, offsets: dict[tuple[str, int], int]) -> None:
+        super().__init__(f"Redis is behind this writer on {sorted(offsets)}")
+        self.offsets = offsets
+
+
 class RedisStore:
     def __init__(
         self,
@@ -84,11 +94,20 @@ class RedisStore:
     def apply(self, event: FeatureEvent) -> Outcome:
         return self.apply_batch([Record(event)])
 
-    def apply_batch(self, records: Sequence[Record], on_rejected: OnRejected | None = None) -> Outcome:
+    def apply_batch(self, records: Sequence[Record], on_rejected: OnRejected | None = None,
+                    floors: dict[tuple[str, int], int] | None = None) -> Outcome:
+        """``floors``: the offset per partition that Redis must hold at least (what the caller
+        committed before); else :class:`StateBehind`. The offsets read are the commit's guards."""
         batch = list(records)
         reported: set[int] = set()
         for attempt in range(MAX_ATTEMPTS):
             view, guards = self._read(batch)
+            if floors:  # the partitions this batch read (the others are checked with theirs)
+                read = {(r.source.topic, r.source.partition) for r in batch if r.source is not None}
+                behind = {tp: view.offsets.get(tp, -1) for tp in read
+                          if view.offsets.get(tp, -1) < floors.get(tp, -1)}
+                if behind:
+                    raise StateBehind(behind)
             p = plan(batch, view, self.config)
             fresh = [r for r in p.rejected if r[0] not in reported]
             if on_rejected is not None and fresh:

@@ -22,6 +22,14 @@ Kafka only after their batch is in Redis, and the partition offsets the commit s
 make any redelivered record a no-op. When partitions are revoked (a worker joins or leaves), the
 queue is drained and the finished offsets are committed before they are handed over; a worker
 killed at any moment leaves Redis with whole batches only.
+
+Redis failover (replicated Redis, Sentinel): replication is asynchronous, so a promoted replica
+may lack the last batches the primary acknowledged, their partition offsets included. The
+worker remembers the highest offset it committed per partition; a commit that reads a lower one
+in Redis (in the same read its guards check) writes nothing and raises StateBehind: the queued
+batches are dropped and every assigned partition is sought back to the offset after the one
+Redis holds, so exactly what the replica lacks is applied again. A worker that starts after such
+a loss resumes from Redis's offset when it is below the group's committed one.
 """
 
 from __future__ import annotations
@@ -35,16 +43,20 @@ from types import FrameType
 from typing import Any
 
 import structlog
-from confluent_kafka import Consumer, KafkaException, Message, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, Message, TopicPartition
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
 
 from core import kafka
 from core.settings import Settings
-from features.redis_store import RedisStore, connect
+from features import keys
+from features.redis_store import RedisStore, StateBehind, connect
 from streams.deadletter import DeadLetterPublisher
 from streams.processor import Decoded, Processor, RawRecord
 
 log = structlog.get_logger(__name__)
 
+_UNAVAILABLE_BACKOFF = ExponentialBackoff(cap=5.0, base=0.025)
 QUEUE_DEPTH = 2  # decoded batches waiting for the applier
 GC_YOUNG_THRESHOLD = 50_000
 CATALOG_CHECK_S = 0.2  # how often a starting worker asks whether the catalog is in
@@ -61,6 +73,7 @@ class BatchWorker:
         self.topics = [t.catalog, t.queries, t.results, t.interactions]
         self.processor = Processor(settings, RedisStore(connect(settings.redis), settings.features, s),
                                    DeadLetterPublisher(settings))
+        self.processor.floors = {}  # a commit finding Redis behind what it wrote: replay (below)
         overrides: dict[str, Any] = {
             "session.timeout.ms": int(s.session_timeout_s * 1000),
             "heartbeat.interval.ms": int(s.session_timeout_s * 1000 / 5),
@@ -83,6 +96,11 @@ class BatchWorker:
         self._catalog_ends: dict[int, int] | None = None  # None once the catalog is in
         self._catalog_checked = self._catalog_logged = 0.0
         self._started = time.monotonic()
+        # Set by the applier when Redis lost acknowledged writes (a failover to a replica that
+        # lacked them): queued batches are dropped, and the consumer thread seeks every partition
+        # back to the offset Redis holds, so exactly what the promoted replica lacks is replayed.
+        self._rewind = threading.Event()
+        self.replays = 0
 
     # --- lifecycle --------------------------------------------------------------------------
 
@@ -104,6 +122,8 @@ class BatchWorker:
         last_commit = time.monotonic()
         try:
             while not self.stopping.is_set():
+                if self._rewind.is_set():
+                    self._replay_from_redis()
                 msgs = self.consumer.consume(self.batch_size, timeout=self.within_s)
                 if msgs:
                     self._enqueue(msgs)
@@ -173,8 +193,15 @@ class BatchWorker:
                     self._queue.task_done()
 
     def _apply(self, batch: Decoded) -> None:
+        if self._rewind.is_set():
+            return  # dropped: read again once the consumer thread has sought back
         try:
             self.processor.commit(batch)
+        except StateBehind as exc:
+            log.warning("redis_behind_replaying",
+                        partitions=[f"{t}[{p}]@{o}" for (t, p), o in exc.offsets.items()])
+            self._rewind.set()
+            return
         except BaseException as exc:  # reported by run(); the worker stops
             log.critical("batch_failed", error=repr(exc), events=len(batch.origins), exc_info=True)
             self.failure = exc
@@ -237,10 +264,48 @@ class BatchWorker:
             # that the commit script recognises and skips.
             log.warning("offset_commit_failed", error=str(exc), partitions=len(offsets))
 
+    def _replay_from_redis(self) -> None:
+        """Seek every assigned partition to the offset after the one Redis holds (its beginning
+        when Redis holds none: nothing of it is there), once the applier dropped what was queued."""
+        self._drain()
+        assigned = sorted(self._assigned)
+        stored = self._stored_offsets(assigned)
+        for (t, p) in assigned:
+            o = stored.get((t, p))
+            self.consumer.seek(TopicPartition(t, p, OFFSET_BEGINNING if o is None else o + 1))
+        with self._lock:
+            self._finished.clear()
+        self.processor.floors = dict(stored)
+        self.replays += 1
+        self._rewind.clear()
+        log.warning("replaying_from_redis", partitions=len(assigned),
+                    offsets={f"{t}[{p}]": o for (t, p), o in stored.items()})
+
+    def _stored_offsets(self, partitions: list[tuple[str, int]]) -> dict[tuple[str, int], int]:
+        """The last offset of each partition whose effect is in Redis (absent: none)."""
+        if not partitions:
+            return {}
+        names = [keys.offset(t, p) for t, p in partitions]
+        # Redis unreachable (a failover under way): wait for it, as the applier does for a batch.
+        raw = Retry(_UNAVAILABLE_BACKOFF, -1).call_with_retry(lambda: self.processor.store.client.mget(names),
+                                                              lambda _exc: None)
+        return {tp: int(v) for tp, v in zip(partitions, raw, strict=True) if v is not None}
+
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         self._assigned.update((p.topic, p.partition) for p in partitions)
+        # Redis holds the truth: resume from the group's committed offset, or after the last
+        # offset Redis holds when that is lower: a failover dropped writes that the Kafka commit
+        # had followed (what Redis holds above the commit is redelivered and skipped, as before).
+        stored = self._stored_offsets([(p.topic, p.partition) for p in partitions])
+        if stored:
+            committed = {(c.topic, c.partition): c.offset
+                         for c in consumer.committed(partitions, timeout=CATALOG_TIMEOUT_S)}
+            for p in partitions:
+                tp = (p.topic, p.partition)
+                if tp in stored and not 0 <= committed.get(tp, -1) <= stored[tp] + 1:
+                    p.offset = stored[tp] + 1
+        consumer.incremental_assign(partitions)
         if self._catalog_ends is not None:  # still loading the catalog: shopper events wait
-            consumer.incremental_assign(partitions)
             waiting = [p for p in partitions if p.topic != self.catalog_topic]
             if waiting:
                 consumer.pause(waiting)
@@ -264,6 +329,8 @@ class BatchWorker:
         with self._lock:
             for tp in partitions:
                 self._finished.pop(tp, None)
+                if self.processor.floors is not None:
+                    self.processor.floors.pop(tp, None)
 
     # --- the catalog first ---------------------------------------------------------------------
 

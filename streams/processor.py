@@ -80,6 +80,10 @@ class Processor:
         self.codecs = codecs(settings)
         self.catalog_topic = settings.topics.catalog
         self.handover = handover
+        # Per partition, the highest offset this processor committed to Redis. When set (the
+        # batch worker), a commit finding Redis below it raises StateBehind instead of writing:
+        # after a failover that dropped acknowledged writes, the worker replays from Redis.
+        self.floors: dict[tuple[str, int], int] | None = None
 
     def decode(self, raws: list[RawRecord]) -> Decoded:
         """Decode and validate. Catalog records go first (each partition keeps its order), so a
@@ -119,6 +123,10 @@ class Processor:
                 self.handover(unknown)
 
             outcome = self._apply_with_retry(batch.records, hand_over)
+            if self.floors is not None:
+                for r in origins:
+                    if r.offset > self.floors.get((r.topic, r.partition), -1):
+                        self.floors[r.topic, r.partition] = r.offset
             _count(origins, outcome)
             _count_unknown(outcome)
         metrics.BATCH_SECONDS.observe(time.perf_counter() - started)
@@ -127,7 +135,7 @@ class Processor:
     def _apply_with_retry(self, records: list[Record], on_rejected: OnRejected) -> Outcome:
         def attempt() -> Outcome:
             conflicts = self.store.conflicts
-            outcome = self.store.apply_batch(records, on_rejected)
+            outcome = self.store.apply_batch(records, on_rejected, self.floors)
             metrics.CONFLICTS.inc(self.store.conflicts - conflicts)
             return outcome
 
