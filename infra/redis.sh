@@ -41,8 +41,13 @@ start() {
     --auto-aof-rewrite-min-size 1gb \
     --daemonize yes --pidfile "$PIDFILE" --logfile "$DATA/redis.log") \
     || die "redis-server failed to start; see $DATA/redis.log"
-  for _ in $(seq 1 50); do ping && { echo "redis: ready on $REDIS_HOST:$REDIS_PORT (AOF in $DATA)"; return 0; }; sleep 0.2; done
-  die "no answer on $REDIS_HOST:$REDIS_PORT after 10 s; last lines of $DATA/redis.log:
+  # Loading a large AOF takes a while (14 s for a few hundred MB here): wait while it runs.
+  for _ in $(seq 1 600); do
+    ping && { echo "redis: ready on $REDIS_HOST:$REDIS_PORT (AOF in $DATA)"; return 0; }
+    running || break
+    sleep 0.2
+  done
+  die "no answer on $REDIS_HOST:$REDIS_PORT; last lines of $DATA/redis.log:
 $(tail -5 "$DATA/redis.log" 2>/dev/null)"
 }
 
