@@ -172,6 +172,9 @@ class FeatureSettings(BaseSettings):
     spelling_min_clicks: int = Field(default=3, ge=0)
     # How often a scorer reloads that dictionary from Redis (the trainer's is always current).
     spelling_refresh_s: float = Field(default=60.0, gt=0)
+    # A shopper's session ends after this long without a search (features.session; 30 min is the
+    # web-analytics convention).
+    session_gap_s: float = Field(default=1800.0, gt=0)
 
 
 class JoinerSettings(BaseSettings):

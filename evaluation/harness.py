@@ -48,9 +48,13 @@ class Result:
 
 
 def evaluate_bestbuy(
-    ranker: Ranker, split: BestBuySplit, *, batch_size: int | None = None, seed: int = 0
+    ranker: Ranker, split: BestBuySplit, *, batch_size: int | None = None, seed: int = 0,
+    on_batch: Callable[[int, Sequence[SearchRow], np.ndarray], None] | None = None,
 ) -> Result:
-    """Fit ``ranker`` on the split's training clicks and score every test click (misses included)."""
+    """Fit ``ranker`` on the split's training clicks and score every test click (misses included).
+
+    ``on_batch(first_row, rows, scores)`` sees each batch's scores right after they were computed
+    (before the batch's clicks are observed): per-row analyses (evaluation.personal) read them."""
     started = time.monotonic()
     candidates = list(split.catalog.values())
     column = {c.product_id: i for i, c in enumerate(candidates)}
@@ -61,6 +65,8 @@ def evaluate_bestbuy(
         pending.release(ranker, until=_time(batch[0].query_time))
         scores = ranker.score([r.as_query() for r in batch], candidates)
         scores = _checked(scores, len(batch), len(candidates))
+        if on_batch is not None:
+            on_batch(first, batch, scores)
         values.append(metrics.per_query(scores, _one_hot(batch, column), seed=seed, first_row=first))
         pending.extend(batch)
     result = Result(
