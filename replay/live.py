@@ -201,6 +201,7 @@ class LiveReplay:
             stats.last = e.timestamp
         if step_q or step_c:
             self._step(step_q, step_c, clicked, stats)
+            bar.set_postfix(answered=stats.answered, event_time=stats.last and stats.last.isoformat())
             bar.update(len(step_q))
             if on_step is not None:
                 on_step(stats)
