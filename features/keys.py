@@ -10,10 +10,11 @@ key                    value                                                  ex
 ``cp``                 hash ``n:{category}`` / ``c:{category}``: products,     none
                        summed price in cents (typical price = c / n / 100)
 ``i:{product}``        10 little-endian doubles, :mod:`features.item`          none
-``qi:{product}:{q}``   6 doubles, :mod:`features.query_item` (q = normalized   query_item_ttl_s
-                       query text, or ``_{word}`` for one of its words; never
-                       holds ``:``)
-``qc:{q}``             6 doubles, the query's (or word's) totals               query_item_ttl_s
+``qh:{q}``             hash: product id -> 6 doubles (features.query_item),   query_item_ttl_s
+                       what followed query q for that product, and field      after the hash's
+                       ``""`` -> the query's totals (q = normalized query     last write (per
+                       text, or ``_{word}`` for one of its words): a query's  query, not per
+                       evidence for all candidates in one HMGET               product)
 ``qv``                 sorted set: query word -> clicks that followed it      none
                        (:mod:`features.speller`'s dictionary)
 ``qt:{bucket}``        hash query_id -> stored text (key and words), for      1-2 x query_text_ttl_s
@@ -58,8 +59,8 @@ PRODUCT: Final = "p:"
 PRODUCT_DOC: Final = "pd:"
 CATEGORY_PRICES: Final = "cp"
 ITEM: Final = "i:"
-QUERY_ITEM: Final = "qi:"
-QUERY_TOTAL: Final = "qc:"
+QUERY_EVIDENCE: Final = "qh:"
+QUERY_TOTAL_FIELD: Final = ""  # the field of a ``qh:`` hash that holds the query's totals
 QUERY_WORDS: Final = "qv"
 QUERY_TEXT: Final = "qt:"
 QUERY_PENDING: Final = "qp:"
@@ -74,9 +75,13 @@ TRAINER_LEASE: Final = "lease:trainer"
 
 JOIN: Final = "j{"
 
+#: Prefixes of layouts no longer written: ``qi:{product}:{q}`` and ``qc:{q}``, one key per query
+#: and product and one per query, before ``qh:{q}`` held both. ``rebuild`` clears them too.
+RETIRED: Final = ("qi:", "qc:")
+
 #: Everything ``rebuild`` clears (tombstones survive: a forgotten shopper stays forgotten).
-REBUILT: Final = (USER, PRODUCT, PRODUCT_DOC, ITEM, QUERY_ITEM, QUERY_TOTAL, QUERY_TEXT,
-                  QUERY_PENDING, APPLIED, OFFSET)
+REBUILT: Final = (USER, PRODUCT, PRODUCT_DOC, ITEM, QUERY_EVIDENCE, QUERY_TEXT, QUERY_PENDING, APPLIED,
+                  OFFSET, *RETIRED)
 
 
 def user(user_id: str) -> str:
@@ -99,12 +104,13 @@ def item(product_id: str) -> str:
     return ITEM + product_id
 
 
-def query_item(text: str, product_id: str) -> str:
-    return f"{QUERY_ITEM}{product_id}:{text}"
-
-
-def query_total(text: str) -> str:
-    return QUERY_TOTAL + text
+def query_evidence(text: str) -> str:
+    """The hash of what followed query (or ``_{word}``) ``text``: one field per product, and
+    :data:`QUERY_TOTAL_FIELD`. One expiry per query: Redis 7.0 has no expiry per hash field
+    (HEXPIRE came in 7.4), so a product's evidence lives as long as its query keeps being
+    followed by clicks; it decays to nothing meanwhile, and a query's hash holds at most the
+    products that query ever led to."""
+    return QUERY_EVIDENCE + text
 
 
 def query_texts(bucket: int) -> str:

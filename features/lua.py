@@ -13,7 +13,8 @@ worker killed at any moment leaves either all of a batch or none of it.
 node, not a cluster.
 
 Cost is dominated by the number of ``redis.call``s, so statistics are read with MGET and written
-with MSET in chunks, markers and query texts go to one hash per time bucket, and the many small
+with MSET in chunks, a query's evidence with one HMGET and one HSET per query text (and word),
+markers and query texts go to one hash per time bucket, and the many small
 records (item and query operations, markers, guards) travel as newline-separated text (ids never
 hold whitespace; a stored query text holds single spaces only).
 
@@ -181,27 +182,61 @@ for _, c in ipairs(clicks) do
     redis.call('PEXPIRE', pk, pending_ttl)
   end
 end
+-- Query evidence: one hash per query text (and per "_word"), a field per product and the field
+-- '${TOTAL}' for the query's totals; loaded with one HMGET per hash, written back with HSET.
+local h_states, h_fields, h_order = {}, {}, {}
+local function hwant(h, f)
+  local fs = h_fields[h]
+  if fs == nil then
+    fs = {}
+    h_fields[h] = fs
+    h_states[h] = {}
+    h_order[#h_order + 1] = h
+  end
+  if h_states[h][f] == nil then
+    h_states[h][f] = false  -- loaded below
+    fs[#fs + 1] = f
+  end
+end
+local function decode6(raw)
+  local s = {0, 0, 0, 0, 0, 0}
+  local stored = raw and math.min(6, math.floor(#raw / 8)) or 0  -- older, shorter layouts
+  if stored > 0 then
+    local v = {struct.unpack('<' .. string.rep('d', stored), raw)}
+    for j = 1, stored do s[j] = v[j] end
+  end
+  return s
+end
+local function hload_all()
+  for _, h in ipairs(h_order) do
+    local fs, st = h_fields[h], h_states[h]
+    for i = 1, #fs, CHUNK do
+      local part = redis.call('HMGET', h, unpack(fs, i, math.min(i + CHUNK - 1, #fs)))
+      for j = 1, #part do st[fs[i + j - 1]] = decode6(part[j]) end
+    end
+  end
+end
 -- A stored text is "key word word ...": the interaction counts under the key and each "_word"
--- (features.query_item.evidence_keys).
+-- (features.query_item.evidence_keys), for the product and in the query's totals.
 local function qi_keys(list)
   for _, e in ipairs(list) do
-    local ks, ws, prefix = {}, {}, ''
+    local hs, ws, prefix = {}, {}, ''
     for part in string.gmatch(e[1], '%S+') do
-      local qi, qc = '${QUERY_ITEM}' .. e[2] .. ':' .. prefix .. part, '${QUERY_TOTAL}' .. prefix .. part
-      want(qi, 6)
-      want(qc, 6)
-      ks[#ks + 1] = qi
-      ks[#ks + 1] = qc
+      local h = '${QUERY_EVIDENCE}' .. prefix .. part
+      hwant(h, e[2])
+      hwant(h, '${TOTAL}')
+      hs[#hs + 1] = h
       if prefix ~= '' then ws[#ws + 1] = part end
       prefix = '${WORD}'
     end
-    e[5] = ks
+    e[5] = hs
     e[6] = ws
   end
 end
 qi_keys(waiting)
 qi_keys(joined)
 load_all()
+hload_all()
 
 -- 4. apply: product statistics, then query texts (releasing waiting clicks), then the clicks
 for _, op in ipairs(items) do
@@ -229,9 +264,11 @@ end
 local word_clicks = {}
 for _, list in ipairs({waiting, joined}) do
   for _, e in ipairs(list) do
-    for _, k in ipairs(e[5]) do
-      bump(states[k], 3, e[3], e[4], h_query)
-      if e[3] == 1 then bump(states[k], 1, 1, e[4], h_burst, 5) end  -- clicks, short half-life
+    for _, h in ipairs(e[5]) do
+      for _, s in ipairs({h_states[h][e[2]], h_states[h]['${TOTAL}']}) do
+        bump(s, 3, e[3], e[4], h_query)
+        if e[3] == 1 then bump(s, 1, 1, e[4], h_burst, 5) end  -- clicks, short half-life
+      end
     end
     if e[3] == 1 then
       for _, w in ipairs(e[6]) do word_clicks[w] = (word_clicks[w] or 0) + 1 end
@@ -243,16 +280,22 @@ for w, n in pairs(word_clicks) do redis.call('ZINCRBY', '${QUERY_WORDS}', n, w) 
 -- 5. write statistics back
 local mset = {}
 for _, k in ipairs(order) do
-  local packed = struct.pack('<' .. string.rep('d', sizes[k]), unpack(states[k], 1, sizes[k]))
-  if sizes[k] == 10 then
-    mset[#mset + 1] = k
-    mset[#mset + 1] = packed
-  else
-    redis.call('SET', k, packed, 'PX', qi_ttl)
-  end
+  mset[#mset + 1] = k
+  mset[#mset + 1] = struct.pack('<' .. string.rep('d', sizes[k]), unpack(states[k], 1, sizes[k]))
 end
 for i = 1, #mset, 2 * CHUNK do
   redis.call('MSET', unpack(mset, i, math.min(i + 2 * CHUNK - 1, #mset)))
+end
+for _, h in ipairs(h_order) do
+  local fv, st = {}, h_states[h]
+  for _, f in ipairs(h_fields[h]) do
+    fv[#fv + 1] = f
+    fv[#fv + 1] = struct.pack('<dddddd', unpack(st[f], 1, 6))
+  end
+  for i = 1, #fv, 2 * CHUNK do
+    redis.call('HSET', h, unpack(fv, i, math.min(i + 2 * CHUNK - 1, #fv)))
+  end
+  redis.call('PEXPIRE', h, qi_ttl)  -- the query's expiry (features.keys.query_evidence)
 end
 
 -- 6. "applied" markers (one hash per time bucket), partition offsets, counters
@@ -278,8 +321,8 @@ ETAG = 12
 COMMIT = _SOURCE.substitute(
     ETAG=ETAG,
     CATEGORY_PRICES=keys.CATEGORY_PRICES,
-    QUERY_ITEM=keys.QUERY_ITEM,
-    QUERY_TOTAL=keys.QUERY_TOTAL,
+    QUERY_EVIDENCE=keys.QUERY_EVIDENCE,
+    TOTAL=keys.QUERY_TOTAL_FIELD,
     QUERY_WORDS=keys.QUERY_WORDS,
     ITEM=keys.ITEM,
     QUERY_PENDING=keys.QUERY_PENDING,

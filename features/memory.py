@@ -7,7 +7,7 @@ here (the shopper TTL is applied in event time by the update rules and the read 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 from core.events import CatalogProduct
 from core.settings import FeatureSettings
@@ -15,7 +15,7 @@ from features import catalog, item, query_item
 from features.catalog import ProductAttrs
 from features.plan import FeatureEvent, Plan, Record, View, categories_needed, needs, plan
 from features.speller import Speller
-from features.store import OnRejected, Outcome, Snapshot
+from features.store import OnRejected, Outcome, Rows, Snapshot
 from features.user import UserState
 
 
@@ -105,17 +105,17 @@ class MemoryStore:
     # --- reading ----------------------------------------------------------------------------
 
     def snapshot(
-        self, users: Iterable[str], products: Iterable[str], pairs: Iterable[tuple[str, str]]
+        self, users: Iterable[str], products: Sequence[str], evidence: Mapping[str, Sequence[str]]
     ) -> Snapshot:
-        pids = set(products)
-        pair_set = set(pairs)
-        texts = {text for text, _ in pair_set}
+        pids = list(dict.fromkeys(products))
+        qi, empty = self._query_items, query_item.EMPTY
+        evidence = dict(evidence)  # tests pass [] for none
         return Snapshot(
             users={u: self._users[u] for u in set(users) if u in self._users},
             products={p: self._products[p] for p in pids if p in self._products},
-            items={p: self._items[p] for p in pids if p in self._items},
-            query_items={k: self._query_items[k] for k in pair_set if k in self._query_items},
-            query_totals={t: self._query_totals[t] for t in texts if t in self._query_totals},
+            item_rows=Rows.of(pids, [self._items.get(p) for p in pids], item.EMPTY),
+            evidence={t: Rows.of(ps, [qi.get((t, p)) for p in ps], empty) for t, ps in evidence.items()},
+            query_totals={t: self._query_totals[t] for t in evidence if t in self._query_totals},
             category_prices=dict(self._prices),
         )
 

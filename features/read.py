@@ -104,13 +104,17 @@ def read_batch(store: FeatureStore, requests: Sequence[Request], now: float) -> 
     """Features for many requests from one snapshot (one Redis round trip)."""
     speller = store.speller()
     respelled = [speller.respell_all(r.words) if r.query else r.words for r in requests]
-    pairs = {(text, pid) for r, rs in zip(requests, respelled, strict=True)
-             for text in _evidence_keys(r, rs) for pid in r.candidates}
-    snap = store.snapshot(
-        (r.user_id for r in requests), (pid for r in requests for pid in r.candidates), pairs
-    )
-    items = _ItemRows(list(dict.fromkeys(pid for r in requests for pid in r.candidates)), snap, now,
-                      store.config)
+    evidence: dict[str, Sequence[str]] = {}  # text -> the candidates its evidence is read for
+    for r, rs in zip(requests, respelled, strict=True):
+        for text in _evidence_keys(r, rs):
+            known = evidence.get(text)
+            if known is None:
+                evidence[text] = r.candidates
+            elif known is not r.candidates:  # two requests of the batch share the text
+                evidence[text] = list(dict.fromkeys([*known, *r.candidates]))
+    products = list(dict.fromkeys(pid for r in requests for pid in r.candidates))
+    snap = store.snapshot((r.user_id for r in requests), products, evidence)
+    items = _ItemRows(products, snap, now, store.config)
     return [_featurize(r, rs, snap, now, store.config, items)
             for r, rs in zip(requests, respelled, strict=True)]
 
@@ -132,12 +136,19 @@ class _ItemRows:
     most of their candidates, and the item columns depend only on the product and ``now``."""
 
     def __init__(self, products: list[str], snap: Snapshot, now: float, cfg: FeatureSettings) -> None:
-        self.index = {pid: i for i, pid in enumerate(products)}
+        self.products = products
         self.rows = _item_columns(products, snap, now, cfg)
+        self._index: dict[str, int] | None = None
 
     def block(self, candidates: Sequence[str]) -> np.ndarray:
         """The item columns (``ITEM_COLUMNS`` order) of ``candidates``, one row each."""
-        return self.rows[[self.index[pid] for pid in candidates]]
+        if len(candidates) == len(self.products) and list(candidates) == self.products:
+            return self.rows  # one request in the batch (or all with the same candidates)
+        if self._index is None:
+            self._index = {pid: i for i, pid in enumerate(self.products)}
+        index = self._index
+        rows = np.fromiter((index[pid] for pid in candidates), dtype=np.intp, count=len(candidates))
+        return self.rows[rows]
 
 
 def _featurize(req: Request, respelled: Sequence[str], snap: Snapshot, now: float, cfg: FeatureSettings,
@@ -159,11 +170,10 @@ def _featurize(req: Request, respelled: Sequence[str], snap: Snapshot, now: floa
         out[:, INDEX["query_clicks_log"]] = math.log1p(q_clicks)
     if state is not None:
         _user_item_columns(out, req.candidates, state, snap, interest)
-    if key:
-        for row, pid in enumerate(req.candidates):
-            st = snap.query_items.get((key, pid))
-            if st is not None:
-                _query_columns(out[row], st, q_clicks, q_burst, now, cfg)
+    if key and key in snap.evidence:
+        st, there = snap.evidence[key].take(req.candidates)
+        if there.any():
+            _query_columns(out, st, there, q_clicks, q_burst, now, cfg)
     if req.query and req.words:
         _word_columns(out, req, respelled, snap, now, cfg)
     if req.positions is not None:
@@ -215,8 +225,7 @@ def _item_columns(products: Sequence[str], snap: Snapshot, now: float, cfg: Feat
     """The item columns of ``products``: float32 [len(products), len(ITEM_COLUMNS)], computed as
     arrays (this runs for every distinct candidate of every batch)."""
     n = len(products)
-    st = np.array([snap.items.get(pid, item.EMPTY) for pid in products], dtype=np.float64)
-    st = st.reshape(n, item.SIZE)
+    st, _ = snap.item_rows.take(products)  # zeros, item.EMPTY, where a product has none
     attrs = [snap.products.get(pid) for pid in products]
     known = np.array([a is not None for a in attrs], dtype=bool)  # the rest read 0 (``where`` below)
     first_seen = np.array([a.first_seen if a is not None else now for a in attrs], dtype=np.float64)
@@ -261,20 +270,33 @@ def _burst(st: tuple[float, ...] | None, now: float, cfg: FeatureSettings) -> fl
 
 
 def _query_columns(
-    row: np.ndarray, st: tuple[float, ...], q_clicks: float, q_burst: float, now: float,
+    out: np.ndarray, st: np.ndarray, there: np.ndarray, q_clicks: float, q_burst: float, now: float,
     cfg: FeatureSettings,
 ) -> None:
-    h, t_ref = cfg.query_half_life_s, st[query_item.T]
-    clicks = _clicks(st, now, cfg)
-    row[INDEX["query_item_clicks_log"]] = math.log1p(clicks)
-    purchases = decay.value_at(st[query_item.PURCHASES], t_ref, now, h)
-    row[INDEX["query_item_purchases_log"]] = math.log1p(purchases)
-    row[INDEX["query_item_click_share"]] = clicks / q_clicks if q_clicks > 0 else 0.0
-    # t_ref of a pair is its latest event: with a half-life long enough to remember rare queries,
-    # this says whether the query still leads to the product (a game replaced by its sequel).
-    row[INDEX["query_item_idle_hours_log"]] = math.log1p(max(0.0, now - t_ref) / 3600.0)
+    """The query-and-candidate columns of the candidates the query led to (``there``), from their
+    states ``st`` [n, query_item.SIZE]; the others keep zeros."""
+    h, t_ref = cfg.query_half_life_s, st[:, query_item.T]
+    clicks = _decayed(st[:, query_item.CLICKS], t_ref, now, h)
+    purchases = _decayed(st[:, query_item.PURCHASES], t_ref, now, h)
+    columns = {
+        "query_item_clicks_log": np.log1p(clicks),
+        "query_item_purchases_log": np.log1p(purchases),
+        "query_item_click_share": clicks / q_clicks if q_clicks > 0 else np.zeros_like(clicks),
+        # t_ref of a pair is its latest event: with a half-life long enough to remember rare queries,
+        # this says whether the query still leads to the product (a game replaced by its sequel).
+        "query_item_idle_hours_log": np.log1p(np.maximum(0.0, now - t_ref) / 3600.0),
+    }
     if q_burst > 0:
-        row[INDEX["query_item_burst_share"]] = _burst(st, now, cfg) / q_burst
+        burst = _decayed(st[:, query_item.BURST_CLICKS], st[:, query_item.T_BURST], now,
+                         cfg.query_burst_half_life_s)
+        columns["query_item_burst_share"] = burst / q_burst
+    for name, values in columns.items():
+        out[:, INDEX[name]] = np.where(there, values, 0.0)
+
+
+def _decayed(values: np.ndarray, t_ref: np.ndarray, now: float, half_life: float) -> np.ndarray:
+    """:func:`features.decay.value_at` element by element."""
+    return values * 2.0 ** (-np.maximum(now - t_ref, 0.0) / half_life)
 
 
 def _word_columns(out: np.ndarray, req: Request, respelled: Sequence[str], snap: Snapshot, now: float,
@@ -286,12 +308,12 @@ def _word_columns(out: np.ndarray, req: Request, respelled: Sequence[str], snap:
         if total <= 0 and fixed != word:  # no click followed the word as typed: its respelling's
             key = query_item.word_key(fixed)
             total = _clicks(snap.query_totals.get(key), now, cfg)
-        if total <= 0:
+        if total <= 0 or key not in snap.evidence:
             continue
-        for j, pid in enumerate(req.candidates):
-            st = snap.query_items.get((key, pid))
-            if st is not None:
-                shares[i, j] = _clicks(st, now, cfg) / total
+        st, there = snap.evidence[key].take(req.candidates)
+        if there.any():
+            clicks = _decayed(st[:, query_item.CLICKS], st[:, query_item.T], now, cfg.query_half_life_s)
+            shares[i] = np.where(there, clicks / total, 0.0)
     out[:, INDEX["query_word_share_mean"]] = shares.mean(axis=0)
     out[:, INDEX["query_word_share_min"]] = shares.min(axis=0)
     out[:, INDEX["query_word_share_max"]] = shares.max(axis=0)

@@ -11,9 +11,10 @@ from __future__ import annotations
 import itertools
 import os
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import redis
 import structlog
 from redis.backoff import ExponentialBackoff, ExponentialWithJitterBackoff
@@ -25,13 +26,18 @@ from features import catalog, item, keys, lua, query_item, user
 from features.plan import FeatureEvent, Plan, Record, View, needs, plan
 from features.sentinel import sentinel_client
 from features.speller import Speller
-from features.store import OnRejected, Outcome, Snapshot
+from features.store import OnRejected, Outcome, Rows, Snapshot
 from features.user import UserState
 
 log = structlog.get_logger(__name__)
 
 ETAG = lua.ETAG
 MAX_ATTEMPTS = 50
+# A query's evidence hash is read whole when it holds at most this many products (it most often
+# holds fewer than the candidates asked); larger ones, for the candidates only.
+WHOLE_HASH_MAX = 1000
+MAX_LARGE_HASHES = 100_000  # texts remembered as large; past that, the rest are read whole
+_TOTAL_FIELD = keys.QUERY_TOTAL_FIELD.encode()
 # A conflicting batch (another writer, optimistic concurrency: not a connection error, so not the
 # client's Retry) is re-read and re-planned after 2 ms, 4 ms, ... up to 0.2 s.
 _CONFLICT_BACKOFF = ExponentialBackoff(cap=0.2, base=0.001)
@@ -79,6 +85,9 @@ class RedisStore:
         self.config = config  # no default: the scorer and the trainer must read with the same rules
         self.streams = streams or StreamsSettings()
         self._commit_script = client.register_script(lua.COMMIT)
+        # Query texts whose evidence hash is too large to read whole (see ``snapshot``); a set:
+        # the scorer reads on two threads, and adding to a set is atomic.
+        self._large_hashes: set[str] = set()
         self._etag_prefix = os.urandom(3).hex().encode()
         self._etag_counter = itertools.count()  # next() on it is atomic: agents share the store
         self.conflicts = 0
@@ -251,45 +260,50 @@ class RedisStore:
     # --- reading ----------------------------------------------------------------------------
 
     def snapshot(
-        self, users: Iterable[str], products: Iterable[str], pairs: Iterable[tuple[str, str]]
+        self, users: Iterable[str], products: Sequence[str], evidence: Mapping[str, Sequence[str]]
     ) -> Snapshot:
-        # Any order will do for MGET; sorting 3,000 pairs cost about 1 ms a batch of 8 queries.
-        u_ids, p_ids, qi_pairs = list(set(users)), list(set(products)), list(set(pairs))
-        texts = sorted({text for text, _ in qi_pairs})
-        key_lists = [
-            [keys.user(u) for u in u_ids],
-            [keys.product(p) for p in p_ids],
-            [keys.item(p) for p in p_ids],
-            [keys.query_item(t, p) for t, p in qi_pairs],
-            [keys.query_total(t) for t in texts],
-        ]
+        """One pipeline: the shoppers, the products' attributes and statistics (MGET), each query
+        text's evidence hash whole (HGETALL: it holds only the products the query led to, most
+        often fewer than the candidates; a hash found larger than :data:`WHOLE_HASH_MAX` is read
+        for the candidates only, HMGET, from then on), the category prices."""
+        u_ids, p_ids = list(set(users)), list(dict.fromkeys(products))
+        evidence = dict(evidence)  # tests pass [] for none
+        large = self._large_hashes
         with self.client.pipeline(transaction=False) as pipe:
-            for ks in key_lists:
-                if ks:
-                    pipe.mget(ks)
+            if u_ids:
+                pipe.mget([keys.user(u) for u in u_ids])
+            if p_ids:
+                pipe.mget([keys.product(p) for p in p_ids] + [keys.item(p) for p in p_ids])
+            for text, pids in evidence.items():
+                if text in large:
+                    pipe.hmget(keys.query_evidence(text), [keys.QUERY_TOTAL_FIELD, *pids])
+                else:
+                    pipe.hgetall(keys.query_evidence(text))
             pipe.hgetall(keys.CATEGORY_PRICES)
             replies = iter(pipe.execute())
-        raw_users, raw_products, raw_items, raw_qi, raw_qc = (
-            next(replies) if ks else [] for ks in key_lists
-        )
-        raw_prices = next(replies)
+        raw_users = next(replies) if u_ids else []
+        raw_products = next(replies) if p_ids else []
         snap = Snapshot()
-        for u, raw in zip(u_ids, raw_users, strict=False):
+        for u, raw in zip(u_ids, raw_users, strict=True):
             if raw:
                 snap.users[u] = user.decode(raw[ETAG:])
-        for p, raw in zip(p_ids, raw_products, strict=False):
+        for p, raw in zip(p_ids, raw_products, strict=False):  # then the items
             if raw:
                 snap.products[p] = catalog.decode(raw[ETAG:])
-        for p, raw in zip(p_ids, raw_items, strict=False):
-            if raw:
-                snap.items[p] = item.decode(raw)
-        for pair, raw in zip(qi_pairs, raw_qi, strict=False):
-            if raw:
-                snap.query_items[pair] = query_item.decode(raw)
-        for t, raw in zip(texts, raw_qc, strict=False):
-            if raw:
-                snap.query_totals[t] = query_item.decode(raw)
-        snap.category_prices = _category_prices(raw_prices)
+        snap.item_rows = _rows(p_ids, raw_products[len(p_ids):], item.SIZE)
+        for text, pids in evidence.items():
+            reply = next(replies)
+            if isinstance(reply, dict):  # the whole hash
+                if len(reply) > WHOLE_HASH_MAX and len(large) < MAX_LARGE_HASHES:
+                    large.add(text)
+                found = [reply.get(p.encode()) for p in pids]
+                totals = reply.get(_TOTAL_FIELD)
+            else:
+                totals, found = reply[0], reply[1:]
+            if totals is not None:
+                snap.query_totals[text] = query_item.decode(totals)
+            snap.evidence[text] = _rows(pids, found, query_item.SIZE)
+        snap.category_prices = _category_prices(next(replies))
         return snap
 
     def speller(self) -> Speller:
@@ -323,6 +337,15 @@ class RedisStore:
 
     def item(self, product_id: str) -> tuple[float, ...]:
         return item.decode(self.client.get(keys.item(product_id)))
+
+
+def _rows(ids: Sequence[str], raw: Sequence[bytes | None], size: int) -> Rows:
+    """Fixed-layout values as :class:`Rows`, decoded with one numpy call; a value of an older,
+    shorter layout (fewer doubles) reads its missing ones as zeros, as one-by-one decoding did."""
+    width, zero = 8 * size, bytes(8 * size)
+    blob = b"".join([zero if v is None else (v if len(v) == width else (v + zero)[:width]) for v in raw])
+    states = np.frombuffer(blob, "<f8").reshape(len(ids), size)
+    return Rows(ids, states, np.array([v is not None for v in raw], dtype=bool))
 
 
 def _category_prices(raw: dict[bytes, bytes]) -> dict[str, tuple[int, int]]:

@@ -3,12 +3,15 @@ implement it and pass one shared test suite, so training and serving see the sam
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
+import numpy as np
+
 from core.events import CatalogProduct
 from core.settings import FeatureSettings
+from features import item
 from features.catalog import ProductAttrs
 from features.plan import FeatureEvent, Record
 from features.speller import Speller
@@ -30,16 +33,55 @@ class Outcome:
     unknown_impressions: list[tuple[str, list[str]]] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class Rows:
+    """Fixed-layout states of some ids, one row each, as the read path computes on them: ``ids[i]``
+    has ``states[i]`` (float64, zeros when it has none) and ``present[i]`` says whether it had one."""
+
+    ids: Sequence[str]
+    states: np.ndarray  # float64 [len(ids), layout size]
+    present: np.ndarray  # bool [len(ids)]
+
+    @classmethod
+    def of(cls, ids: Sequence[str], found: Sequence[tuple[float, ...] | None],
+           empty: tuple[float, ...]) -> Rows:
+        """From each id's state or None (the memory store)."""
+        states = np.array([empty if st is None else st for st in found], dtype=np.float64)
+        states = states.reshape(len(ids), len(empty))
+        return cls(ids, states, np.array([st is not None for st in found], dtype=bool))
+
+    def take(self, ids: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """The states and presence of ``ids`` (each one of ``self.ids``), in that order."""
+        if ids is self.ids or list(ids) == list(self.ids):
+            return self.states, self.present
+        index = {pid: i for i, pid in enumerate(self.ids)}
+        rows = np.fromiter((index[pid] for pid in ids), dtype=np.intp, count=len(ids))
+        return self.states[rows], self.present[rows]
+
+    def as_dict(self) -> dict[str, tuple[float, ...]]:
+        rows = zip(self.ids, self.states.tolist(), self.present.tolist(), strict=True)
+        return {i: tuple(st) for i, st, there in rows if there}
+
+
 @dataclass
 class Snapshot:
-    """Raw stored states the read path turns into features (absent keys missing)."""
+    """Raw stored states the read path turns into features (absent keys missing).
+
+    ``item_rows``: the products' statistics (:mod:`features.item`) in the order asked;
+    ``evidence``: per query text (or word key), what followed it (:mod:`features.query_item`) for
+    the products asked with it; ``query_totals``: the totals of the texts that have them."""
 
     users: dict[str, UserState] = field(default_factory=dict)
     products: dict[str, ProductAttrs] = field(default_factory=dict)
-    items: dict[str, tuple[float, ...]] = field(default_factory=dict)
-    query_items: dict[tuple[str, str], tuple[float, ...]] = field(default_factory=dict)
+    item_rows: Rows = field(default_factory=lambda: Rows((), np.zeros((0, item.SIZE)), np.zeros(0, bool)))
+    evidence: dict[str, Rows] = field(default_factory=dict)
     query_totals: dict[str, tuple[float, ...]] = field(default_factory=dict)
     category_prices: dict[str, tuple[int, int]] = field(default_factory=dict)
+
+    @property
+    def items(self) -> dict[str, tuple[float, ...]]:
+        """The statistics of the products asked that have some (tests, audits)."""
+        return self.item_rows.as_dict()
 
 
 class FeatureStore(Protocol):
@@ -59,10 +101,11 @@ class FeatureStore(Protocol):
         ...
 
     def snapshot(
-        self, users: Iterable[str], products: Iterable[str], pairs: Iterable[tuple[str, str]]
+        self, users: Iterable[str], products: Sequence[str], evidence: Mapping[str, Sequence[str]]
     ) -> Snapshot:
-        """Everything the read path needs for these shoppers, products and (query text, product)
-        pairs, in one round trip."""
+        """Everything the read path needs for these shoppers and products (distinct, in this
+        order: ``Snapshot.item_rows``), and for each query text (or word key) of ``evidence`` what
+        followed it for the products given with it, in one round trip."""
         ...
 
     def speller(self) -> Speller:
