@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: help venv up down status topics demo test lint eval bench-streams bench-scorer bench-scorer-gpu bench-trainer bench-swap loop-eval clean-data up-cluster down-cluster status-cluster test-cluster bench-chaos
+.PHONY: help venv up down status topics demo test lint eval bench-streams bench-scorer bench-scorer-gpu bench-trainer bench-swap loop-eval bench-personal clean-data up-cluster down-cluster status-cluster test-cluster bench-chaos
 
 help:
 	@echo "make demo    set up everything, start Kafka and Redis, replay the Best Buy data, show results"
@@ -125,6 +125,14 @@ bench-trainer: up
 loop-eval: up
 	$(BIN)/shoprank train --if-missing --no-announce --quiet
 	$(BIN)/python -m bench.loop $(BENCH_ARGS)
+
+# Personalization (issue 18): Best Buy's returning-shopper and in-session slices with vs without
+# shopper features (models trained once into var/personal/registry, cached walks), then the
+# SIMULATION of shoppers through an engine of its own -> bench/results/personalization.json and
+# simulation.json. Both hold the benchmarks' lock. Quick sim: SIM_ARGS="--shoppers 40 --days 2".
+bench-personal: up
+	flock -o /tmp/shoprank-heavy.lock $(BIN)/python -m bench.personal real
+	flock -o /tmp/shoprank-heavy.lock $(BIN)/python -m bench.personal sim $(SIM_ARGS)
 
 # The model path on a lent GPU machine (stage 1 CPU vs CUDA fp16, cross-encoder re-rank of the
 # top 100). This prepares var/gpu-bundle here; then, with the device tool (one call, ~3 minutes):

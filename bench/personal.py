@@ -26,7 +26,10 @@ WORK = ROOT / "var" / "personal"
 def cmd_real(args: argparse.Namespace, settings: Settings) -> int:
     from evaluation.personal import run
 
-    report = run(settings, args.output, args.work, retrain=args.retrain)
+    report = run(settings, args.output, args.work, retrain=args.retrain,
+                 only_nonpersonal=args.only_nonpersonal)
+    if args.only_nonpersonal:
+        return 0
     print(json.dumps({k: report[k] for k in ("bestbuy_returning_delta", "bestbuy_returning_ci95",
                                              "bestbuy_returning_searches")}, indent=1))
     print(f"wrote {args.output}")
@@ -41,6 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     real.add_argument("--work", type=Path, default=WORK,
                       help="cached walks and the registry of the trained versions (default var/personal)")
     real.add_argument("--retrain", action="store_true", help="train again even when a walk is cached")
+    real.add_argument("--only-nonpersonal", action="store_true",
+                      help="only train and walk the model without shopper features (cached for the report)")
     real.set_defaults(func=cmd_real)
     try:
         from sim.cli import register  # the simulator's subcommand, when present

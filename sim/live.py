@@ -119,6 +119,13 @@ class LiveConfig:
     cycle_days: int = 0  # a trainer cycle every N simulated days (0: the versions never change)
     port: int = 8196
     keep_topics: bool = False
+    # The simulation's labeled lists are few: a cycle starts with this many new ones (the product's
+    # default, 2,000, would never be reached by a run of a few thousand searches) and holds out
+    # this many for the gate.
+    trainer_min_lists: int = 300
+    trainer_holdout: int = 150
+    work: Path = WORK  # registries and logs of the run (replaced)
+    redis_db: int = SIM_DB
 
 
 def interaction_events(search: SimSearch, user_id: str, actions: Sequence[Interaction]) -> list[Any]:
@@ -147,8 +154,9 @@ class LiveSim:
 
     def __init__(self, world: World, searches: Sequence[SimSearch], config: LiveConfig) -> None:
         self.world, self.searches, self.config = world, list(searches), config
-        shutil.rmtree(WORK, ignore_errors=True)
-        self.registries = {"personal": WORK / "registry", "nonpersonal": WORK / "registry-np"}
+        self.work = config.work
+        shutil.rmtree(self.work, ignore_errors=True)
+        self.registries = {"personal": self.work / "registry", "nonpersonal": self.work / "registry-np"}
         for arm, version in (
             ("personal", config.personal_version),
             ("nonpersonal", config.nonpersonal_version),
@@ -157,7 +165,7 @@ class LiveSim:
             reg.mkdir(parents=True)
             shutil.copytree(config.registry / version, reg / version)
             set_serving(reg, version, reason=f"SIMULATION: the {arm} arm", by="sim")
-        s = isolated_settings(SIM_DB)
+        s = isolated_settings(config.redis_db)
         self.settings = s.model_copy(
             update={"model": s.model.model_copy(update={"registry_dir": self.registries["personal"]})}
         )
@@ -175,6 +183,8 @@ class LiveSim:
             "SHOPRANK_FEATURES_SPELLING_REFRESH_S": "0.001",
             "SHOPRANK_SCORER_RETRIEVE_K": str(n),
             "SHOPRANK_TRAINER_MAX_CYCLE_S": "3600",
+            "SHOPRANK_TRAINER_MIN_NEW_LISTS": str(config.trainer_min_lists),
+            "SHOPRANK_TRAINER_HOLDOUT_LISTS": str(config.trainer_holdout),
         }
         self.env = engine.engine_env(self.settings, self.registries["personal"], config.port, n, **common)
         self.np_env = engine.engine_env(
@@ -200,7 +210,7 @@ class LiveSim:
             ],
         )
         self.client.flushdb()
-        services = engine.Services(WORK / "logs")
+        services = engine.Services(self.work / "logs")
         try:
             self._run(services, history, catalog)
         finally:
@@ -351,7 +361,7 @@ class LiveSim:
                 "lists": engine.labeled_count(s),
             }
         )
-        (WORK / "logs" / "trainer.log").open("a").write(
+        (self.work / "logs" / "trainer.log").open("a").write(
             f"--- cycle before day {first.day}\n{out.stdout}{out.stderr}"
         )
         log.info("sim_cycle", **self.cycles[-1])

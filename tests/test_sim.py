@@ -29,7 +29,12 @@ def test_params_are_checked() -> None:
         SimParams(taste_strength=-1)
     with pytest.raises(ValueError):
         SimParams(shoppers=0)
-    assert SimParams().strengths(only=["price"]) == {"taste": 0.0, "edition": 0.0, "price": 1.0, "region": 0.0}
+    assert SimParams().strengths(only=["price"]) == {
+        "taste": 0.0,
+        "edition": 0.0,
+        "price": 1.0,
+        "region": 0.0,
+    }
 
 
 def test_world_on_the_real_catalog(world: World, split) -> None:  # type: ignore[no-untyped-def]
@@ -64,8 +69,11 @@ def test_preferences_move_the_ideal_ranking(world: World, split) -> None:  # typ
         pop.append(ndcg_at(ranking(world.population(s.key), seed=i), gains))
     assert np.mean(oracle) > np.mean(pop) + 0.05
     # With every preference dimension at 0 and no noise, everyone ranks alike: no gain to take.
-    flat = World(SimParams(shoppers=10, days=2, seed=7, noise=0.0, **{f"{d}_strength": 0.0 for d in DIMENSIONS}),
-                 split.catalog, split.train)
+    flat = World(
+        SimParams(shoppers=10, days=2, seed=7, noise=0.0, **{f"{d}_strength": 0.0 for d in DIMENSIONS}),
+        split.catalog,
+        split.train,
+    )
     s = flat.schedule(split.cutoff)[0]
     assert np.allclose(flat.oracle(s.shopper, s.key), flat.population(s.key))
 
@@ -76,18 +84,47 @@ def test_cascade_and_position_bias(world: World, split) -> None:  # type: ignore
     served = [world.product_ids[c] for c in ranking(world.oracle(s.shopper, s.key))]
     assert world.respond(s, served, seed=1) == world.respond(s, served, seed=1)
     # Deeper clicks are rarer: a position-biased cascade over the served list.
-    positions = [a.position for i, x in enumerate(searches)
-                 for a in world.respond(x, [world.product_ids[c] for c in ranking(world.population(x.key))], i)
-                 if a.kind == "click"]
+    positions = [
+        a.position
+        for i, x in enumerate(searches)
+        for a in world.respond(x, [world.product_ids[c] for c in ranking(world.population(x.key))], i)
+        if a.kind == "click"
+    ]
     assert positions and np.mean(np.array(positions) <= 3) > 0.5
-    patient = World(SimParams(shoppers=60, days=3, seed=7, mobile_patience=1.0, desktop_patience=1.0,
-                              top_attractiveness=0.05, continue_after_click=1.0), split.catalog, split.train)
-    impatient = World(SimParams(shoppers=60, days=3, seed=7, mobile_patience=0.1, desktop_patience=0.1,
-                                top_attractiveness=0.05, continue_after_click=1.0), split.catalog, split.train)
+    patient = World(
+        SimParams(
+            shoppers=60,
+            days=3,
+            seed=7,
+            mobile_patience=1.0,
+            desktop_patience=1.0,
+            top_attractiveness=0.05,
+            continue_after_click=1.0,
+        ),
+        split.catalog,
+        split.train,
+    )
+    impatient = World(
+        SimParams(
+            shoppers=60,
+            days=3,
+            seed=7,
+            mobile_patience=0.1,
+            desktop_patience=0.1,
+            top_attractiveness=0.05,
+            continue_after_click=1.0,
+        ),
+        split.catalog,
+        split.train,
+    )
 
     def depth(w: World) -> float:
-        acts = [a.position for i, x in enumerate(w.schedule(split.cutoff))
-                for a in w.respond(x, w.product_ids, i) if a.kind == "click"]
+        acts = [
+            a.position
+            for i, x in enumerate(w.schedule(split.cutoff))
+            for a in w.respond(x, w.product_ids, i)
+            if a.kind == "click"
+        ]
         return float(np.mean(acts)) if acts else 0.0
 
     assert depth(patient) > depth(impatient)
@@ -107,10 +144,16 @@ def test_events_are_valid_contract_events(world: World, split) -> None:  # type:
 
 def test_figures_oracle_population_and_share(world: World, split) -> None:  # type: ignore[no-untyped-def]
     searches = world.schedule(split.cutoff)[:200]
-    served = {"personal": {x.query_id: [world.product_ids[c] for c in ranking(world.oracle(x.shopper, x.key), i)]
-                           for i, x in enumerate(searches)},
-              "nonpersonal": {x.query_id: [world.product_ids[c] for c in ranking(world.population(x.key), i)]
-                              for i, x in enumerate(searches)}}
+    served = {
+        "personal": {
+            x.query_id: [world.product_ids[c] for c in ranking(world.oracle(x.shopper, x.key), i)]
+            for i, x in enumerate(searches)
+        },
+        "nonpersonal": {
+            x.query_id: [world.product_ids[c] for c in ranking(world.population(x.key), i)]
+            for i, x in enumerate(searches)
+        },
+    }
     f = figures(world, searches, served)
     nd = f["ndcg@10"]
     assert nd["personal"] == nd["oracle"] and nd["nonpersonal"] == nd["population"]
