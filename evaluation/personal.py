@@ -14,18 +14,22 @@ Session context (features.session: similarity to the session's earlier clicks, t
 texts' click evidence) is measured as a blend with the personal model's scores,
 ``z(score) + w1 * session_click_similarity + w2 * session_query_share`` (z: the search's scores
 standardized over the candidates). The weights are chosen on a VALIDATION period (the last 10% of
-the training clicks, a model trained on the clicks before it) and only then applied to the test
-period; they are kept only if they beat w = 0 there. Validation and test figures are reported
-either way.
+the training clicks, walked by the same version with its store rebuilt from the clicks before
+it; the version saw those clicks in training, so the base figures there are in-sample) and only
+then applied to the test period; they are kept only if they beat w = 0 there. Validation and
+test figures are reported either way.
 
-Each model is trained once; its per-row scores (and the session columns read at scoring time)
-are cached under ``var/personal/`` so a rerun of the report trains nothing.
+The personalized version is the one ``shoprank train`` published (models/SERVING, copied, never
+replaced); the version without shopper features is trained once by the same pipeline into
+``var/personal/registry``. Each walk's per-row scores (and the session columns read at scoring
+time) are cached under ``var/personal/`` so a rerun of the report trains nothing.
 """
 
 from __future__ import annotations
 
 import itertools
 import json
+import shutil
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -157,7 +161,7 @@ class Walk:
 
 
 def walk(settings: Settings, split: BestBuySplit, context: Context, personalized: bool,
-         registry: Path | None = None, tiny: bool = False) -> Walk:
+         registry: Path | None = None, tiny: bool = False, loaded: tuple[Path, str] | None = None) -> Walk:
     """Train the BERT ranker on the split's training rows, walk its test rows (the harness), keep
     every row's scores and, where the session has earlier searches, the session columns as the
     store read them at scoring time. ``registry``: also publish the version there."""
@@ -167,6 +171,8 @@ def walk(settings: Settings, split: BestBuySplit, context: Context, personalized
     ranker = PersonalizedBertRanker(settings, personalized=personalized, progress=False)
     if tiny:  # tests: a small random encoder, the same pipeline (trainer.pipeline's tiny)
         ranker.fit = lambda rows, catalog: _fit_tiny(ranker, settings, rows, catalog)  # type: ignore[method-assign]
+    if loaded is not None:  # a published version: nothing is trained
+        ranker.fit = lambda rows, catalog: _fit_loaded(ranker, settings, rows, catalog, *loaded)  # type: ignore[method-assign]
     candidates = list(split.catalog)
     scores = np.zeros((len(split.test), len(candidates)), dtype=np.float32)
     rows_with: list[int] = []
@@ -191,8 +197,8 @@ def walk(settings: Settings, split: BestBuySplit, context: Context, personalized
             cols.append(np.stack([sim, share], axis=1))
 
     result = evaluate_bestbuy(ranker, split, on_batch=on_batch)
-    version = None
-    if registry is not None and ranker.run is not None:
+    version = loaded[1] if loaded else None
+    if registry is not None and ranker.run is not None and loaded is None:
         published = write_version(registry, ranker.run, result.metrics, parent=None)
         version = published.version
         if personalized or serving_version(registry) is None:
@@ -201,6 +207,38 @@ def walk(settings: Settings, split: BestBuySplit, context: Context, personalized
     return Walk(ranker.name, scores, np.array(rows_with, dtype=np.int64),
                 np.stack(cols) if cols else np.zeros((0, len(candidates), width), dtype=np.float32),
                 result.metrics, version)
+
+
+def walk_version(settings: Settings, split: BestBuySplit, context: Context, registry: Path,
+                 version: str) -> Walk:
+    """Walk an already trained version (e.g. the one ``shoprank train`` published), as :func:`walk`
+    walks the one it trains: its feature store rebuilt from the split's training rows in time order
+    (the trainer's own replay), then the harness's point-in-time walk of the test rows."""
+    return walk(settings, split, context, personalized=True, loaded=(registry, version))
+
+
+def _fit_loaded(ranker: Any, settings: Settings, rows: Sequence[SearchRow], catalog: Any,
+                registry: Path, version: str) -> None:
+    from types import SimpleNamespace
+
+    from core.layout import PRODUCT_EMB, PRODUCT_IDS
+    from core.registry import load_version
+    from features.memory import MemoryStore
+    from scorer.runtime import ServedModel
+    from trainer.examples import Catalog, click_event, query_event, timeline
+
+    store = MemoryStore(settings.features)
+    for product in catalog.values():  # the catalog first, as the trainer's replay
+        store.apply(product)
+    for kind, payload in timeline(rows):
+        store.apply(click_event(payload) if kind == "click" else query_event(payload[0]))
+    ranker.version = load_version(registry, version)
+    path = ranker.version.path
+    ids = json.loads((path / PRODUCT_IDS).read_text())
+    emb = np.load(path / PRODUCT_EMB).astype(np.float32).reshape(len(ids), -1)
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True) + 1e-12
+    ranker.run = SimpleNamespace(store=store, catalog=Catalog(ids, emb))
+    ranker._served = ServedModel(ranker.version, device=settings.scorer.device)
 
 
 def _fit_tiny(ranker: Any, settings: Settings, rows: Sequence[SearchRow], catalog: Any) -> None:
@@ -290,8 +328,10 @@ def choose_weights(w: Walk, split: BestBuySplit, keep: np.ndarray) -> tuple[tupl
 # --- the run ----------------------------------------------------------------------------------
 
 
-def run(settings: Settings, out: Path, work: Path, retrain: bool = False) -> dict[str, Any]:
-    """Everything item 1 reports, written to ``out`` (also after each stage)."""
+def run(settings: Settings, out: Path, work: Path, retrain: bool = False,
+        only_nonpersonal: bool = False, personal_version: str | None = None) -> dict[str, Any]:
+    """Everything item 1 reports, written to ``out`` (also after each stage). ``only_nonpersonal``:
+    train and walk the model without shopper features (cached), nothing else."""
     gap = settings.features.session_gap_s
     split = bestbuy_split(settings.data_dir)
     everything = sorted([*split.train, *split.late, *split.test], key=lambda r: _ts(r.query_time))
@@ -309,13 +349,14 @@ def run(settings: Settings, out: Path, work: Path, retrain: bool = False) -> dic
                    "in_session": f"a search with an earlier search of the same session (gap <= {gap:.0f} s)"},
     }
 
-    def cached(name: str, s: BestBuySplit, personalized: bool, reg: Path | None) -> Walk:
+    def cached(name: str, s: BestBuySplit, personalized: bool, reg: Path | None,
+               loaded: tuple[Path, str] | None = None) -> Walk:
         path = work / f"{name}.npz"
         if path.exists() and not retrain:
             log.info("personal_walk_cached", path=str(path))
             return Walk.load(path)
         log.info("personal_walk", name=name, train=len(s.train), test=len(s.test))
-        w = walk(settings, s, context, personalized, reg)
+        w = walk(settings, s, context, personalized, reg, loaded=loaded)
         w.save(path)
         return w
 
@@ -323,9 +364,20 @@ def run(settings: Settings, out: Path, work: Path, retrain: bool = False) -> dic
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(report, indent=2) + "\n")
 
+    if only_nonpersonal:
+        cached("test-nonpersonal", split, False, registry)
+        return report
     # Test period: both variants, every slice.
     test_keep = slices(split, context)
-    p = cached("test-personal", split, True, registry)
+    # The personalized version: the one ``shoprank train`` published (models/SERVING, trained on
+    # this split's training rows by the same pipeline), copied here; walked, not retrained.
+    source = settings.model.registry_dir
+    pv = personal_version or serving_version(source)
+    if pv is None:
+        raise SystemExit(f"no version serves in {source}: run `shoprank train` first or name one")
+    if not (registry / pv).exists():
+        shutil.copytree(source / pv, registry / pv)
+    p = cached("test-personal", split, True, None, loaded=(registry, pv))
     n = cached("test-nonpersonal", split, False, registry)
     cp, cn = served(p.scores, split), served(n.scores, split)
     report["test"] = {
@@ -340,8 +392,12 @@ def run(settings: Settings, out: Path, work: Path, retrain: bool = False) -> dic
     report["bestbuy_returning_searches"] = returning["searches"]
     write()
 
-    # Validation period: the personal model trained before it chooses the session weights.
-    v = cached("validation-personal", val_split, True, None)
+    # Validation period (the training period's last 10% of clicks) chooses the session weights,
+    # never the test period. The same served version walks it, with its store rebuilt from the
+    # clicks before it; that version was fitted on these clicks too (the trainer's refit), so
+    # its own figures there are in-sample: only the weights of the added session columns are
+    # chosen here (a version trained without them was not affordable on this host).
+    v = cached("validation-personal", val_split, True, None, loaded=(registry, pv))
     val_keep = slices(val_split, context)
     weights, grid = choose_weights(v, val_split, val_keep["in_session"])
     cv = served(v.scores, val_split)
@@ -349,6 +405,8 @@ def run(settings: Settings, out: Path, work: Path, retrain: bool = False) -> dic
     keep_session = weights != (0.0, 0.0)
     report["validation"] = {
         "clicks": len(val_split.test), "cutoff": val_split.cutoff.isoformat(),
+        "caveat": "the personalized version was trained on these clicks (refit on the whole training "
+                  "period): its base figures here are in-sample; only the session weights are chosen here",
         "overall_harness": v.overall, "grid_in_session": grid, "chosen_weights": list(weights),
         "session_vs_personal": {name: compare(cv, val_blend, keep) for name, keep in val_keep.items()},
     }

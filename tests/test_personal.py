@@ -75,3 +75,8 @@ def test_walk_on_real_data_tiny_model(tmp_path) -> None:
     back = personal.Walk.load(path)
     assert np.array_equal(back.scores, w.scores) and back.version == w.version
     assert (tmp_path / "reg" / "SERVING").exists()
+    # The published version walked again, its store rebuilt from the training rows (no training):
+    # the same scores as the walk of the model as it was trained.
+    again = personal.walk_version(settings, split, ctx, tmp_path / "reg", w.version)
+    assert np.allclose(again.scores, w.scores, atol=1e-4)
+    assert np.allclose(again.session_cols, w.session_cols, atol=1e-5)
