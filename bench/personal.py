@@ -27,7 +27,7 @@ def cmd_real(args: argparse.Namespace, settings: Settings) -> int:
     from evaluation.personal import run
 
     report = run(settings, args.output, args.work, retrain=args.retrain,
-                 only_nonpersonal=args.only_nonpersonal)
+                 only_nonpersonal=args.only_nonpersonal, train=not args.no_train)
     if args.only_nonpersonal:
         return 0
     print(json.dumps({k: report[k] for k in ("bestbuy_returning_delta", "bestbuy_returning_ci95",
@@ -46,6 +46,9 @@ def main(argv: list[str] | None = None) -> int:
     real.add_argument("--retrain", action="store_true", help="train again even when a walk is cached")
     real.add_argument("--only-nonpersonal", action="store_true",
                       help="only train and walk the model without shopper features (cached for the report)")
+    real.add_argument("--no-train", action="store_true",
+                      help="train nothing: the model without shopper features is reported when its walk "
+                           "is cached")
     real.set_defaults(func=cmd_real)
     try:
         from sim.cli import register  # the simulator's subcommand, when present

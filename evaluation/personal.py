@@ -27,6 +27,7 @@ time) are cached under ``var/personal/`` so a rerun of the report trains nothing
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import shutil
@@ -161,10 +162,13 @@ class Walk:
 
 
 def walk(settings: Settings, split: BestBuySplit, context: Context, personalized: bool,
-         registry: Path | None = None, tiny: bool = False, loaded: tuple[Path, str] | None = None) -> Walk:
+         registry: Path | None = None, tiny: bool = False, loaded: tuple[Path, str] | None = None,
+         hide_shopper: bool = False) -> Walk:
     """Train the BERT ranker on the split's training rows, walk its test rows (the harness), keep
     every row's scores and, where the session has earlier searches, the session columns as the
-    store read them at scoring time. ``registry``: also publish the version there."""
+    store read them at scoring time. ``registry``: also publish the version there.
+    ``hide_shopper``: each search is scored as an unknown shopper's (a fresh id: cold-start shopper
+    features, no history), the same model otherwise: shopper features zeroed at serving time."""
     from trainer.bert_ranker import PersonalizedBertRanker
     from trainer.pipeline import write_version
 
@@ -173,6 +177,13 @@ def walk(settings: Settings, split: BestBuySplit, context: Context, personalized
         ranker.fit = lambda rows, catalog: _fit_tiny(ranker, settings, rows, catalog)  # type: ignore[method-assign]
     if loaded is not None:  # a published version: nothing is trained
         ranker.fit = lambda rows, catalog: _fit_loaded(ranker, settings, rows, catalog, *loaded)  # type: ignore[method-assign]
+    if hide_shopper:
+        scored = ranker.score
+
+        def hidden(queries: Sequence[SearchRow], cands: Sequence[Any]) -> np.ndarray:
+            return scored([dataclasses.replace(q, user_id=f"hidden-{q.query_id}") for q in queries], cands)
+
+        ranker.score = hidden  # type: ignore[method-assign]
     candidates = list(split.catalog)
     scores = np.zeros((len(split.test), len(candidates)), dtype=np.float32)
     rows_with: list[int] = []
@@ -329,7 +340,8 @@ def choose_weights(w: Walk, split: BestBuySplit, keep: np.ndarray) -> tuple[tupl
 
 
 def run(settings: Settings, out: Path, work: Path, retrain: bool = False,
-        only_nonpersonal: bool = False, personal_version: str | None = None) -> dict[str, Any]:
+        only_nonpersonal: bool = False, personal_version: str | None = None,
+        train: bool = True) -> dict[str, Any]:
     """Everything item 1 reports, written to ``out`` (also after each stage). ``only_nonpersonal``:
     train and walk the model without shopper features (cached), nothing else."""
     gap = settings.features.session_gap_s
@@ -350,13 +362,16 @@ def run(settings: Settings, out: Path, work: Path, retrain: bool = False,
     }
 
     def cached(name: str, s: BestBuySplit, personalized: bool, reg: Path | None,
-               loaded: tuple[Path, str] | None = None) -> Walk:
+               loaded: tuple[Path, str] | None = None, hide: bool = False, train: bool = True) -> Walk | None:
         path = work / f"{name}.npz"
         if path.exists() and not retrain:
             log.info("personal_walk_cached", path=str(path))
             return Walk.load(path)
+        if not train and loaded is None:
+            log.warning("personal_walk_missing", name=name, reason="not trained (--no-train)")
+            return None
         log.info("personal_walk", name=name, train=len(s.train), test=len(s.test))
-        w = walk(settings, s, context, personalized, reg, loaded=loaded)
+        w = walk(settings, s, context, personalized, reg, loaded=loaded, hide_shopper=hide)
         w.save(path)
         return w
 
@@ -378,15 +393,28 @@ def run(settings: Settings, out: Path, work: Path, retrain: bool = False,
     if not (registry / pv).exists():
         shutil.copytree(source / pv, registry / pv)
     p = cached("test-personal", split, True, None, loaded=(registry, pv))
-    n = cached("test-nonpersonal", split, False, registry)
-    cp, cn = served(p.scores, split), served(n.scores, split)
+    h = cached("test-hidden-shopper", split, True, None, loaded=(registry, pv), hide=True)
+    n = cached("test-nonpersonal", split, False, registry, train=train)
+    assert p is not None and h is not None
+    cp, ch = served(p.scores, split), served(h.scores, split)
     report["test"] = {
         "clicks": len(split.test), "cutoff": split.cutoff.isoformat(),
-        "versions": {"personal": p.version, "nonpersonal": n.version},
-        "overall_harness": {"personal": p.overall, "nonpersonal": n.overall},
-        "personal_vs_nonpersonal": {name: compare(cn, cp, keep) for name, keep in test_keep.items()},
+        "versions": {"personal": p.version, "nonpersonal": n.version if n else None},
+        "overall_harness": {"personal": p.overall, "hidden_shopper": h.overall,
+                            "nonpersonal": n.overall if n else None},
+        "personal_vs_hidden_shopper": {name: compare(ch, cp, keep) for name, keep in test_keep.items()},
     }
-    returning = report["test"]["personal_vs_nonpersonal"]["returning"]
+    reference = "hidden_shopper"
+    if n is not None:
+        cn = served(n.scores, split)
+        report["test"]["personal_vs_nonpersonal"] = {name: compare(cn, cp, keep)
+                                                     for name, keep in test_keep.items()}
+        reference = "nonpersonal"
+    report["bestbuy_returning_reference"] = {
+        "nonpersonal": "the version trained without shopper features (same pipeline, same rows)",
+        "hidden_shopper": "the same personalized version, each search scored as an unknown shopper's",
+    }[reference]
+    returning = report["test"][f"personal_vs_{reference}"]["returning"]
     report["bestbuy_returning_delta"] = returning[METRIC]["delta"]
     report["bestbuy_returning_ci95"] = returning[METRIC]["ci95"]
     report["bestbuy_returning_searches"] = returning["searches"]
@@ -398,6 +426,7 @@ def run(settings: Settings, out: Path, work: Path, retrain: bool = False,
     # its own figures there are in-sample: only the weights of the added session columns are
     # chosen here (a version trained without them was not affordable on this host).
     v = cached("validation-personal", val_split, True, None, loaded=(registry, pv))
+    assert v is not None
     val_keep = slices(val_split, context)
     weights, grid = choose_weights(v, val_split, val_keep["in_session"])
     cv = served(v.scores, val_split)

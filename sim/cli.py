@@ -62,7 +62,7 @@ def cmd_sim(args: argparse.Namespace, settings: Settings) -> int:
         f"{len(world.keys)} real query texts, {len(world.product_ids)} products",
         flush=True,
     )
-    versions = _versions(args)
+    versions = _versions(args, settings)
     from bench.loop import prepare
 
     data = prepare(settings, 0, 0.0, False)  # the catalog and the training period's events
@@ -117,18 +117,13 @@ def cmd_sim(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def _versions(args: argparse.Namespace) -> tuple[str, str]:
-    if args.personal_version and args.nonpersonal_version:
-        return args.personal_version, args.nonpersonal_version
-    path = args.personalization
-    known = json.loads(path.read_text()).get("test", {}).get("versions", {}) if path.exists() else {}
-    p, n = (
-        args.personal_version or known.get("personal"),
-        args.nonpersonal_version or known.get("nonpersonal"),
-    )
-    if not p or not n:
-        raise SystemExit("no trained versions: run `python -m bench.personal real` first, or name them")
-    return p, n
+def _versions(args: argparse.Namespace, settings: Settings) -> tuple[str, str | None]:
+    from core.registry import serving_version
+
+    personal = args.personal_version or serving_version(args.registry)
+    if personal is None:
+        raise SystemExit(f"no version serves in {args.registry}: run `shoprank train` first, or name one")
+    return personal, args.nonpersonal_version
 
 
 def _merge(path: Path, result: dict[str, Any]) -> None:
@@ -180,11 +175,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--registry",
         type=Path,
-        default=ROOT / "var" / "personal" / "registry",
-        help="where the trained versions are (python -m bench.personal real writes them)",
+        default=ROOT / "models",
+        help="where the versions are (copied into the run's own registry, never changed)",
     )
-    p.add_argument("--personal-version", default=None, help="default: the one bench.personal real trained")
-    p.add_argument("--nonpersonal-version", default=None, help="default: the one bench.personal real trained")
+    p.add_argument(
+        "--personal-version", default=None, help="the engine's version (default: the registry's SERVING)"
+    )
+    p.add_argument(
+        "--nonpersonal-version",
+        default=None,
+        help="a version for the nonpersonal arm, e.g. trained without shopper features (default: "
+        "none - the engine's own model ranks each search again with the shopper hidden)",
+    )
     p.add_argument("--port", type=int, default=8196, help="the engine scorer's HTTP port (the other: +1)")
     p.add_argument("--keep-topics", action="store_true")
     p.add_argument("--output", type=Path, default=RESULTS / "simulation.json")

@@ -11,8 +11,12 @@ Arms, every one ranking the same simulated searches (whole catalog):
 
 - ``personal``: the personalized version (shopper features on), served by the engine's scorer;
   its lists are the ones the shoppers answer (and the joiner labels, and the trainer learns from);
-- ``nonpersonal``: the version trained without shopper features, served by a second scorer on a
-  results topic of its own, reading the same Redis (a shadow: nobody clicks on its lists);
+- ``nonpersonal``: by default the same engine's model with the shopper hidden: every search is
+  also sent, as an unknown shopper's (no history, cold-start shopper features), to a second
+  scorer that reads searches and writes results on topics of its own (the feature workers never
+  see them), shares the engine's registry and model updates (it swaps when the engine swaps) and
+  reads the same Redis: a shadow nobody clicks on. With ``nonpersonal_version``: that version
+  (e.g. trained without shopper features) instead, never swapped;
 - ``oracle``: the shopper's base relevance times the shopper's true preference (no noise);
   ``population``: base relevance alone (computed here, not served).
 
@@ -35,6 +39,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import numpy as np
 import redis
 import structlog
@@ -114,7 +119,7 @@ class Lists(threading.Thread):
 class LiveConfig:
     registry: Path  # where the trained versions are
     personal_version: str
-    nonpersonal_version: str
+    nonpersonal_version: str | None = None  # None: the engine's own model, shopper hidden
     step_searches: int = 8
     cycle_days: int = 0  # a trainer cycle every N simulated days (0: the versions never change)
     port: int = 8196
@@ -156,11 +161,14 @@ class LiveSim:
         self.world, self.searches, self.config = world, list(searches), config
         self.work = config.work
         shutil.rmtree(self.work, ignore_errors=True)
-        self.registries = {"personal": self.work / "registry", "nonpersonal": self.work / "registry-np"}
-        for arm, version in (
-            ("personal", config.personal_version),
-            ("nonpersonal", config.nonpersonal_version),
-        ):
+        # No version for the nonpersonal arm: the engine's own model, its shopper hidden.
+        self.anonymous = config.nonpersonal_version is None
+        self.registries = {"personal": self.work / "registry"}
+        arms = [("personal", config.personal_version)]
+        if config.nonpersonal_version is not None:
+            self.registries["nonpersonal"] = self.work / "registry-np"
+            arms.append(("nonpersonal", config.nonpersonal_version))
+        for arm, version in arms:
             reg = self.registries[arm]
             reg.mkdir(parents=True)
             shutil.copytree(config.registry / version, reg / version)
@@ -170,14 +178,22 @@ class LiveSim:
             update={"model": s.model.model_copy(update={"registry_dir": self.registries["personal"]})}
         )
         t = self.settings.topics
+        # Anonymous: the second scorer reads searches of its own (the feature workers never see
+        # them) and swaps with the engine's scorer (same registry, same model updates).
+        np_topics = (
+            {"results": f"{t.results}-np", "queries": f"{t.queries}-anon"}
+            if self.anonymous
+            else {"results": f"{t.results}-np", "model_updates": f"{t.model_updates}-np"}
+        )
         self.np_settings = self.settings.model_copy(
             update={
-                "topics": t.model_copy(
-                    update={"results": f"{t.results}-np", "model_updates": f"{t.model_updates}-np"}
+                "topics": t.model_copy(update=np_topics),
+                "model": s.model.model_copy(
+                    update={"registry_dir": self.registries.get("nonpersonal", self.registries["personal"])}
                 ),
-                "model": s.model.model_copy(update={"registry_dir": self.registries["nonpersonal"]}),
             }
         )
+        self.np_extra = [getattr(self.np_settings.topics, k) for k in np_topics]
         n = len(world.product_ids)
         common = {
             "SHOPRANK_FEATURES_SPELLING_REFRESH_S": "0.001",
@@ -188,7 +204,7 @@ class LiveSim:
         }
         self.env = engine.engine_env(self.settings, self.registries["personal"], config.port, n, **common)
         self.np_env = engine.engine_env(
-            self.np_settings, self.registries["nonpersonal"], config.port + 1, n, **common
+            self.np_settings, self.np_settings.model.registry_dir, config.port + 1, n, **common
         )
         self.client = redis.Redis.from_url(self.settings.redis.url)
         self.served: dict[str, dict[str, list[str]]] = {"personal": {}, "nonpersonal": {}}
@@ -201,14 +217,7 @@ class LiveSim:
         s = self.settings
         admin = kafka.admin_client(s)
         ensure_topics(admin, topic_specs(s))
-        ensure_topics(
-            admin,
-            [
-                t
-                for t in topic_specs(self.np_settings)
-                if t.name in (self.np_settings.topics.results, self.np_settings.topics.model_updates)
-            ],
-        )
+        ensure_topics(admin, [t for t in topic_specs(self.np_settings) if t.name in self.np_extra])
         self.client.flushdb()
         services = engine.Services(self.work / "logs")
         try:
@@ -216,9 +225,7 @@ class LiveSim:
         finally:
             services.stop()
             if not self.config.keep_topics:
-                engine.delete_topics(
-                    s, [self.np_settings.topics.results, self.np_settings.topics.model_updates]
-                )
+                engine.delete_topics(s, self.np_extra)
 
     def _run(self, services: engine.Services, history: Sequence[Any], catalog: Sequence[Any]) -> None:
         s = self.settings
@@ -303,15 +310,32 @@ class LiveSim:
                 )
             )
         kafka.send_acked(producer, s.topics.queries, [(q.user_id.encode(), encode(q), None) for q in queries])
+        if self.anonymous:  # the same searches by a shopper nobody knows
+            hidden = [
+                msgspec.structs.replace(
+                    q,
+                    query_id=f"{q.query_id}-anon",
+                    user_id=f"anon-{q.query_id}",
+                    session_id=f"anon-{q.query_id}",
+                )
+                for q in queries
+            ]
+            kafka.send_acked(
+                producer,
+                self.np_settings.topics.queries,
+                [(q.user_id.encode(), encode(q), None) for q in hidden],
+            )
         ids = [q.query_id for q in queries]
         for arm, t in lists.items():
-            if missing := t.wait(ids, 120):
+            wanted = [f"{q}-anon" for q in ids] if arm == "nonpersonal" and self.anonymous else ids
+            if missing := t.wait(wanted, 120):
                 raise TimeoutError(f"the {arm} scorer did not answer {len(missing)} searches in 120 s")
         events = []
         for x in batch:
             ranked, version = lists["personal"].got[x.query_id]
             self.served["personal"][x.query_id] = ranked
-            self.served["nonpersonal"][x.query_id] = lists["nonpersonal"].got[x.query_id][0]
+            hidden_id = f"{x.query_id}-anon" if self.anonymous else x.query_id
+            self.served["nonpersonal"][x.query_id] = lists["nonpersonal"].got[hidden_id][0]
             self.versions[x.query_id] = version
             acts = self.world.respond(x, ranked, seed=zlib.crc32(x.query_id.encode()))
             self.actions[x.query_id] = acts

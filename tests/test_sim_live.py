@@ -18,7 +18,6 @@ def test_simulated_shoppers_through_the_engine(tmp_path: Path) -> None:
     s = split()
     registry = tmp_path / "versions"
     tiny_version(registry, "sim-p")
-    tiny_version(registry, "sim-np")  # the same tiny run (cached): one training
     world = World(SimParams(shoppers=12, days=2, seed=3), s.catalog, s.train)
     searches = world.schedule(s.cutoff)[:24]
     from replay.to_events import bestbuy_replay
@@ -30,7 +29,6 @@ def test_simulated_shoppers_through_the_engine(tmp_path: Path) -> None:
         LiveConfig(
             registry=registry,
             personal_version="sim-p",
-            nonpersonal_version="sim-np",
             step_searches=4,
             port=8296,
             work=tmp_path / "work",
@@ -59,5 +57,12 @@ def test_simulated_shoppers_through_the_engine(tmp_path: Path) -> None:
         searches[-1].time.timestamp() + 3600,
     )[0]
     assert feats.features[0, INDEX["user_has_history"]] == 1.0
+    # The nonpersonal arm's searches (the same, by a hidden shopper) never reached the features.
+    hidden = read_batch(
+        store,
+        [Request.for_text(f"anon-{clicked.query_id}", clicked.text, world.product_ids[:3])],
+        searches[-1].time.timestamp() + 3600,
+    )[0]
+    assert hidden.features[0, INDEX["user_searches_log"]] == 0.0
     f = figures(world, searches, live.served)
     assert 0 < f["ndcg@10"]["personal"] <= 1 and f["ndcg@10"]["oracle"] >= f["ndcg@10"]["population"] - 0.05
