@@ -95,8 +95,8 @@ class EventLoad:
     """Synthetic shopper events (results and interactions; searches come from the load generator)
     published at a steady rate with acks=all; remembers the markers of those acknowledged."""
 
-    def __init__(self, settings: Settings, rate: float) -> None:
-        self.settings, self.rate = settings, rate
+    def __init__(self, settings: Settings, rate: float, tag: str) -> None:
+        self.settings, self.rate, self.tag = settings, rate, tag
         self.producer = kafka.producer(settings)
         self.acked: list[str] = []
         self.failed = 0
@@ -106,7 +106,8 @@ class EventLoad:
         self.started = self.ended = 0.0
 
     def _run(self) -> None:
-        events = (e for e in sessions(SHAPE, 10**9) if not isinstance(e, Query))
+        # Ids of this run's own (tag): no marker another run left can make an event look applied.
+        events = (e for e in sessions(SHAPE, 10**9, tag=self.tag) if not isinstance(e, Query))
         self.started = time.perf_counter()
         for i, ev in enumerate(events):
             if self.stopping.is_set():
@@ -306,6 +307,10 @@ class Chaos:
         ensure_topics(admin, topic_specs(s))
         online = connect(s.redis)
         online.flushdb()
+        # On the replica too before anything starts: a failover right now (the host starved the
+        # primary's answers to Sentinel in a run) would otherwise bring an earlier run's data back.
+        online.execute_command("WAIT", 1, 30000)
+        assert online.dbsize() == 0, "Redis database not empty after FLUSHDB"
         split = bestbuy_split(s.data_dir)
         specs = query_specs(split)
         products = [*catalog(SHAPE), *split.catalog.values()]
@@ -341,13 +346,16 @@ class Chaos:
         gen = LoadGenerator(s, specs, self.env["SHOPRANK_SCORER_GROUP_ID"])
         gen.start()
         _print(f"warming the scorers: {gen.warm(min(a.query_rate, 20), 10, 30)} answered")
-        events = EventLoad(s, a.events_rate)
+        events = EventLoad(s, a.events_rate, uuid.uuid4().hex[:6])
         windows = [a.window_s or WINDOW_S[f] for f in a.faults]
         duration = a.warmup_s + sum(windows) + a.tail_s
         step: dict[str, StepResult] = {}
         runner = threading.Thread(target=lambda: step.update(r=gen.step(a.query_rate, duration, 180)),
                                   name="queries", daemon=True)
+        loads: list[float] = []  # the host's 1-minute load average: what else the 2 cores ran
+        sampler = threading.Thread(target=_sample_load, args=(loads, events.stopping), daemon=True)
         t0 = time.perf_counter()
+        sampler.start()
         events.thread.start()
         runner.start()
         time.sleep(a.warmup_s)
@@ -399,6 +407,7 @@ class Chaos:
         _print("comparing with the offline recomputation (streams.rebuild into db "
                f"{OFFLINE_DB})")
         state = compare_with_rebuild(s, online, events.acked)
+        self.loads = loads
         return self._report(result, lat, deliveries, events, state, caught_up, dead)
 
     def _report(self, result: StepResult, lat: list[tuple[float, float | None]], deliveries: dict[str, int],
@@ -449,10 +458,17 @@ class Chaos:
             "schedule": {"warmup_s": a.warmup_s, "down_s": a.down_s, "tail_s": a.tail_s, "settle_s": SETTLE_S,
                          "windows_s": {f: a.window_s or WINDOW_S[f] for f in a.faults}},
             "host": f"vm, {os.cpu_count()} cores, shared with other agents ({platform.node()})",
+            "host_load_avg_1m": {"min": min(self.loads, default=None), "max": max(self.loads, default=None),
+                                 "mean": round(sum(self.loads) / len(self.loads), 1) if self.loads else None},
             "measured_at": datetime.now(UTC).isoformat(timespec="seconds"),
             "command": a.command,
             "note": a.note,
         }
+
+
+def _sample_load(into: list[float], stop: threading.Event) -> None:
+    while not stop.wait(5.0):
+        into.append(round(os.getloadavg()[0], 1))
 
 
 def fault_figures(lat: list[tuple[float, float | None]], start: float, end: float, slow_ms: float

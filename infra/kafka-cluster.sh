@@ -119,8 +119,9 @@ start() {
     write_config "$n"; format "$n" "$cluster_id"
   done
   # All at once: a controller quorum forms once a majority of voters is up.
-  for n in "${nodes[@]}"; do launch "$n"; done
-  echo "kafka-cluster: starting $N brokers ($KAFKA_VERSION, heap $HEAP each) on $(bootstrap) (data in $BASE)"
+  local down=0
+  for n in "${nodes[@]}"; do running "$n" || down=$((down + 1)); launch "$n"; done
+  [[ $down -gt 0 ]] && echo "kafka-cluster: starting $down of $N brokers ($KAFKA_VERSION, heap $HEAP each) on $(bootstrap) (data in $BASE)"
   wait_ready "${nodes[@]}"
   echo "kafka-cluster: ready on $(bootstrap)"
 }

@@ -7,8 +7,9 @@
 #   infra/redis-sentinel.sh start-node PORT|kill-node PORT|pid PORT   (the chaos bench uses these)
 # Settings (environment): SHOPRANK_CLUSTER_REDIS_PORTS (primary first, then replicas; default
 # 16379,16380), SHOPRANK_CLUSTER_SENTINEL_PORTS (26379,26380,26381), SHOPRANK_REDIS_SENTINEL_MASTER
-# (shoprank), SHOPRANK_CLUSTER_SENTINEL_DOWN_MS (2000: how long a silent primary is down before a
-# failover), SHOPRANK_REDIS_HOST (127.0.0.1).
+# (shoprank), SHOPRANK_CLUSTER_SENTINEL_DOWN_MS (5000: how long a silent primary is down before a
+# failover; 2000 failed over a primary that a starved 2-core host kept from answering in time),
+# SHOPRANK_REDIS_HOST (127.0.0.1).
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 root="$(dirname "$here")"
@@ -17,7 +18,7 @@ HOST="${SHOPRANK_REDIS_HOST:-127.0.0.1}"
 IFS=, read -r -a PORTS <<< "${SHOPRANK_CLUSTER_REDIS_PORTS:-16379,16380}"
 IFS=, read -r -a SPORTS <<< "${SHOPRANK_CLUSTER_SENTINEL_PORTS:-26379,26380,26381}"
 MASTER="${SHOPRANK_REDIS_SENTINEL_MASTER:-shoprank}"
-DOWN_MS="${SHOPRANK_CLUSTER_SENTINEL_DOWN_MS:-2000}"
+DOWN_MS="${SHOPRANK_CLUSTER_SENTINEL_DOWN_MS:-5000}"
 QUORUM=$(( ${#SPORTS[@]} / 2 + 1 ))
 VAR="${SHOPRANK_VAR:-$root/var}"
 BASE="$VAR/redis-cluster"
@@ -121,6 +122,8 @@ start() {
   write_configs
   local port
   for port in "${PORTS[@]}" "${SPORTS[@]}"; do start_node "$port"; done
+  # The setting wins over what an earlier start wrote (Sentinel owns its file afterwards).
+  for port in "${SPORTS[@]}"; do cli "$port" sentinel set "$MASTER" down-after-milliseconds "$DOWN_MS" >/dev/null; done
   # Ready once the replicas are in sync and a Sentinel names the primary.
   local addr=""
   for _ in $(seq 1 150); do
