@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 
@@ -40,6 +42,17 @@ class ScorerMetrics:
             "shoprank_stage_cpu_seconds", "CPU time of the scoring thread in each stage", ["stage"],
             registry=r,
         )
+        self._stages: dict[str, tuple[Any, Any]] = {}
+        self.ranked = self.queries.labels(outcome="ranked")
+        self.errors = self.queries.labels(outcome="error")
+
+    def stage_of(self, name: str) -> tuple[Any, Any]:
+        """A stage's (wall histogram, CPU counter), looked up once: ``labels()`` costs a lock and
+        a dict lookup, several times per batch."""
+        children = self._stages.get(name)
+        if children is None:
+            children = self._stages[name] = (self.stage.labels(stage=name), self.stage_cpu.labels(stage=name))
+        return children
 
     def serving(self, version: str) -> None:
         self.model_version.clear()

@@ -161,7 +161,7 @@ class QueryRanker:
         scores = model.score(batch)
         started = self.time_stage("model", started)
         schema = feature_schema(model.feature_names)
-        results = [self._result(model, q, t, c, batch.dense[i], s, schema, f)
+        results = [self._result(model, q, t, c, batch.dense[i], s, schema, f, batch.cand_idx[i, : len(c)])
                    for i, ((q, t), c, s, f) in enumerate(zip(queries, batch.candidates, scores, feats,
                                                             strict=True))]
         self.time_stage("results", started)
@@ -173,8 +173,9 @@ class QueryRanker:
         reranker and the Kafka loop time their stages here too); returns now, the next stage's start."""
         now = mark()
         if self.metrics is not None:
-            self.metrics.stage.labels(stage=name).observe(now[0] - started[0])
-            self.metrics.stage_cpu.labels(stage=name).inc(max(0.0, now[1] - started[1]))
+            wall, cpu = self.metrics.stage_of(name)
+            wall.observe(now[0] - started[0])
+            cpu.inc(max(0.0, now[1] - started[1]))
         return now
 
     @staticmethod
@@ -194,7 +195,8 @@ class QueryRanker:
         return Batch(query_emb, cand_idx, hist_idx, hist_w, dense, [len(c) for c in cands], cands)
 
     def _result(self, model: ServedModel, q: Query, published_at: float, cands: list[str],
-                dense: np.ndarray, scores: np.ndarray, schema: str, read: Result) -> RankedResult:
+                dense: np.ndarray, scores: np.ndarray, schema: str, read: Result,
+                rows: np.ndarray) -> RankedResult:
         order = np.argsort(-scores, kind="stable")
         # Whole arrays to Python values at once: per-element numpy indexing cost more than the
         # rest of building the result.
@@ -208,7 +210,7 @@ class QueryRanker:
             k = min(model.history_len, len(read.recent_products))
             served = ServedFeatures.pack(schema, dense[order], list(read.recent_products[:k]),
                                          read.recent_weights[:k].tolist())
-        unknown = int(np.sum(model.rows(cands) == model.unknown_row))
+        unknown = int(np.count_nonzero(rows == model.unknown_row))  # rows: the candidates' table rows
         if unknown:
             log.info("unknown_candidates", query_id=q.query_id, count=unknown, model_version=model.version)
         return RankedResult(query_id=q.query_id, user_id=q.user_id, session_id=q.session_id,

@@ -30,6 +30,8 @@ import numpy as np
 import onnxruntime as ort
 import redis
 import structlog
+from cachetools import LRUCache
+from prometheus_client import Counter
 from tokenizers import Tokenizer
 
 from core import layout
@@ -41,8 +43,14 @@ log = structlog.get_logger(__name__)
 
 # Query embeddings kept per loaded version (LRU, ~1.5 KB each at 384 dims). Search traffic repeats
 # its head queries (in the Best Buy log ~85% of searches repeat an earlier text), and the encoder
-# is most of a query's model cost on a CPU. A swap loads a new ServedModel, so a new, empty cache.
+# is most of a query's model cost on a CPU. A swap loads a new ServedModel, so a new cache (that
+# starts with the old one's entries when the query side is the same: adopt_query_cache).
 QUERY_CACHE_SIZE = 10_000
+# Lookups of every loaded version's cache, on the process-wide registry (the scorer's /metrics
+# serves it), as the speller's cache counts its own.
+_QUERY_CACHE_LOOKUPS = Counter("shoprank_query_cache_lookups", "Query embedding cache lookups, by result",
+                               ["result"])
+_CACHE_HITS, _CACHE_MISSES = _QUERY_CACHE_LOOKUPS.labels("hit"), _QUERY_CACHE_LOOKUPS.labels("miss")
 UNKNOWN_ROW = -1  # the row of a product without a vector: always the zero vector
 # A vector from Redis this close to the row served is that row (the shipped table was computed
 # by torch, the embedder's by onnxruntime: they differ by ~1e-7), not an edit needing a new row.
@@ -142,6 +150,7 @@ class ServedModel:
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if threads:
             opts.intra_op_num_threads = threads
+        self.threads = threads  # swapped-in versions load with the same
         path = version.path
         self.encoder = ort.InferenceSession(str(path / layout.QUERY_ENCODER), opts, providers=self.providers)
         self.head = ort.InferenceSession(str(path / layout.RANKER_HEAD), opts, providers=self.providers)
@@ -160,7 +169,7 @@ class ServedModel:
         self._refresh_lock = threading.Lock()  # one writer of tables at a time
         self.product_index: dict[str, int] = {}
         self._table = self._initial_table(shipped_ids, shipped)
-        self._query_cache: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._query_cache: LRUCache[str, np.ndarray] = LRUCache(maxsize=QUERY_CACHE_SIZE)
         self._cache_lock = threading.Lock()  # the HTTP API encodes beside the Kafka loop
         self.cache_hits = 0
         self.cache_misses = 0
@@ -287,12 +296,15 @@ class ServedModel:
         which doubled p50 when versions swapped every 2.5 s (``make bench-swap``)."""
         if self.query_side is None or self.query_side != other.query_side:
             return 0
-        with other._cache_lock:
+        with other._cache_lock:  # in the order they were cached (cachetools keeps recency to itself)
             entries = list(other._query_cache.items())
         with self._cache_lock:
             entries.extend(self._query_cache.items())  # this version's own (its warm-up) last
-            self._query_cache = OrderedDict(entries[-QUERY_CACHE_SIZE:])
-            return len(self._query_cache)
+            cache: LRUCache[str, np.ndarray] = LRUCache(maxsize=QUERY_CACHE_SIZE)
+            for text, emb in entries[-QUERY_CACHE_SIZE:]:
+                cache[text] = emb
+            self._query_cache = cache
+            return len(cache)
 
     # --- scoring -----------------------------------------------------------------------------
 
@@ -312,22 +324,22 @@ class ServedModel:
         missing: dict[str, list[int]] = {}
         with self._cache_lock:
             for i, text in enumerate(texts):
-                cached = self._query_cache.get(text)
+                cached = self._query_cache.get(text)  # a hit becomes the most recently used
                 if cached is None:
                     missing.setdefault(text, []).append(i)
                 else:
-                    self._query_cache.move_to_end(text)
                     out[i] = cached
-            self.cache_hits += len(texts) - sum(len(rows) for rows in missing.values())
+            hits = len(texts) - sum(len(rows) for rows in missing.values())
+            self.cache_hits += hits
             self.cache_misses += len(missing)
+        _CACHE_HITS.inc(hits)
+        _CACHE_MISSES.inc(len(missing))
         if missing:
             fresh = self._encode(list(missing))
             with self._cache_lock:
                 for (text, rows), emb in zip(missing.items(), fresh, strict=True):
                     out[rows] = emb
-                    self._query_cache[text] = emb.copy()  # not a view pinning the batch
-                while len(self._query_cache) > QUERY_CACHE_SIZE:
-                    self._query_cache.popitem(last=False)
+                    self._query_cache[text] = emb.copy()  # not a view pinning the batch; LRU out
         return out
 
     def _encode(self, texts: list[str]) -> np.ndarray:

@@ -134,10 +134,12 @@ class ScoringLoop(threading.Thread):
 
     def _observe(self, results: list[RankedResult], version: str, seconds: float) -> None:
         self.metrics.batch_size.observe(len(results))
+        errors = sum(1 for r in results if r.error)
         for r in results:
             self.metrics.latency.observe(r.latency_ms / 1000)
-            self.metrics.queries.labels(outcome="error" if r.error else "ranked").inc()
-        log.info("batch_ranked", queries=len(results), errors=sum(1 for r in results if r.error),
+        self.metrics.ranked.inc(len(results) - errors)
+        self.metrics.errors.inc(errors)
+        log.info("batch_ranked", queries=len(results), errors=errors,
                  model_version=version, batch_ms=round(seconds * 1000, 2),
                  latency_ms_max=round(max(r.latency_ms for r in results), 2))
         for r in results:

@@ -61,6 +61,7 @@ class ModelHolder:
                 if sha256_file(manifest) != update.manifest_sha256:
                     raise RegistryError(f"manifest of {update.model_version} does not match the announcement")
                 new = load_served_model(self._registry, update.model_version, device=self._device,
+                                        threads=self._model.threads,
                                         embeddings=self._model.embedding_source)  # Redis vectors too
             except Exception as exc:  # a bad model must never stop the scorer
                 self._metrics.swaps.labels(outcome="rejected").inc()
