@@ -33,6 +33,7 @@ import json
 import math
 import os
 import platform
+import shutil
 import subprocess
 import threading
 import time
@@ -196,6 +197,7 @@ class Chaos:
         self.settings = isolated_settings(ONLINE_DB)
         assert self.settings.redis.sentinels, "SHOPRANK_REDIS_SENTINELS missing from var/cluster.env"
         self.work = ROOT / "var" / "bench-chaos"
+        shutil.rmtree(self.work / "logs", ignore_errors=True)  # this run's logs only (replays are counted)
         self.work.mkdir(parents=True, exist_ok=True)
         self.model = choose_model(args.tiny)
         self.scorer_ports = [free_port(), free_port()]
@@ -352,6 +354,7 @@ class Chaos:
         step: dict[str, StepResult] = {}
         runner = threading.Thread(target=lambda: step.update(r=gen.step(a.query_rate, duration, 180)),
                                   name="queries", daemon=True)
+        failovers = Failovers(s)
         loads: list[float] = []  # the host's 1-minute load average: what else the 2 cores ran
         sampler = threading.Thread(target=_sample_load, args=(loads, events.stopping), daemon=True)
         t0 = time.perf_counter()
@@ -408,6 +411,13 @@ class Chaos:
                f"{OFFLINE_DB})")
         state = compare_with_rebuild(s, online, events.acked)
         self.loads = loads
+        failovers.stop()
+        planned = sum(1 for f in self.faults if f.name == "redis_primary")
+        self.failovers = {"sentinel_failovers": len(failovers.at),
+                          "unplanned_failovers": len(failovers.at) - planned,
+                          "worker_replays_from_redis": sum(log_mark(p, "replaying_from_redis")
+                                                           for n, p in self.services.procs.items()
+                                                           if n.startswith("streams"))}
         return self._report(result, lat, deliveries, events, state, caught_up, dead)
 
     def _report(self, result: StepResult, lat: list[tuple[float, float | None]], deliveries: dict[str, int],
@@ -436,6 +446,7 @@ class Chaos:
             "duplicate_results": duplicates,
             "extra_results": sum(n - 1 for n in deliveries.values() if n > 1),
             **state,
+            **self.failovers,
             "faults": per_fault,
             "searches": result.sent,
             "query_rate": a.query_rate,
@@ -464,6 +475,21 @@ class Chaos:
             "command": a.command,
             "note": a.note,
         }
+
+
+class Failovers:
+    """Every ``+switch-master`` a Sentinel announces (pub/sub) while it runs: the planned ones and
+    any the host's load caused (a primary starved of CPU misses Sentinel's pings)."""
+
+    def __init__(self, settings: Settings) -> None:
+        host, port = sentinel_addresses(str(settings.redis.sentinels))[0]
+        self.at: list[float] = []
+        self.pubsub = redis.Redis(host=host, port=port).pubsub()
+        self.pubsub.subscribe(**{"+switch-master": lambda _msg: self.at.append(time.perf_counter())})
+        self.thread = self.pubsub.run_in_thread(sleep_time=0.2, daemon=True)
+
+    def stop(self) -> None:
+        self.thread.stop()
 
 
 def _sample_load(into: list[float], stop: threading.Event) -> None:
