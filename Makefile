@@ -65,7 +65,9 @@ up-cluster: venv
 	@infra/redis-sentinel.sh start
 	@infra/kafka-cluster.sh start
 	@{ infra/kafka-cluster.sh env; infra/redis-sentinel.sh env; \
-	   echo SHOPRANK_TOPIC_REPLICATION_FACTOR=3; echo SHOPRANK_TOPIC_MIN_INSYNC_REPLICAS=2; } > $(CLUSTER_ENV)
+	   echo SHOPRANK_TOPIC_REPLICATION_FACTOR=3; echo SHOPRANK_TOPIC_MIN_INSYNC_REPLICAS=2; \
+	   echo "# a Redis command retried for about 12 s (jittered): through a Sentinel failover (5 s down-after, then the vote)"; \
+	   echo SHOPRANK_REDIS_RETRIES=30; } > $(CLUSTER_ENV)
 	@set -a; . ./$(CLUSTER_ENV); set +a; $(BIN)/shoprank topics >/dev/null
 	@echo "cluster: settings in $(CLUSTER_ENV)"
 
