@@ -295,14 +295,15 @@ class BatchWorker:
         self._assigned.update((p.topic, p.partition) for p in partitions)
         # Redis holds the truth: resume from the group's committed offset, or after the last
         # offset Redis holds when that is lower: a failover dropped writes that the Kafka commit
-        # had followed (what Redis holds above the commit is redelivered and skipped, as before).
+        # had followed (what Redis holds above the commit is redelivered and skipped, as before;
+        # no committed offset to compare, as the lookup here sometimes answers: the default).
         stored = self._stored_offsets([(p.topic, p.partition) for p in partitions])
         if stored:
             committed = {(c.topic, c.partition): c.offset
                          for c in consumer.committed(partitions, timeout=CATALOG_TIMEOUT_S)}
             for p in partitions:
                 tp = (p.topic, p.partition)
-                if tp in stored and not 0 <= committed.get(tp, -1) <= stored[tp] + 1:
+                if tp in stored and committed.get(tp, -1) > stored[tp] + 1:
                     p.offset = stored[tp] + 1
         consumer.incremental_assign(partitions)
         if self._catalog_ends is not None:  # still loading the catalog: shopper events wait
