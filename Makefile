@@ -10,6 +10,8 @@ STAMP := $(VENV)/.installed-$(shell printf %s "$(CURDIR)" | md5sum | cut -c1-12)
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export PYTHONUNBUFFERED := 1
+# Scripts under infra/ call the project's Python (e.g. Prometheus's configuration): this virtualenv's.
+export SHOPRANK_PYTHON := $(abspath $(BIN))/python
 
 .PHONY: help venv up down status topics demo test lint eval bench-streams bench-scorer bench-scorer-gpu bench-trainer bench-swap loop-eval bench-personal clean-data up-cluster down-cluster status-cluster test-cluster bench-chaos
 

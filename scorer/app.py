@@ -62,7 +62,8 @@ def build_scorer(settings: Settings) -> Scorer:
                        settings.features, settings.streams)
     # Products embedded after training (shoprank embedder); swapped-in versions read them too.
     embeddings = EmbeddingSource(store.client, settings.scorer.embeddings_refresh_s)
-    model = load_served_model(registry, version, device=settings.scorer.device, embeddings=embeddings)
+    model = load_served_model(registry, version, device=settings.scorer.device,
+                              threads=settings.scorer.threads, embeddings=embeddings)
     log.info("scorer_device", device=model.device, providers=model.providers, model_version=version)
     holder = ModelHolder(model, registry, settings.scorer.device, metrics)
     ranker = QueryRanker(store, settings.scorer.retrieve_k, settings.scorer.max_candidates, metrics=metrics)
