@@ -42,6 +42,10 @@ def cmd_topics(args: argparse.Namespace, settings: Settings) -> int:
     created = ensure_topics(kafka.admin_client(settings), specs)
     detail = f": {', '.join(created)}" if created else ""
     print(f"topics: {len(specs)} ensured, {len(created)} created{detail}")
+    # Ready means ready for the engine's consumer groups, not only for metadata.
+    waited = kafka.wait_for_groups(settings, specs[0].name)
+    if waited > 1:
+        print(f"topics: consumer groups served after {waited:.1f} s")
     return 0
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable
 from typing import Any
 
@@ -81,3 +82,23 @@ def send_acked(producer: Producer, topic: str, messages: Iterable[tuple[bytes | 
     if remaining or failed:
         raise RuntimeError(f"{topic}: {remaining} of {n} messages unacknowledged after {timeout_s:.0f} s, "
                            f"{len(failed)} failed{f': {failed[0]}' if failed else ''}")
+
+
+def wait_for_groups(settings: Settings, topic: str, timeout_s: float = 180.0) -> float:
+    """Block until consumer groups work: a throwaway group commits an offset of ``topic``. On a
+    fresh cluster the first commit creates ``__consumer_offsets`` and waits while its partitions
+    load ("coordinator load in progress"); a worker started before that sat a minute without its
+    partitions. Returns the seconds waited."""
+    started = time.monotonic()
+    probe = consumer(settings, group_id="shoprank-ready-probe")
+    try:
+        while True:
+            try:
+                probe.commit(offsets=[TopicPartition(topic, 0, 0)], asynchronous=False)
+                return time.monotonic() - started
+            except KafkaException as exc:
+                if time.monotonic() - started > timeout_s:
+                    raise TimeoutError(f"consumer groups not served after {timeout_s:.0f} s: {exc}") from exc
+                time.sleep(0.5)
+    finally:
+        probe.close()

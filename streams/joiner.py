@@ -22,6 +22,16 @@ message of labeled partition p and drops the outbox entries up to that id. One j
 partition at a time (the consumer group); the offsets key is watched, so a joiner that lost its
 partition without noticing cannot commit over the new owner.
 
+Redis holds the truth, and may lose some of it: a Sentinel failover promotes a replica that lacked
+the last writes the primary acknowledged (replication is asynchronous). A joiner remembers the
+highest offset it committed per input partition; a batch that reads a lower one from Redis writes
+nothing, and the joiner seeks both inputs of that partition back to the offsets after Redis's and
+checks the outbox against the labeled topic again: what the replica lacks is joined again. Lists it
+had already published are published again with the same id and revision, which readers of the
+labeled topic keep once (trainer.labeled keeps the newest revision of each list). A joiner taking
+a partition starts from Redis's offsets (the group's commit may be past them after a failover).
+A Redis error (a failover under way, a restart) is retried with backoff, never fatal.
+
 The watermark of partition p is the latest event time read on each input, the lesser of the two
 while both are being read; an input idle for ``idle_s`` of wall time (read to its end, or
 quiet) holds nothing back, so a quiet shop's lists still close.
@@ -42,14 +52,16 @@ from typing import Any
 import msgspec
 import redis
 import structlog
-from confluent_kafka import Consumer, KafkaException, Message, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, Message, TopicPartition
+from redis.backoff import ExponentialWithJitterBackoff
+from redis.retry import Retry
 
 from core import events, kafka
 from core.events import InvalidEvent, RankedResult
 from core.settings import Settings
 from core.topics import event_key
 from features import keys
-from features.redis_store import connect
+from features.redis_store import StateBehind, connect
 from streams import metrics
 from streams.join import JoinCounts, JoinTask, OpenList, coverage
 
@@ -61,6 +73,10 @@ IDLE_TICK_S = 0.5  # how often partitions without new records are checked for li
 OUTBOX_HEADER = "outbox_id"
 WATERMARK = "w"
 RESULTS_READ = "r"  # the clock's field: broker time (ms) of the newest result read
+# What a failover or restart raises while Redis is briefly unreachable or read-only: retried.
+REDIS_TRANSIENT = (redis.ConnectionError, redis.TimeoutError, redis.exceptions.ReadOnlyError,
+                   redis.exceptions.BusyLoadingError)
+REDIS_BACKOFF = ExponentialWithJitterBackoff(cap=5.0, base=0.2)
 
 _list_encoder = msgspec.msgpack.Encoder()
 _list_decoder = msgspec.msgpack.Decoder(OpenList)
@@ -94,6 +110,10 @@ class Joiner:
         self._assigned: set[tuple[str, int]] = set()
         self._assigned_at = time.monotonic()
         self._last_read: dict[tuple[str, int], float] = {}  # wall clock of each input's last record
+        # The highest offset of each input partition this process committed to Redis: reading a
+        # lower one means Redis lost acknowledged writes (a promoted replica).
+        self._written: dict[tuple[str, int], int] = {}
+        self.replays = 0
         self._last_progress = self._last_tick = time.monotonic()
 
     # --- lifecycle --------------------------------------------------------------------------
@@ -157,7 +177,10 @@ class Joiner:
         self._commit(asynchronous=True)
         if time.monotonic() - self._last_progress >= PROGRESS_EVERY_S:
             self._last_progress = time.monotonic()
-            self.progress()
+            try:
+                self.progress()
+            except REDIS_TRANSIENT as exc:  # a progress line is not worth waiting for Redis
+                log.warning("redis_unavailable", during="progress", error=str(exc))
 
     def progress(self) -> dict[str, Any]:
         """Counts summed over every partition's stored totals (all joiners), logged and returned."""
@@ -176,21 +199,52 @@ class Joiner:
         for m in msgs:
             self._last_read[(m.topic(), p)] = read_at
         if p not in self._recovered:
-            self._recover_outbox(p)
+            self._retrying("recover_outbox", self._recover_outbox, p)
         while True:
             try:
-                emitted = self._apply(p, msgs)
+                emitted = self._retrying("apply", self._apply, p, msgs)
                 break
             except redis.WatchError:  # another writer touched this partition's offsets: re-read
                 metrics.CONFLICTS.inc()
-            except (redis.ConnectionError, redis.TimeoutError) as exc:
-                log.warning("redis_unavailable", error=str(exc))
-                time.sleep(0.5)
+            except StateBehind as exc:
+                self._replay(p, exc.offsets)
+                return  # the rest of this batch is read again after the seek
         if emitted:
-            self._publish_outbox(p)
+            self._retrying("publish_outbox", self._publish_outbox, p)
         for m in msgs:
             tp = (m.topic(), m.partition())
             self._finished[tp] = max(self._finished.get(tp, 0), m.offset() + 1)
+
+    def _retrying(self, during: str, fn: Any, *args: Any) -> Any:
+        """``fn(*args)``, again after each transient Redis error (the client's own retries spent:
+        a failover can outlast them), backing off as the feature workers do. A step retried after
+        its effect landed is harmless: offsets skip what was applied, outbox ids what was published."""
+        def failed(exc: Exception, failures: int) -> None:
+            metrics.JOIN_REDIS_UNAVAILABLE.inc()
+            log.warning("redis_unavailable", during=during, error=str(exc), failures=failures,
+                        retry_in_s=round(REDIS_BACKOFF.compute(failures), 2))
+            if self.stopping:
+                raise exc
+
+        forever = Retry(REDIS_BACKOFF, -1, supported_errors=REDIS_TRANSIENT)
+        return forever.call_with_retry(lambda: fn(*args), failed, with_failure_count=True)
+
+    def _replay(self, p: int, stored: dict[tuple[str, int], int]) -> None:
+        """Redis lost some of partition p's writes: seek both inputs to after what it holds (their
+        beginning when it holds nothing) and check the outbox against the topic again."""
+        self.replays += 1
+        metrics.JOIN_REPLAYS.inc()
+        for topic in (self.results_topic, self.interactions_topic):
+            o = stored.get((topic, p), -1)
+            self.consumer.seek(TopicPartition(topic, p, OFFSET_BEGINNING if o < 0 else o + 1))
+            self._written[(topic, p)] = o
+            if o >= 0:
+                self._finished[(topic, p)] = o + 1
+            else:
+                self._finished.pop((topic, p), None)
+        self._recovered.discard(p)
+        log.warning("replaying_from_redis", partition=p,
+                    offsets={f"{t}[{q}]": o for (t, q), o in sorted(stored.items())})
 
     def _apply(self, p: int, msgs: list[Message]) -> int:
         """Read, join and commit one partition's batch; returns how many lists it emitted."""
@@ -202,6 +256,9 @@ class Joiner:
             reads.hgetall(clock_key)
             applied_raw, clock_raw = reads.execute()
             applied = {k.decode(): int(v) for k, v in applied_raw.items()}
+            inputs = (self.results_topic, self.interactions_topic)
+            if any(applied.get(t, -1) < self._written.get((t, p), -1) for t in inputs):
+                raise StateBehind({(t, p): applied.get(t, -1) for t in inputs})
             clock = {k.decode(): float(v) for k, v in clock_raw.items()}
             fresh = [m for m in msgs if m.offset() > applied.get(m.topic(), -1)]
             pairs = self._decode(fresh)
@@ -246,8 +303,10 @@ class Joiner:
                 else:
                     task.interaction(ev, m.timestamp()[1])
             task.advance(watermark, due, self._results_read_ms(clock))
-            self._write(tx, p, task, fresh, clock, watermark)
+            last = self._write(tx, p, task, fresh, clock, watermark)
             tx.execute()
+        for t, o in last.items():
+            self._written[(t, p)] = o
         self.totals.add(task.counts)
         metrics.count_join(task.counts)
         return len(task.emitted)
@@ -282,7 +341,8 @@ class Joiner:
         return max(clock.get(t, -math.inf) for t in inputs)
 
     def _write(self, tx: redis.client.Pipeline, p: int, task: JoinTask, fresh: list[Message],
-               clock: dict[str, float], watermark: float) -> None:
+               clock: dict[str, float], watermark: float) -> dict[str, int]:
+        """Queue the batch's writes on ``tx``; returns the last offset per input it records."""
         tx.multi()
         for qid in task.changed:
             lst = task.lists[qid]
@@ -310,6 +370,7 @@ class Joiner:
         for name, n in task.counts.as_dict().items():
             if n:
                 tx.hincrby(keys.join_stats(p), name, n)
+        return last
 
     # --- the outbox -------------------------------------------------------------------------
 
@@ -351,9 +412,27 @@ class Joiner:
                 log.warning("offset_commit_failed", error=str(exc))
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        # Start after what Redis holds where it holds something: past the group's commit that is a
+        # redelivery, skipped; below it, what a failover lost, joined again.
+        stored = self._retrying("assign", self._stored_offsets, {tp.partition for tp in partitions})
+        for tp in partitions:
+            o = stored.get((tp.topic, tp.partition))
+            if o is not None:
+                tp.offset = o + 1
+                self._written[(tp.topic, tp.partition)] = o
+        consumer.assign(partitions)
         self._assigned.update((tp.topic, tp.partition) for tp in partitions)
         self._assigned_at = time.monotonic()
         log.info("partitions_assigned", partitions=[f"{tp.topic}[{tp.partition}]" for tp in partitions])
+
+    def _stored_offsets(self, partitions: set[int]) -> dict[tuple[str, int], int]:
+        """(input topic, partition) -> the last offset Redis holds as joined."""
+        ordered = sorted(partitions)
+        with self.redis.pipeline(transaction=False) as pipe:
+            for p in ordered:
+                pipe.hgetall(keys.join_offsets(p))
+            rows = pipe.execute()
+        return {(k.decode(), p): int(v) for p, row in zip(ordered, rows, strict=True) for k, v in row.items()}
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         revoked = {(tp.topic, tp.partition) for tp in partitions}
@@ -361,6 +440,7 @@ class Joiner:
         self._assigned -= revoked
         for t, p in revoked:
             self._finished.pop((t, p), None)
+            self._written.pop((t, p), None)
             self._recovered.discard(p)
         log.info("partitions_revoked", partitions=[f"{t}[{p}]" for t, p in sorted(revoked)])
 

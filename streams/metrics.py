@@ -51,6 +51,14 @@ JOIN_SKIPPED = Counter(
 JOIN_PUBLISHED = Counter(
     "shoprank_joiner_published_total", "Labeled lists published to the labeled topic and acknowledged"
 )
+JOIN_REDIS_UNAVAILABLE = Counter(
+    "shoprank_joiner_redis_unavailable_total",
+    "Joiner steps retried because Redis was unreachable or read-only after the client's retries",
+)
+JOIN_REPLAYS = Counter(
+    "shoprank_joiner_replays_total",
+    "Partitions the joiner read again because Redis held less than it had committed (a failover)",
+)
 JOIN_COVERAGE = Gauge(
     "shoprank_joiner_click_coverage", "Share of clicks that found their impression (all joiners, stored)"
 )

@@ -1,5 +1,6 @@
 """Helpers for tests and the benchmarks: publish contract events, the environment that configures
-a worker process. Workers themselves run as ``core.processes.Service`` (``Worker`` here, the name
+a worker process, a copy of a Redis database restored later (what a promoted replica that lacked
+the last writes holds). Workers themselves run as ``core.processes.Service`` (``Worker`` here, the name
 the tests use): ``shoprank streams`` subprocesses configured only through the environment.
 """
 
@@ -8,6 +9,8 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable
 
+import redis
+
 from core import kafka
 from core.events import Event, encode
 from core.processes import Service as Worker
@@ -15,7 +18,7 @@ from core.processes import wait_until
 from core.settings import Settings
 from core.topics import TOPIC_KEYS, route
 
-__all__ = ["Worker", "environment", "publish", "wait_until"]
+__all__ = ["Worker", "dump_db", "environment", "publish", "restore_db", "wait_until"]
 
 
 def publish(settings: Settings, events: Iterable[Event | tuple[str, str, bytes]]) -> int:
@@ -51,3 +54,23 @@ def environment(settings: Settings, **streams: object) -> dict[str, str]:
     env.update({f"SHOPRANK_TOPIC_{name.upper()}": getattr(t, name) for name in TOPIC_KEYS})
     env.update({f"SHOPRANK_STREAMS_{k.upper()}": str(v) for k, v in streams.items()})
     return env
+
+
+def dump_db(client: redis.Redis) -> list[tuple[bytes, bytes, int]]:
+    """Every key of the database as (key, DUMP payload, PTTL)."""
+    names = list(client.scan_iter(count=5000))
+    with client.pipeline(transaction=False) as pipe:
+        for k in names:
+            pipe.dump(k)
+            pipe.pttl(k)
+        out = pipe.execute()
+    return [(k, out[2 * i], out[2 * i + 1]) for i, k in enumerate(names)]
+
+
+def restore_db(client: redis.Redis, copy: list[tuple[bytes, bytes, int]]) -> None:
+    """The database as ``dump_db`` copied it, nothing else."""
+    client.flushdb()
+    with client.pipeline(transaction=True) as pipe:
+        for k, payload, ttl in copy:
+            pipe.restore(k, max(ttl, 0), payload)
+        pipe.execute()

@@ -32,7 +32,7 @@ from core.topics import TOPIC_KEYS, ensure_topics, route, topic_specs
 from features import keys
 from features.redis_store import connect
 from streams.synthetic import sessions
-from streams.testing import Worker, environment, publish, wait_until
+from streams.testing import Worker, dump_db, environment, publish, restore_db, wait_until
 from tests.conftest import TEST_REDIS_DB
 from tests.test_streams_worker import SHAPE, assert_matches_offline, counted_events, load_catalog
 
@@ -91,25 +91,6 @@ def publish_paced(settings: Settings, events: list[Event], seconds: float, chunk
 
 
 # --- Redis behind its writer (no cluster needed) -------------------------------------------------
-
-
-def dump_db(client: redis.Redis) -> list[tuple[bytes, bytes, int]]:
-    """Every key of the database as (key, DUMP payload, PTTL)."""
-    names = list(client.scan_iter(count=5000))
-    with client.pipeline(transaction=False) as pipe:
-        for k in names:
-            pipe.dump(k)
-            pipe.pttl(k)
-        out = pipe.execute()
-    return [(k, out[2 * i], out[2 * i + 1]) for i, k in enumerate(names)]
-
-
-def restore_db(client: redis.Redis, copy: list[tuple[bytes, bytes, int]]) -> None:
-    client.flushdb()
-    with client.pipeline(transaction=True) as pipe:
-        for k, payload, ttl in copy:
-            pipe.restore(k, max(ttl, 0), payload)
-        pipe.execute()
 
 
 def test_a_worker_replays_what_redis_lost_of_its_acknowledged_writes(

@@ -23,10 +23,11 @@ from core.events import (
     encode,
 )
 from core.settings import JoinerSettings, Settings
+from features import keys
 from features.read import FEATURE_NAMES, FEATURE_SCHEMA
 from streams.join import JoinTask, coverage
 from streams.joiner import stored_totals
-from streams.testing import Worker, environment, wait_until
+from streams.testing import Worker, dump_db, environment, restore_db, wait_until
 
 T0 = datetime(2026, 11, 1, 12, 0, tzinfo=UTC)
 CFG = JoinerSettings(click_window_s=1800, purchase_window_s=86400)
@@ -190,14 +191,17 @@ def _workload(n: int, seed: int = 7) -> tuple[list, dict[str, dict[str, int]]]:
     return events, expected
 
 
-def _publish_partitioned(settings: Settings, events: list) -> None:
-    """Publish keyed by user id, as the contract says, then one late empty result per partition:
-    it moves each partition's event time past every window."""
+def _publish_partitioned(settings: Settings, events: list, close: bool = True) -> None:
+    """Publish keyed by user id, as the contract says, then (``close``) one late empty result per
+    partition: it moves each partition's event time past every window."""
     producer = kafka.producer(settings)
     t = settings.topics
     for ev in events:
         topic = t.results if isinstance(ev, RankedResult) else t.interactions
         producer.produce(topic, encode(ev), key=ev.user_id.encode())
+    if not close:
+        assert producer.flush(30) == 0
+        return
     end = T0 + timedelta(days=2)
     for p in range(t.partitions):
         producer.produce(t.results, encode(result(f"tick-{p}", f"tick-{p}", [], end)), partition=p)
@@ -269,3 +273,54 @@ def test_a_sigkilled_joiner_loses_and_duplicates_no_list(settings: Settings, red
     clicks = sum(1 for ev in events if isinstance(ev, Click))
     assert totals["clicks"] == clicks and totals["lists"] == len(expected)  # nothing counted twice
     assert coverage(totals) == 1.0
+
+
+def _joined_to_the_end(settings: Settings, client: redis.Redis) -> bool:
+    """Whether the joiner's offsets in Redis reached the last record of both inputs everywhere."""
+    consumer = kafka.consumer(settings, group_id="test-ends")
+    marks = kafka.watermarks(consumer, [settings.topics.results, settings.topics.interactions])
+    consumer.close()
+    for (topic, p), (low, high) in marks.items():
+        stored = client.hget(keys.join_offsets(p), topic)
+        if high > low and (stored is None or int(stored) < high - 1):
+            return False
+    return True
+
+
+def test_a_joiner_replays_what_redis_lost_of_its_acknowledged_writes(
+    settings: Settings, redis_client: redis.Redis, tmp_path: Path
+) -> None:
+    """A failover to a replica that lacked the joiner's last commits (restored from an earlier copy
+    under the running joiner): it joins the lost records again. Every list ends labeled once in
+    effect: lists published before the loss are published again with the same id and revision
+    (readers keep one), and the stored counts equal one pass over the events."""
+    events, expected = _workload(300)
+    half = len(events) // 2
+    joiner = _joiner(settings, tmp_path, "joiner")
+    try:
+        _publish_partitioned(settings, events[:half], close=False)
+        wait_until(lambda: _joined_to_the_end(settings, redis_client), 120, what="the first half joined")
+        earlier = dump_db(redis_client)
+        _publish_partitioned(settings, events[half:], close=False)
+        wait_until(lambda: _joined_to_the_end(settings, redis_client), 120, what="the second half joined")
+        restore_db(redis_client, earlier)
+        wait_until(lambda: "replaying_from_redis" in joiner.log_tail(400) or not joiner.alive(), 60,
+                   what="the joiner to notice Redis is behind it")
+        _publish_partitioned(settings, [])  # close every window
+        wait_until(lambda: {lst.list_id for lst in _labeled(settings)} >= set(expected) or not joiner.alive(),
+                   120, what="every list labeled")
+        assert joiner.alive(), joiner.log_tail()
+        wait_until(lambda: _joined_to_the_end(settings, redis_client), 60, what="everything joined")
+    finally:
+        assert joiner.stop() == 0, joiner.log_tail()
+    copies: dict[str, list[LabeledList]] = {}
+    for lst in _labeled(settings):
+        copies.setdefault(lst.list_id, []).append(lst)
+    assert set(copies) == set(expected)
+    for qid, same in copies.items():
+        assert all(c.revision == 1 for c in same), qid  # published again, never corrected
+        for lst in same:
+            assert {p.product_id: p.grade for p in lst.products} == expected[qid], qid
+    totals = stored_totals(redis_client, settings.topics.partitions)
+    clicks = sum(1 for ev in events if isinstance(ev, Click))
+    assert totals["clicks"] == clicks and totals["lists"] == len(expected)  # counted once
