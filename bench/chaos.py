@@ -468,7 +468,7 @@ class Chaos:
             "model": {"version": self.model.version, "tiny": self.model.tiny},
             "schedule": {"warmup_s": a.warmup_s, "down_s": a.down_s, "tail_s": a.tail_s, "settle_s": SETTLE_S,
                          "windows_s": {f: a.window_s or WINDOW_S[f] for f in a.faults}},
-            "host": f"vm, {os.cpu_count()} cores ({platform.node()}): what else ran on them shows in host_load_avg_1m",
+            "host": f"vm, {os.cpu_count()} cores ({platform.node()}); see host_load_avg_1m",
             "host_load_avg_1m": {"min": min(self.loads, default=None), "max": max(self.loads, default=None),
                                  "mean": round(sum(self.loads) / len(self.loads), 1) if self.loads else None},
             "measured_at": datetime.now(UTC).isoformat(timespec="seconds"),

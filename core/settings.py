@@ -139,9 +139,6 @@ class ScorerSettings(BaseSettings):
     # A killed scorer's partitions move to the others after this long without its heartbeats
     # (librdkafka's default, 45 s, left its searches waiting that long).
     session_timeout_s: float = Field(default=10.0, ge=6.0)
-    # Static membership: a restarted scorer with the same id takes its partitions back at once,
-    # without a rebalance of the others.
-    instance_id: str | None = None
     # onnxruntime intra-op threads per session (0: one per core). A scorer's batches are a few
     # queries, and it shares its cores with Kafka and Redis: one thread spent 13% less CPU per
     # query encoding and scoring than two on the 2-core host (15% more wall time per miss).

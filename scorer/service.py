@@ -17,7 +17,7 @@ from collections import deque
 from dataclasses import dataclass
 
 import structlog
-from confluent_kafka import Consumer, Message, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
 from core import kafka
 from core.events import RankedResult, encode
@@ -77,8 +77,6 @@ class ScoringLoop(threading.Thread):
             "session.timeout.ms": int(s.scorer.session_timeout_s * 1000),
             "heartbeat.interval.ms": int(s.scorer.session_timeout_s * 1000 / 5),
         }
-        if s.scorer.instance_id:
-            overrides["group.instance.id"] = s.scorer.instance_id
         consumer = kafka.consumer(s, group_id=s.scorer.group_id, **overrides)
         # zstd: a 100-candidate result goes from 22 KB to 5 KB on the wire for 0.06 ms of compression
         # (publish-to-consume p50 +0.1-0.4 ms, bench/result_size.py --broker); no linger, so a
@@ -118,6 +116,11 @@ class ScoringLoop(threading.Thread):
         cfg = self.settings.scorer
         rest = consumer.consume(num_messages=cfg.max_batch - 1, timeout=cfg.max_wait_ms / 1000) \
             if cfg.max_batch > 1 else []
+        for m in (first, *rest):
+            err = m.error()
+            if err is not None and (err.fatal() or err.code() == KafkaError._FATAL):
+                # The consumer is unusable: end the loop, so /ready says so and a supervisor restarts it.
+                raise KafkaException(err)
         return [m for m in (first, *rest) if m.error() is None]
 
     @staticmethod

@@ -43,7 +43,7 @@ from types import FrameType
 from typing import Any
 
 import structlog
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, Message, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Message, TopicPartition
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
@@ -82,7 +82,10 @@ class BatchWorker:
         }
         if s.instance_id:
             overrides["group.instance.id"] = s.instance_id
+        self._consumer_conf = (settings, s.group_id, overrides)
         self.consumer: Consumer = kafka.consumer(settings, group_id=s.group_id, **overrides)
+        self._consumer_failed: KafkaError | None = None  # a fatal error: the consumer is unusable
+        self.consumer_restarts = 0
         self.batch_size, self.within_s = s.batch_size, s.batch_within_s
         self.commit_interval_s = s.commit_interval_s
         self.stopping = threading.Event()
@@ -115,8 +118,7 @@ class BatchWorker:
         applier = threading.Thread(target=self._apply_loop, name="features-applier", daemon=True)
         applier.start()
         self._catalog_ends = self._catalog_backlog()
-        self.consumer.subscribe(self.topics, on_assign=self._on_assign, on_revoke=self._on_revoke,
-                                on_lost=self._on_lost)
+        self._subscribe()
         log.info("streams_worker_started", engine="batch", topics=self.topics,
                  batch_size=self.batch_size, batch_within_s=self.within_s)
         last_commit = time.monotonic()
@@ -124,6 +126,8 @@ class BatchWorker:
             while not self.stopping.is_set():
                 if self._rewind.is_set():
                     self._replay_from_redis()
+                if self._consumer_failed is not None:
+                    self._restart_consumer()
                 msgs = self.consumer.consume(self.batch_size, timeout=self.within_s)
                 if msgs:
                     self._enqueue(msgs)
@@ -163,13 +167,40 @@ class BatchWorker:
         for m in msgs:
             err = m.error()
             if err is not None:
-                if err.fatal():
-                    raise KafkaException(err)
+                if err.fatal() or err.code() == KafkaError._FATAL:
+                    self._consumer_failed = err
+                    break  # the rest is read again by the next consumer
                 log.warning("consume_error", error=str(err))
                 continue
             raws.append(RawRecord(m.topic(), m.partition(), m.offset(), m.key(), m.value()))
         if raws:
             self._put(self.processor.decode(raws))
+
+    def _subscribe(self) -> None:
+        self.consumer.subscribe(self.topics, on_assign=self._on_assign, on_revoke=self._on_revoke,
+                                on_lost=self._on_lost)
+
+    def _restart_consumer(self) -> None:
+        """Replace a consumer a fatal error left unusable. Seen: a static member (instance_id)
+        whose session timed out while its group coordinator's broker was down is fenced by its
+        own earlier registration when it rejoins (librdkafka issue 3437). What was queued is
+        applied first; the new consumer resumes from the group's offsets (or Redis's, when
+        lower), and what Redis already holds is skipped as before."""
+        log.warning("consumer_restarting", error=str(self._consumer_failed))
+        self._drain()
+        try:
+            self.consumer.close()
+        except KafkaException as exc:  # a fatal consumer may refuse even that: it is dropped
+            log.warning("consumer_close_failed", error=str(exc))
+        with self._lock:
+            self._assigned.clear()
+            self._paused.clear()
+            self._finished.clear()  # committed by the next owner of each partition, after its reads
+        settings, group_id, overrides = self._consumer_conf
+        self.consumer = kafka.consumer(settings, group_id=group_id, **overrides)
+        self._consumer_failed = None
+        self.consumer_restarts += 1
+        self._subscribe()
 
     def _put(self, batch: Decoded | None) -> None:
         """Queue for the applier; gives up (the batch is redelivered) if the applier failed."""

@@ -232,6 +232,7 @@ def test_killing_the_leaders_broker_loses_no_acknowledged_event(
     total = counted_events(events)
     acked: list[int] = []
     failed: list[int] = []
+    killed = threading.Event()
 
     def produce() -> None:  # acks=all, idempotent (core.kafka.producer): what the engine sends
         producer = kafka.producer(s)
@@ -244,7 +245,9 @@ def test_killing_the_leaders_broker_loses_no_acknowledged_event(
             producer.produce(topic, encode(ev), key=key.encode(), on_delivery=done)
             producer.poll(0)
             if i % 200 == 199:
-                time.sleep(0.1)  # ~2,000 events/s: the kill lands mid-stream
+                time.sleep(0.1)  # ~2,000 events/s
+            if i == len(events) // 2:  # the kill lands mid-stream, however fast the host sends
+                killed.wait(60)
         assert producer.flush(120) == 0
 
     sender = threading.Thread(target=produce, daemon=True)
@@ -256,6 +259,7 @@ def test_killing_the_leaders_broker_loses_no_acknowledged_event(
     victim = max(by_broker, key=lambda b: by_broker[b])
     acked_before = len(acked)
     subprocess.run([KAFKA_CLUSTER, "kill-node", str(victim)], check=True, capture_output=True)
+    killed.set()
     try:
         sender.join(180)
         assert not sender.is_alive()
