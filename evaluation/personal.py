@@ -377,7 +377,14 @@ def run(settings: Settings, out: Path, work: Path, retrain: bool = False,
 
     def write() -> None:
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(report, indent=2) + "\n")
+        # The simulator's run writes its own keys (sim_*) into the same file: keep them.
+        kept: dict[str, Any] = {}
+        if out.exists():
+            try:
+                kept = {k: v for k, v in json.loads(out.read_text()).items() if k.startswith("sim_")}
+            except ValueError:
+                kept = {}
+        out.write_text(json.dumps({**report, **kept}, indent=2) + "\n")
 
     if only_nonpersonal:
         cached("test-nonpersonal", split, False, registry)
