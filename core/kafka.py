@@ -9,6 +9,7 @@ from typing import Any
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
+from core.processes import wait_until
 from core.settings import Settings
 
 
@@ -84,6 +85,12 @@ def send_acked(producer: Producer, topic: str, messages: Iterable[tuple[bytes | 
                            f"{len(failed)} failed{f': {failed[0]}' if failed else ''}")
 
 
+def is_fatal(err: KafkaError) -> bool:
+    """Whether an error left the client unusable. A consumer's fatal error reaches the caller as a
+    message whose error code is _FATAL, while that error object itself may not say fatal()."""
+    return err.fatal() or err.code() == KafkaError._FATAL
+
+
 def wait_for_groups(settings: Settings, topic: str, timeout_s: float = 180.0) -> float:
     """Block until consumer groups work: a throwaway group commits an offset of ``topic``. On a
     fresh cluster the first commit creates ``__consumer_offsets`` and waits while its partitions
@@ -91,14 +98,16 @@ def wait_for_groups(settings: Settings, topic: str, timeout_s: float = 180.0) ->
     partitions. Returns the seconds waited."""
     started = time.monotonic()
     probe = consumer(settings, group_id="shoprank-ready-probe")
+
+    def committed() -> bool:
+        try:
+            probe.commit(offsets=[TopicPartition(topic, 0, 0)], asynchronous=False)
+            return True
+        except KafkaException:
+            return False
+
     try:
-        while True:
-            try:
-                probe.commit(offsets=[TopicPartition(topic, 0, 0)], asynchronous=False)
-                return time.monotonic() - started
-            except KafkaException as exc:
-                if time.monotonic() - started > timeout_s:
-                    raise TimeoutError(f"consumer groups not served after {timeout_s:.0f} s: {exc}") from exc
-                time.sleep(0.5)
+        wait_until(committed, timeout_s, interval=0.5, what="consumer groups served (an offset commit)")
     finally:
         probe.close()
+    return time.monotonic() - started

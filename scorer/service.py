@@ -18,7 +18,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 import structlog
-from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
+from confluent_kafka import Consumer, KafkaException, Message, TopicPartition
 
 from core import kafka
 from core.events import RankedResult, encode
@@ -132,7 +132,7 @@ class ScoringLoop(threading.Thread):
             if cfg.max_batch > 1 else []
         for m in (first, *rest):
             err = m.error()
-            if err is not None and (err.fatal() or err.code() == KafkaError._FATAL):
+            if err is not None and kafka.is_fatal(err):
                 # The consumer is unusable: end the loop, so /ready says so and a supervisor restarts it.
                 raise KafkaException(err)
         return [m for m in (first, *rest) if m.error() is None]

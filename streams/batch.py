@@ -39,6 +39,8 @@ import queue
 import signal
 import threading
 import time
+from collections.abc import Callable
+from functools import partial
 from types import FrameType
 from typing import Any
 
@@ -82,10 +84,11 @@ class BatchWorker:
         }
         if s.instance_id:
             overrides["group.instance.id"] = s.instance_id
-        self._consumer_conf = (settings, s.group_id, overrides)
-        self.consumer: Consumer = kafka.consumer(settings, group_id=s.group_id, **overrides)
+        # The same consumer again after a fatal error (_restart_consumer).
+        self._new_consumer: Callable[[], Consumer] = partial(kafka.consumer, settings, s.group_id,
+                                                             **overrides)
+        self.consumer: Consumer = self._new_consumer()
         self._consumer_failed: KafkaError | None = None  # a fatal error: the consumer is unusable
-        self.consumer_restarts = 0
         self.batch_size, self.within_s = s.batch_size, s.batch_within_s
         self.commit_interval_s = s.commit_interval_s
         self.stopping = threading.Event()
@@ -167,7 +170,7 @@ class BatchWorker:
         for m in msgs:
             err = m.error()
             if err is not None:
-                if err.fatal() or err.code() == KafkaError._FATAL:
+                if kafka.is_fatal(err):
                     self._consumer_failed = err
                     break  # the rest is read again by the next consumer
                 log.warning("consume_error", error=str(err))
@@ -196,10 +199,8 @@ class BatchWorker:
             self._assigned.clear()
             self._paused.clear()
             self._finished.clear()  # committed by the next owner of each partition, after its reads
-        settings, group_id, overrides = self._consumer_conf
-        self.consumer = kafka.consumer(settings, group_id=group_id, **overrides)
+        self.consumer = self._new_consumer()
         self._consumer_failed = None
-        self.consumer_restarts += 1
         self._subscribe()
 
     def _put(self, batch: Decoded | None) -> None:

@@ -113,7 +113,6 @@ class Joiner:
         # The highest offset of each input partition this process committed to Redis: reading a
         # lower one means Redis lost acknowledged writes (a promoted replica).
         self._written: dict[tuple[str, int], int] = {}
-        self.replays = 0
         self._last_progress = self._last_tick = time.monotonic()
 
     # --- lifecycle --------------------------------------------------------------------------
@@ -232,7 +231,6 @@ class Joiner:
     def _replay(self, p: int, stored: dict[tuple[str, int], int]) -> None:
         """Redis lost some of partition p's writes: seek both inputs to after what it holds (their
         beginning when it holds nothing) and check the outbox against the topic again."""
-        self.replays += 1
         metrics.JOIN_REPLAYS.inc()
         for topic in (self.results_topic, self.interactions_topic):
             o = stored.get((topic, p), -1)
