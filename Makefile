@@ -13,13 +13,14 @@ export PYTHONUNBUFFERED := 1
 # Scripts under infra/ call the project's Python (e.g. Prometheus's configuration): this virtualenv's.
 export SHOPRANK_PYTHON := $(abspath $(BIN))/python
 
-.PHONY: help venv up down status topics demo test lint eval bench-streams bench-scorer bench-scorer-gpu bench-trainer bench-swap loop-eval bench-personal clean-data up-cluster down-cluster status-cluster test-cluster bench-chaos
+.PHONY: help venv up down status topics demo test lint eval bench-streams bench-scorer bench-scorer-gpu bench-trainer bench-swap loop-eval bench-personal clean-data up-cluster down-cluster status-cluster test-cluster bench-chaos up-redis-cluster down-redis-cluster
 
 help:
 	@echo "make demo    set up everything, start Kafka and Redis, replay the Best Buy data, show results"
 	@echo "make test    set up everything, start Kafka and Redis, run the test suite"
 	@echo "make up / down / status    start, stop, inspect the local Kafka, Redis and Prometheus"
 	@echo "make up-cluster / down-cluster    3 Kafka brokers (KRaft) + Redis primary, replica, 3 Sentinels"
+	@echo "make up-redis-cluster / down-redis-cluster    Redis Cluster: 3 primaries, a replica each"
 	@echo "make lint    ruff"
 	@echo "make eval    measure ranking quality on the real data, write bench/results/quality.json"
 
@@ -56,7 +57,7 @@ demo: up
 
 # The replicated topology runs beside the single node (its own loopback ports): the failover
 # tests (tests/test_cluster.py) use it, the rest of the suite the single node.
-test: up up-cluster
+test: up up-cluster up-redis-cluster
 	@infra/browser.sh install
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
@@ -76,6 +77,18 @@ up-cluster: venv
 down-cluster:
 	@infra/kafka-cluster.sh stop
 	@infra/redis-sentinel.sh stop
+
+# Redis Cluster on loopback (3 primaries, a replica each; ports in infra/redis-cluster.sh): the
+# feature state sharded by owner. Its settings go to var/redis-cluster.env; the tests on it use it
+# directly (SHOPRANK_TEST_REDIS_CLUSTER_URL).
+REDIS_CLUSTER_ENV := var/redis-cluster.env
+up-redis-cluster: venv
+	@infra/redis-cluster.sh start
+	@infra/redis-cluster.sh env > $(REDIS_CLUSTER_ENV)
+	@echo "redis-cluster: settings in $(REDIS_CLUSTER_ENV)"
+
+down-redis-cluster:
+	@infra/redis-cluster.sh stop
 
 status-cluster:
 	@infra/kafka-cluster.sh status || true

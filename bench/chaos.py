@@ -333,7 +333,7 @@ class Chaos:
             self.start_trainer()
             consumer = kafka.consumer(s, group_id=f"bench-ends-{uuid.uuid4().hex[:6]}")
             try:
-                applied_up_to(online, Ends(consumer, [s.topics.catalog]).now(), 300)
+                applied_up_to(online, Ends(consumer, [s.topics.catalog]).now(), s.features.shards, 300)
             finally:
                 consumer.close()
             _print("engine up; load starts")
@@ -399,7 +399,7 @@ class Chaos:
         caught_up = True
         try:
             inputs = [t.catalog, t.queries, t.results, t.interactions]
-            applied_up_to(online, Ends(consumer, inputs).now(), 300)
+            applied_up_to(online, Ends(consumer, inputs).now(), s.features.shards, 300)
         except TimeoutError as exc:
             caught_up = False
             _print(f"feature workers did not catch up: {exc}")

@@ -124,7 +124,7 @@ def wait_features(settings: Settings, client: redis.Redis, topics: Sequence[str]
     own = consumer is None
     consumer = consumer or kafka.consumer(settings, group_id=f"bench-ends-{uuid.uuid4().hex[:6]}")
     try:
-        applied_up_to(client, Ends(consumer, topics).now(), timeout_s)
+        applied_up_to(client, Ends(consumer, topics).now(), settings.features.shards, timeout_s)
     finally:
         if own:
             consumer.close()

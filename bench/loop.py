@@ -312,7 +312,7 @@ class Loop:
         def settle(stats: LiveReplayStats) -> None:
             forward(stats)
             if self.args.settle:
-                applied_up_to(self.client, watched.now())
+                applied_up_to(self.client, watched.now(), self.settings.features.shards)
             i = stats.searches
             if "continuous" in self.arms and 0 < i < len(days) and days[i] != days[i - 1]:
                 self._cycle(days[i], consumer)

@@ -9,9 +9,18 @@ All figures are measured in one run, on this machine, against the local Kafka an
 - ``freshness_p50_ms`` / ``freshness_p99_ms``: publish -> readable in Redis, for probe clicks
   of new shoppers inside a steady 5,000 events/s stream;
 - ``bytes_per_user``: MEMORY USAGE of a shopper's key, mean over a sample, 100,000 shoppers;
-- ``faust_noop_eps`` (``--noop``): faust agents that only count, faust's own ceiling here.
+- ``faust_noop_eps`` (``--noop``): faust agents that only count, faust's own ceiling here;
+- ``cluster_*`` (``--topology cluster`` or ``both``, the default): the same worker, freshness and
+  memory figures with the feature state in owner shards on the Redis Cluster of
+  ``make up-redis-cluster`` (3 primaries, a replica each), and ``raw_cluster_ops``, pipelined SETs
+  over its primaries (redis-benchmark --cluster).
 
-Topics are fresh (``bench.<tag>.*``, deleted afterwards) and Redis DB 14 is flushed first.
+Topics are fresh (``bench.<tag>.*``, deleted afterwards); Redis DB 14 and the Redis Cluster
+(the tests' too: run it alone) are flushed first.
+
+On the 2-core reference host the cluster's six servers share the cores with Kafka and the
+worker: the cluster figures say what sharding costs per event (a commit per shard, each
+shard's share of every product written and read), not how far more primaries scale out.
 """
 
 from __future__ import annotations
@@ -33,6 +42,7 @@ from pathlib import Path
 import numpy as np
 import redis
 from confluent_kafka import TopicPartition
+from redis.cluster import RedisCluster
 
 from bench.isolation import isolated_settings
 from core import kafka
@@ -41,8 +51,9 @@ from core.logs import configure_logging
 from core.settings import Settings
 from core.topics import ensure_topics, route, topic_specs
 from features import keys
+from features.keys import Shards
 from features.plan import Record
-from features.redis_store import RedisStore
+from features.redis_store import Client, RedisStore, connect, stats
 from streams.synthetic import START, Shape, catalog, sessions
 from streams.testing import Worker, environment, publish, wait_until
 
@@ -83,7 +94,7 @@ def raw_redis_ops(settings: Settings) -> float:
     return float(row.split(",")[1].strip('"'))
 
 
-def worker_eps(client: redis.Redis, total: int, worker: Worker) -> float:
+def worker_eps(client: Client, shards: Shards, total: int, worker: Worker) -> float:
     marks: dict[int, float] = {}
     lo, hi = int(total * 0.1), int(total * 0.9)
     deadline = time.monotonic() + 900
@@ -92,7 +103,7 @@ def worker_eps(client: redis.Redis, total: int, worker: Worker) -> float:
             raise RuntimeError(f"backlog not drained in 900 s:\n{worker.log_tail()}")
         if not worker.alive():
             raise RuntimeError("worker died:\n" + worker.log_tail())
-        done = int(client.hget(keys.STATS, keys.STATS_APPLIED) or 0)
+        done = stats(client, shards).get(keys.STATS_APPLIED, 0)
         now = time.perf_counter()
         for mark in (lo, hi):
             if done >= mark and mark not in marks:
@@ -147,7 +158,7 @@ def noop_worker() -> int:
     return 0
 
 
-def freshness(settings: Settings, client: redis.Redis, shape: Shape, rate: int, seconds: float,
+def freshness(settings: Settings, shape: Shape, rate: int, seconds: float,
               probe_every: int, tag: str = "") -> tuple[list[float], float, int]:
     """Publish ``rate`` events/s for ``seconds``; every ``probe_every``-th is a probe click of a new
     shopper whose key is polled for in Redis. Returns latencies (ms) and the rate achieved."""
@@ -158,15 +169,17 @@ def freshness(settings: Settings, client: redis.Redis, shape: Shape, rate: int, 
     lock = threading.Lock()
     stop = threading.Event()
 
+    shards = Shards(settings.features.shards)
+
     def poll() -> None:
-        pipe_client = redis.Redis.from_url(settings.redis.url)
+        pipe_client = connect(settings.redis)
         while not stop.is_set() or len(seen) < len(sent):
             with lock:
                 waiting = [u for u in sent if u not in seen]
             if waiting:
                 with pipe_client.pipeline(transaction=False) as pipe:
                     for u in waiting:
-                        pipe.exists(keys.user(u))
+                        pipe.exists(keys.user(u, shards.tag_of(u)))
                     res = pipe.execute()
                 now = time.perf_counter()
                 for u, ok in zip(waiting, res, strict=True):
@@ -215,77 +228,79 @@ def freshness(settings: Settings, client: redis.Redis, shape: Shape, rate: int, 
     return lat, achieved, len(sent)
 
 
-def bytes_per_user(client: redis.Redis, users: list[str], sample: int = 2000) -> tuple[float, int, int]:
+def bytes_per_user(client: Client, shards: Shards, users: list[str], sample: int = 2000
+                   ) -> tuple[float, int, int]:
     picked = random.Random(1).sample(users, min(sample, len(users)))
     with client.pipeline(transaction=False) as pipe:
         for u in picked:
-            pipe.memory_usage(keys.user(u), samples=0)
+            pipe.memory_usage(keys.user(u, shards.tag_of(u)), samples=0)
         sizes = [s for s in pipe.execute() if s]
     return float(np.mean(sizes)), int(np.percentile(sizes, 99)), len(sizes)
 
 
-def run(args: argparse.Namespace) -> dict[str, object]:
-    settings = bench_settings()
-    ensure_topics(kafka.admin_client(settings), topic_specs(settings))
-    client = redis.Redis.from_url(settings.redis.url)
-    client.flushdb()
-    shape = Shape(users=args.users, products=args.products, categories=100, brands=50)
-    products = catalog(shape)
-    events: list[Event] = list(sessions(shape, args.queries))
-    users = sorted({e.user_id for e in events})  # type: ignore[union-attr]
-    print(f"bench: {len(events)} events, {len(users)} shoppers, {len(products)} products", flush=True)
-    load = os.getloadavg()
-    try:
-        publish(settings, [*products, *events])
-        broker = raw_broker_eps(settings, len(events))
-        print(f"raw_broker_eps   {broker:12,.0f}", flush=True)
-        redis_ops = raw_redis_ops(settings)
-        client.flushdb()
-        print(f"raw_redis_ops    {redis_ops:12,.0f}", flush=True)
-        # Steady state: the catalog is known before the backlog of shopper events is replayed
-        # (otherwise clicks racing ahead of their products' catalog records are dead-lettered).
-        RedisStore(client, settings.features, settings.streams).apply_batch([Record(p) for p in products])
+def raw_cluster_ops(url: str) -> float:
+    """Pipelined SETs over the cluster's primaries (redis-benchmark --cluster)."""
+    host, port = re.match(r"rediss?://([^:/]+):(\d+)", url).groups()  # type: ignore[union-attr]
+    out = subprocess.run(["redis-benchmark", "--cluster", "-h", host, "-p", port, "-t", "set", "-P", "16",
+                          "-n", "1000000", "-r", "100000", "-q", "--csv"],
+                         capture_output=True, text=True, check=True, timeout=300).stdout
+    row = next(line for line in out.splitlines() if line.startswith('"SET"'))
+    return float(row.split(",")[1].strip('"'))
 
-        noop = faust_noop_eps(settings, client, len(events)) if args.noop else None
-        if noop is not None:
-            print(f"faust_noop_eps   {noop:12,.0f}   (faust alone, agents that only count)", flush=True)
-        env = environment(settings, group_id=f"bench-{uuid.uuid4().hex[:6]}", engine=args.engine,
-                          batch_size=args.batch, batch_within_s=args.within)
-        log = Path(args.log)
-        worker = Worker(env, log)
-        try:
-            eps = worker_eps(client, len(events), worker)
-            print(f"worker_eps       {eps:12,.0f}   ({eps / broker:.1%} of raw_broker_eps)", flush=True)
-            wait_until(lambda: int(client.hget(keys.STATS, keys.STATS_APPLIED) or 0) >= len(events), 300,
-                       what="backlog drained")
-            lat, achieved, n_probes = freshness(settings, client, shape, args.rate, args.seconds,
-                                                args.probe_every)
-            # The same, at half the rate this worker sustained: its latency when it keeps up.
-            half = max(100, int(eps / 2))
-            lat_half, achieved_half, _ = freshness(settings, client, shape, half, args.seconds,
-                                                   args.probe_every, tag="half")
-        finally:
-            worker.stop()
-        p50, p99 = np.percentile(lat, [50, 99])
-        print(f"freshness        p50 {p50:.1f} ms, p99 {p99:.1f} ms at {achieved:,.0f} events/s "
-              f"({len(lat)} probes)", flush=True)
-        h50, h99 = np.percentile(lat_half, [50, 99])
-        print(f"  at half worker_eps: p50 {h50:.1f} ms, p99 {h99:.1f} ms at {achieved_half:,.0f} events/s",
-              flush=True)
-        mean, p99_size, _ = bytes_per_user(client, users)
-        n_users = sum(1 for _ in client.scan_iter(keys.USER + "*", count=10000)) - len(lat) - len(lat_half)
-        print(f"bytes_per_user   {mean:12,.0f}   (p99 {p99_size}, {n_users} shoppers)", flush=True)
-    finally:
-        admin = kafka.admin_client(settings)
-        for fut in admin.delete_topics([s.name for s in topic_specs(settings)]).values():
-            fut.result()
+
+def cluster_settings(settings: Settings, shards: int) -> Settings:
+    """``settings`` on the Redis Cluster of ``make up-redis-cluster``, the state in ``shards``."""
+    url = os.environ.get("SHOPRANK_BENCH_REDIS_CLUSTER_URL", "redis://127.0.0.1:17000/0")
+    return settings.model_copy(update={
+        "redis": settings.redis.model_copy(update={"url": url, "cluster": True}),
+        "features": settings.features.model_copy(update={"shards": shards})})
+
+
+def flush(client: Client) -> None:
+    if isinstance(client, RedisCluster):
+        client.flushall(target_nodes=RedisCluster.PRIMARIES)
+    else:
         client.flushdb()
+
+
+def measure(args: argparse.Namespace, settings: Settings, shape: Shape, products: list[Event],
+            events: list[Event], users: list[str], broker: float, label: str) -> dict[str, object]:
+    """One worker on ``settings``' Redis: backlog rate, freshness at ``--rate`` and at half the
+    worker's rate, memory per shopper. ``settings``' topics hold ``products`` and ``events``."""
+    client, shards = connect(settings.redis), Shards(settings.features.shards)
+    flush(client)
+    # Steady state: the catalog is known before the backlog of shopper events is replayed
+    # (otherwise clicks racing ahead of their products' catalog records are dead-lettered).
+    RedisStore(client, settings.features, settings.streams).apply_batch([Record(p) for p in products])
+    env = environment(settings, group_id=f"bench-{uuid.uuid4().hex[:6]}", engine=args.engine,
+                      batch_size=args.batch, batch_within_s=args.within)
+    worker = Worker(env, Path(args.log))
+    try:
+        eps = worker_eps(client, shards, len(events), worker)
+        print(f"{label}worker_eps       {eps:12,.0f}   ({eps / broker:.1%} of raw_broker_eps)", flush=True)
+        wait_until(lambda: stats(client, shards).get(keys.STATS_APPLIED, 0) >= len(events), 300,
+                   what="backlog drained")
+        lat, achieved, n_probes = freshness(settings, shape, args.rate, args.seconds, args.probe_every,
+                                            tag=f"{label}full")
+        # The same, at half the rate this worker sustained: its latency when it keeps up.
+        half = max(100, int(eps / 2))
+        lat_half, achieved_half, _ = freshness(settings, shape, half, args.seconds, args.probe_every,
+                                               tag=f"{label}half")
+    finally:
+        worker.stop()
+    p50, p99 = np.percentile(lat, [50, 99])
+    print(f"{label}freshness        p50 {p50:.1f} ms, p99 {p99:.1f} ms at {achieved:,.0f} events/s "
+          f"({len(lat)} probes)", flush=True)
+    h50, h99 = np.percentile(lat_half, [50, 99])
+    print(f"  at half worker_eps: p50 {h50:.1f} ms, p99 {h99:.1f} ms at {achieved_half:,.0f} events/s",
+          flush=True)
+    mean, p99_size, _ = bytes_per_user(client, shards, users)
+    n_users = sum(1 for _ in client.scan_iter(keys.USER + "*", count=10000)) - len(lat) - len(lat_half)
+    print(f"{label}bytes_per_user   {mean:12,.0f}   (p99 {p99_size}, {n_users} shoppers)", flush=True)
+    flush(client)
     return {
-        "raw_broker_eps": round(broker),
-        "raw_redis_ops": round(redis_ops),
         "worker_eps": round(eps),
         "worker_to_broker_ratio": round(eps / broker, 4),
-        "faust_noop_eps": round(noop) if noop is not None else None,
         "freshness_p50_ms": round(float(p50), 2),
         "freshness_p99_ms": round(float(p99), 2),
         "freshness_rate_eps": round(achieved),
@@ -296,6 +311,49 @@ def run(args: argparse.Namespace) -> dict[str, object]:
         "bytes_per_user": round(mean),
         "bytes_per_user_p99": p99_size,
         "shoppers": n_users,
+    }
+
+
+def run(args: argparse.Namespace) -> dict[str, object]:
+    settings = bench_settings()
+    ensure_topics(kafka.admin_client(settings), topic_specs(settings))
+    shape = Shape(users=args.users, products=args.products, categories=100, brands=50)
+    products: list[Event] = list(catalog(shape))
+    events: list[Event] = list(sessions(shape, args.queries))
+    users = sorted({e.user_id for e in events})  # type: ignore[union-attr]
+    print(f"bench: {len(events)} events, {len(users)} shoppers, {len(products)} products", flush=True)
+    load = os.getloadavg()
+    out: dict[str, object] = {}
+    try:
+        publish(settings, [*products, *events])
+        broker = raw_broker_eps(settings, len(events))
+        print(f"raw_broker_eps   {broker:12,.0f}", flush=True)
+        out["raw_broker_eps"] = round(broker)
+        if args.topology in ("single", "both"):
+            client = connect(settings.redis)
+            redis_ops = raw_redis_ops(settings)
+            client.flushdb()
+            print(f"raw_redis_ops    {redis_ops:12,.0f}", flush=True)
+            noop = faust_noop_eps(settings, client, len(events)) if args.noop else None
+            if noop is not None:
+                print(f"faust_noop_eps   {noop:12,.0f}   (faust alone, agents that only count)", flush=True)
+            out |= {"raw_redis_ops": round(redis_ops), "faust_noop_eps": round(noop) if noop else None}
+            out |= measure(args, settings, shape, products, events, users, broker, "")
+        if args.topology in ("cluster", "both"):
+            sharded = cluster_settings(settings, args.shards)
+            cluster_ops = raw_cluster_ops(sharded.redis.url)
+            print(f"raw_cluster_ops  {cluster_ops:12,.0f}", flush=True)
+            flush(connect(sharded.redis))
+            figures = measure(args, sharded, shape, products, events, users, broker, "cluster_")
+            out |= {"raw_cluster_ops": round(cluster_ops)}
+            out |= {f"cluster_{k}": v for k, v in figures.items()}
+            out |= {"cluster_shards": args.shards, "cluster_primaries": primaries(connect(sharded.redis))}
+    finally:
+        admin = kafka.admin_client(settings)
+        for fut in admin.delete_topics([s.name for s in topic_specs(settings)]).values():
+            fut.result()
+    return out | {
+        "topology": args.topology,
         "events": len(events),
         "workers": 1,
         "engine": args.engine,
@@ -304,6 +362,10 @@ def run(args: argparse.Namespace) -> dict[str, object]:
         "machine": {"cpus": os.cpu_count(), "loadavg_at_start": [round(x, 2) for x in load]},
         "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
+
+
+def primaries(client: Client) -> int:
+    return len(client.get_primaries()) if isinstance(client, RedisCluster) else 1
 
 
 def main() -> int:
@@ -324,6 +386,10 @@ def main() -> int:
     parser.add_argument("--noop", action="store_true",
                         help="also measure faust_noop_eps: faust agents that only count")
     parser.add_argument("--noop-worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--topology", choices=["single", "cluster", "both"], default="both",
+                        help="one Redis, the Redis Cluster (make up-redis-cluster), or both in one run")
+    parser.add_argument("--shards", type=int, default=6,
+                        help="owner shards of the feature state on the cluster (SHOPRANK_FEATURES_SHARDS)")
     args = parser.parse_args()
     if args.noop_worker:
         return noop_worker()

@@ -77,6 +77,9 @@ class RedisSettings(BaseSettings):
     # Scorers read features from a replica (the primary when none answers): spares the primary,
     # at the cost of the replication lag (milliseconds) in freshness. Sentinel only.
     read_from_replicas: bool = False
+    # Redis Cluster (make up-redis-cluster): the URL names any node, the client discovers the rest
+    # and follows slot moves. The feature state then needs SHOPRANK_FEATURES_SHARDS >= 2.
+    cluster: bool = False
 
 
 class TopicSettings(BaseSettings):
@@ -182,6 +185,10 @@ class FeatureSettings(BaseSettings):
     # A shopper's session ends after this long without a search (features.session; 30 min is the
     # web-analytics convention).
     session_gap_s: float = Field(default=1800.0, gt=0)
+    # How many owner shards the feature state is split into (features.keys.Shards): 1 keeps one
+    # keyspace (a single Redis); a Redis Cluster needs at least 2 (a few per primary). Writers and
+    # readers must agree on it, and changing it means `shoprank rebuild`.
+    shards: int = Field(default=1, ge=1, le=1024)
 
 
 class JoinerSettings(BaseSettings):

@@ -57,3 +57,18 @@ def bump(state: Sequence[float], n_decayed: int, slot: int, t: float, half_life:
     out[1 : 1 + n_decayed] = values
     out[0] = t_ref
     return out
+
+
+def merge(states: np.ndarray, at: int, n_decayed: int, half_life: float) -> None:
+    """Merge one decayed group of the shards' states ``states`` [shards, n, size] into
+    ``states[0]``, in place: the latest reference time, and each shard's sums decayed to it and
+    added in shard order (the same doubles whichever store holds the shards)."""
+    t = states[:, :, at]
+    latest = t.max(axis=0)
+    factors = 2.0 ** (-(latest[None, :] - t) / half_life)
+    sums = states[:, :, at + 1 : at + 1 + n_decayed] * factors[:, :, None]
+    total = sums[0]
+    for part in sums[1:]:
+        total = total + part
+    states[0, :, at + 1 : at + 1 + n_decayed] = total
+    states[0, :, at] = latest

@@ -38,6 +38,18 @@ def apply(state: tuple[float, ...], kind: int, t: float, half_life: float) -> tu
     return tuple(out)
 
 
+def merge(states: np.ndarray, half_life: float) -> np.ndarray:
+    """One state per product from the owner shards' [shards, n, SIZE] (:class:`features.keys.Shards`):
+    decayed sums to the latest reference time, counters added, the latest interaction."""
+    if len(states) == 1:
+        return states[0]
+    states = states.copy()
+    decay.merge(states, T, N_DECAYED, half_life)
+    states[0, :, N_CLICKS:LAST] = states[:, :, N_CLICKS:LAST].sum(axis=0)
+    states[0, :, LAST] = states[:, :, LAST].max(axis=0)
+    return states[0]
+
+
 def encode(state: tuple[float, ...]) -> bytes:
     return _layout.pack(*state)
 

@@ -47,11 +47,24 @@ key                    value                                                  ex
 
 The joiner's keys are per partition ``p`` of its inputs and carry ``{p}`` as a Redis Cluster hash
 tag: one partition's state commits in one transaction, in one slot.
+
+Owner shards (``SHOPRANK_FEATURES_SHARDS`` = n > 1, needed on a Redis Cluster): every key the
+feature workers write carries its shard's hash tag right after its prefix (``u:{s3}alice``,
+``i:{s3}B0012``, ``cp{s3}``, ``o:{s3}shoprank.queries:2``), so all keys of one shard live in one
+slot and a batch commits one script per shard. An event belongs to the shard of its owner (the
+shopper; the product for catalog updates, :func:`features.plan.owner`), and everything it
+writes goes to that shard: its owner's state, and its share of the shared aggregates (``i:``,
+``qh:``, ``qv``, ``cp``, ``stats``), which the read path merges over the shards. With n = 1 keys
+carry no tag: the layout above, unchanged.
 """
 
 from __future__ import annotations
 
+import zlib
+from functools import cached_property
 from typing import Final
+
+from redis.crc import REDIS_CLUSTER_HASH_SLOTS, key_slot
 
 USER: Final = "u:"
 TOMBSTONE: Final = "x:"
@@ -84,38 +97,90 @@ REBUILT: Final = (USER, PRODUCT, PRODUCT_DOC, ITEM, QUERY_EVIDENCE, QUERY_TEXT, 
                   OFFSET, *RETIRED)
 
 
-def user(user_id: str) -> str:
-    return USER + user_id
+class Shards:
+    """The owner shards of the feature state: which shard an id belongs to, and each shard's hash
+    tag. Tags are chosen so that shard ``s`` of ``n`` hashes into the ``s``-th of ``n`` equal slot
+    ranges: a cluster created with its slots split evenly gets its shards split evenly too."""
+
+    def __init__(self, n: int) -> None:
+        if n < 1:
+            raise ValueError(f"shards must be at least 1, got {n}")
+        self.n = n
+
+    def of(self, owner_id: str) -> int:
+        """The shard of a shopper (or, for catalog state, a product)."""
+        return 0 if self.n == 1 else zlib.crc32(owner_id.encode()) % self.n
+
+    def tag(self, shard: int) -> str:
+        return self.tags[shard]
+
+    def tag_of(self, owner_id: str) -> str:
+        return self.tags[self.of(owner_id)]
+
+    @cached_property
+    def tags(self) -> list[str]:
+        if self.n == 1:
+            return [""]
+        width = REDIS_CLUSTER_HASH_SLOTS / self.n
+        tags = []
+        for s in range(self.n):
+            k = 0
+            while int(key_slot(f"s{s}.{k}".encode()) // width) != s:
+                k += 1
+            tags.append(f"{{s{s}.{k}}}")
+        return tags
+
+    def strip(self, rest: str) -> str:
+        """A key's id without its tag: ``{s3.17}alice`` -> ``alice``."""
+        if self.n > 1 and rest.startswith("{"):
+            return rest[rest.index("}") + 1:]
+        return rest
 
 
-def tombstone(user_id: str) -> str:
-    return TOMBSTONE + user_id
+def user(user_id: str, tag: str = "") -> str:
+    return USER + tag + user_id
 
 
-def product(product_id: str) -> str:
-    return PRODUCT + product_id
+def tombstone(user_id: str, tag: str = "") -> str:
+    return TOMBSTONE + tag + user_id
 
 
-def product_doc(product_id: str) -> str:
-    return PRODUCT_DOC + product_id
+def product(product_id: str, tag: str = "") -> str:
+    return PRODUCT + tag + product_id
 
 
-def item(product_id: str) -> str:
-    return ITEM + product_id
+def product_doc(product_id: str, tag: str = "") -> str:
+    return PRODUCT_DOC + tag + product_id
 
 
-def query_evidence(text: str) -> str:
+def item(product_id: str, tag: str = "") -> str:
+    return ITEM + tag + product_id
+
+
+def category_prices(tag: str = "") -> str:
+    return CATEGORY_PRICES + tag
+
+
+def query_words(tag: str = "") -> str:
+    return QUERY_WORDS + tag
+
+
+def stats(tag: str = "") -> str:
+    return STATS + tag
+
+
+def query_evidence(text: str, tag: str = "") -> str:
     """The hash of what followed query (or ``_{word}``) ``text``: one field per product, and
     :data:`QUERY_TOTAL_FIELD`. One expiry per query: Redis 7.0 has no expiry per hash field
     (HEXPIRE came in 7.4), so a product's evidence lives as long as its query keeps being
     followed by clicks; it decays to nothing meanwhile, and a query's hash holds at most the
     products that query ever led to."""
-    return QUERY_EVIDENCE + text
+    return QUERY_EVIDENCE + tag + text
 
 
-def query_texts(bucket: int) -> str:
+def query_texts(bucket: int, tag: str = "") -> str:
     """Query texts are kept per time bucket of ``query_text_ttl_s``: this one and the previous."""
-    return f"{QUERY_TEXT}{bucket}"
+    return f"{QUERY_TEXT}{tag}{bucket}"
 
 
 def applied(kind: str, event_id: str) -> str:
@@ -123,13 +188,13 @@ def applied(kind: str, event_id: str) -> str:
     return f"{kind}:{event_id}"
 
 
-def applied_bucket(bucket: int) -> str:
+def applied_bucket(bucket: int, tag: str = "") -> str:
     """Markers are kept per time bucket of ``dedup_ttl_s``: this one and the previous are read."""
-    return f"{APPLIED}{bucket}"
+    return f"{APPLIED}{tag}{bucket}"
 
 
-def offset(topic: str, partition: int) -> str:
-    return f"{OFFSET}{topic}:{partition}"
+def offset(topic: str, partition: int, tag: str = "") -> str:
+    return f"{OFFSET}{tag}{topic}:{partition}"
 
 
 def product_embeddings(tower: str) -> str:

@@ -9,8 +9,8 @@ worker killed at any moment leaves either all of a batch or none of it.
 
 ``bump`` repeats :func:`features.decay.bump` operation for operation (same IEEE doubles, same
 ``pow``), so Redis and the memory store agree bit for bit. Keys are built from the prefixes in
-:mod:`features.keys`; the script touches keys it derives (query texts), so it needs one Redis
-node, not a cluster.
+:mod:`features.keys` and the shard's tag; the script touches keys it derives (query texts), all
+in its shard's slot, so on a cluster it runs where that slot lives.
 
 Cost is dominated by the number of ``redis.call``s, so statistics are read with MGET and written
 with MSET in chunks, a query's evidence with one HMGET and one HSET per query text (and word),
@@ -22,12 +22,15 @@ ARGV: 1 h_item, 2 h_query, 3 qi_ttl_ms, 4 user_ttl_ms, 5 marker hash, 6 its expi
 7 text hash, 8 previous text hash, 9 its expiry, 10 pending ttl_ms, 11-17 text sections (guards,
 items, queries, query_items, markers, offsets, impressions), 18-21 counts of users, products,
 documents, price fields, 22 duplicates skipped (a metric), 23 h_burst (query clicks' short
-half-life), then those (key, value) / (field, delta) pairs. An impressions line is
+half-life), 24 the shard's hash tag (features.keys.Shards; '' with one shard), then those
+(key, value) / (field, delta) pairs; KEYS[1] is the shard's ``stats`` key (it routes the call to
+the shard's node on a cluster). An impressions line is
 ``t\tpid pid ...``: one per shown result.
 """
 
 from __future__ import annotations
 
+import hashlib
 from string import Template
 
 from features import keys, query_item
@@ -37,6 +40,7 @@ local h_item, h_query, h_burst = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(
 local qi_ttl, user_ttl = ARGV[3], ARGV[4]
 local marker_hash, marker_expiry = ARGV[5], ARGV[6]
 local text_hash, old_text_hash, text_expiry, pending_ttl = ARGV[7], ARGV[8], ARGV[9], ARGV[10]
+local tag = ARGV[24]  -- the owner shard's hash tag ('' with one shard): every key derived below carries it
 local CHUNK = 500
 
 local function mget(list)
@@ -65,7 +69,7 @@ if #g_keys > 0 then
 end
 
 -- 2. shopper and product states, product documents, category price sums
-local pos = 24
+local pos = 25
 local n_users, n_products, n_docs, n_fields = tonumber(ARGV[18]), tonumber(ARGV[19]),
   tonumber(ARGV[20]), tonumber(ARGV[21])
 for i = 1, n_users do
@@ -78,7 +82,7 @@ for i = pos, last, 2 * CHUNK do
 end
 pos = last + 1
 for i = 1, n_fields do
-  redis.call('HINCRBY', '${CATEGORY_PRICES}', ARGV[pos], ARGV[pos + 1])
+  redis.call('HINCRBY', '${CATEGORY_PRICES}' .. tag, ARGV[pos], ARGV[pos + 1])
   pos = pos + 2
 end
 
@@ -122,7 +126,7 @@ end
 -- 3. read everything the statistics need: items, query texts, waiting clicks, query-products
 local items = {}
 for pid, kind, t in string.gmatch(ARGV[12], '(%S+)\t(%d)\t(%S+)\n') do
-  local k = '${ITEM}' .. pid
+  local k = '${ITEM}' .. tag .. pid
   want(k, 10)
   items[#items + 1] = {k, tonumber(kind), tonumber(t)}
 end
@@ -130,7 +134,7 @@ local shown = {}
 for t, pids in string.gmatch(ARGV[17], '(%S+)\t([^\n]+)\n') do
   local tn = tonumber(t)
   for pid in string.gmatch(pids, '%S+') do
-    local k = '${ITEM}' .. pid
+    local k = '${ITEM}' .. tag .. pid
     want(k, 10)
     shown[#shown + 1] = {k, tn}
   end
@@ -158,7 +162,7 @@ end
 local waiting = {}
 if #queries > 0 then
   local pkeys = {}
-  for i, q in ipairs(queries) do pkeys[i] = '${QUERY_PENDING}' .. q[1] end
+  for i, q in ipairs(queries) do pkeys[i] = '${QUERY_PENDING}' .. tag .. q[1] end
   local raw = mget(pkeys)
   local done = {}
   for i, q in ipairs(queries) do
@@ -177,7 +181,7 @@ for _, c in ipairs(clicks) do
   if text then
     joined[#joined + 1] = {text, c[2], tonumber(c[3]), tonumber(c[4])}
   else
-    local pk = '${QUERY_PENDING}' .. c[1]
+    local pk = '${QUERY_PENDING}' .. tag .. c[1]
     redis.call('APPEND', pk, c[2] .. '\t' .. c[3] .. '\t' .. c[4] .. '\n')
     redis.call('PEXPIRE', pk, pending_ttl)
   end
@@ -222,7 +226,7 @@ local function qi_keys(list)
   for _, e in ipairs(list) do
     local hs, ws, prefix = {}, {}, ''
     for part in string.gmatch(e[1], '%S+') do
-      local h = '${QUERY_EVIDENCE}' .. prefix .. part
+      local h = '${QUERY_EVIDENCE}' .. tag .. prefix .. part
       hwant(h, e[2])
       hwant(h, '${TOTAL}')
       hs[#hs + 1] = h
@@ -275,7 +279,7 @@ for _, list in ipairs({waiting, joined}) do
     end
   end
 end
-for w, n in pairs(word_clicks) do redis.call('ZINCRBY', '${QUERY_WORDS}', n, w) end
+for w, n in pairs(word_clicks) do redis.call('ZINCRBY', '${QUERY_WORDS}' .. tag, n, w) end
 
 -- 5. write statistics back
 local mset = {}
@@ -309,10 +313,10 @@ for i = 1, #markers, 2 * CHUNK do
 end
 if #markers > 0 then
   redis.call('EXPIREAT', marker_hash, marker_expiry)
-  redis.call('HINCRBY', '${STATS}', '${STATS_APPLIED}', #markers / 2)
+  redis.call('HINCRBY', '${STATS}' .. tag, '${STATS_APPLIED}', #markers / 2)
 end
 for k, v in string.gmatch(ARGV[16], '(%S+)\t(%S+)\n') do redis.call('SET', k, v) end
-if ARGV[22] ~= '0' then redis.call('HINCRBY', '${STATS}', '${STATS_DUPLICATES}', ARGV[22]) end
+if ARGV[22] ~= '0' then redis.call('HINCRBY', '${STATS}' .. tag, '${STATS_DUPLICATES}', ARGV[22]) end
 return 0
 """)
 
@@ -331,3 +335,4 @@ COMMIT = _SOURCE.substitute(
     STATS_DUPLICATES=keys.STATS_DUPLICATES,
     WORD=query_item.WORD,
 )
+SHA = hashlib.sha1(COMMIT.encode()).hexdigest()  # EVALSHA's name for it

@@ -12,6 +12,7 @@ product, query-product and category statistics are commutative operations the st
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -21,6 +22,7 @@ from core.events import encode as encode_event
 from core.settings import FeatureSettings
 from features import catalog, keys, query_item, user
 from features.catalog import ProductAttrs
+from features.keys import Shards
 from features.user import KIND_OF, UserState
 
 FeatureEvent = Query | RankedResult | CatalogProduct | InteractionT
@@ -98,6 +100,46 @@ def marker(event: FeatureEvent) -> str | None:
     if kind is RankedResult:
         return keys.applied("r", event.query_id)  # type: ignore[union-attr]
     return None
+
+
+def owner(event: FeatureEvent) -> str:
+    """The id whose owner shard (:class:`features.keys.Shards`) takes all of an event's writes:
+    the product of a catalog update, the shopper of everything else."""
+    return event.product_id if type(event) is CatalogProduct else event.user_id  # type: ignore[union-attr]
+
+
+def phases(records: Sequence[Record], shards: Shards) -> list[list[int]]:
+    """The indices of a batch's records in the order its commits go. With owner shards, the
+    catalog updates first, then the shopper events: a click reads the attributes of its product,
+    whose state is another shard's, so it must be there before (one shard's commit cannot wait
+    for another's). The two are different topics, whose relative order Kafka does not keep
+    anyway. With one shard, one commit, in record order."""
+    everything = list(range(len(records)))
+    if shards.n == 1:
+        return [everything]
+    catalog_first = [i for i in everything if type(records[i].event) is CatalogProduct]
+    rest = [i for i in everything if type(records[i].event) is not CatalogProduct]
+    return [p for p in (catalog_first, rest) if p]
+
+
+def by_shard(records: Sequence[Record], indices: Sequence[int], shards: Shards) -> dict[int, list[int]]:
+    """``indices`` (of ``records``) per owner shard, in order; every shard when they came from
+    Kafka: each shard records the partition ends of all of them (see :func:`plan`)."""
+    groups: dict[int, list[int]] = {}
+    if any(records[i].source is not None for i in indices):
+        groups = {s: [] for s in range(shards.n)}
+    for i in indices:
+        groups.setdefault(shards.of(owner(records[i].event)), []).append(i)
+    return groups
+
+
+def ends(records: Sequence[Record]) -> dict[tuple[str, int], int]:
+    """The highest offset of each partition in ``records``."""
+    out: dict[tuple[str, int], int] = {}
+    for r in records:
+        if r.source is not None and r.source.offset > out.get((r.source.topic, r.source.partition), -1):
+            out[r.source.topic, r.source.partition] = r.source.offset
+    return out
 
 
 def needs(records: list[Record]) -> Needs:
@@ -236,6 +278,16 @@ class _Planner:
         return None
 
 
-def plan(records: list[Record], view: View, cfg: FeatureSettings) -> Plan:
-    """The writes ``records`` cause on top of ``view``, in record order. Pure."""
-    return _Planner(view, cfg).run(records)
+def plan(records: list[Record], view: View, cfg: FeatureSettings,
+         batch_ends: dict[tuple[str, int], int] | None = None) -> Plan:
+    """The writes ``records`` cause on top of ``view``, in record order. Pure.
+
+    ``batch_ends``: the partition ends of the whole batch that ``records`` (one shard's share) come
+    from. The shard records them as its offsets even where none of its own records reached them,
+    so every shard holds the same offset per partition after a batch and a redelivery of any
+    part of it is recognised everywhere (``view.offsets`` must hold the shard's offsets of them)."""
+    p = _Planner(view, cfg).run(records)
+    for tp, end in (batch_ends or {}).items():
+        if end > max(view.offsets.get(tp, -1), p.offsets.get(tp, -1)):
+            p.offsets[tp] = end
+    return p

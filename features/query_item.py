@@ -18,6 +18,8 @@ import struct
 from functools import lru_cache
 from typing import Final
 
+import numpy as np
+
 from core.text import normalize_query, query_words
 from features import decay
 
@@ -59,6 +61,17 @@ def apply(state: tuple[float, ...], kind: int, t: float, half_life: float,
     if kind == CLICKS:
         burst = decay.bump(burst, 1, 1, t, burst_half_life)
     return (*main, *burst)
+
+
+def merge(states: np.ndarray, half_life: float, burst_half_life: float) -> np.ndarray:
+    """One state per row from the owner shards' [shards, n, SIZE] (:class:`features.keys.Shards`):
+    each decayed group brought to its latest reference time and added."""
+    if len(states) == 1:
+        return states[0]
+    states = states.copy()
+    decay.merge(states, T, N_DECAYED, half_life)
+    decay.merge(states, T_BURST, 1, burst_half_life)
+    return states[0]
 
 
 def encode(state: tuple[float, ...]) -> bytes:

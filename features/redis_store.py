@@ -18,15 +18,18 @@ import numpy as np
 import redis
 import structlog
 from redis.backoff import ExponentialBackoff, ExponentialWithJitterBackoff
+from redis.cluster import RedisCluster
+from redis.exceptions import NoScriptError
 from redis.retry import Retry
 
 from core.events import CatalogProduct, Purchase
 from core.settings import FeatureSettings, RedisSettings, StreamsSettings
 from features import catalog, item, keys, lua, query_item, user
-from features.plan import FeatureEvent, Plan, Record, View, needs, plan
+from features.keys import Shards
+from features.plan import FeatureEvent, Plan, Record, View, by_shard, ends, needs, phases, plan
 from features.sentinel import sentinel_client
 from features.speller import Speller
-from features.store import OnRejected, Outcome, Rows, Snapshot
+from features.store import OnRejected, Outcome, Rows, Snapshot, outcome
 from features.user import UserState
 
 log = structlog.get_logger(__name__)
@@ -43,7 +46,10 @@ _TOTAL_FIELD = keys.QUERY_TOTAL_FIELD.encode()
 _CONFLICT_BACKOFF = ExponentialBackoff(cap=0.2, base=0.001)
 
 
-def connect(settings: RedisSettings, replica: bool = False) -> redis.Redis:
+Client = redis.Redis | RedisCluster
+
+
+def connect(settings: RedisSettings, replica: bool = False) -> Client:
     """A client whose commands retry connection errors and timeouts (``settings.retries``), with
     jitter, so that workers and scorers coming back after an outage do not retry in step. With
     ``settings.sentinels``, of the primary the Sentinels name (``replica``: of a replica)."""
@@ -57,6 +63,9 @@ def connect(settings: RedisSettings, replica: bool = False) -> redis.Redis:
         options["ssl_ca_certs"] = settings.tls_ca_certs
     if settings.sentinels:
         return sentinel_client(settings, options, replica)
+    if settings.cluster:  # any node's URL; the client learns the slots and follows their moves
+        options.pop("health_check_interval")
+        return RedisCluster.from_url(settings.url, read_from_replicas=replica, **options)
     return redis.Redis.from_url(settings.url, **options)
 
 
@@ -77,14 +86,19 @@ class StateBehind(RuntimeError):
 class RedisStore:
     def __init__(
         self,
-        client: redis.Redis,
+        client: Client,
         config: FeatureSettings,
         streams: StreamsSettings | None = None,
     ) -> None:
         self.client = client
         self.config = config  # no default: the scorer and the trainer must read with the same rules
         self.streams = streams or StreamsSettings()
-        self._commit_script = client.register_script(lua.COMMIT)
+        self.shards = Shards(config.shards)
+        self.cluster = isinstance(client, RedisCluster)
+        if self.cluster and self.shards.n < 2:
+            raise ValueError("a Redis Cluster holds the feature state in owner shards: set "
+                             "SHOPRANK_FEATURES_SHARDS to 2 or more (a few per primary)")
+        self._commit_sha = lua.SHA  # loaded on first use (see _run_scripts)
         # Query texts whose evidence hash is too large to read whole (see ``snapshot``); a set:
         # the scorer reads on two threads, and adding to a set is atomic.
         self._large_hashes: set[str] = set()
@@ -106,100 +120,174 @@ class RedisStore:
     def apply_batch(self, records: Sequence[Record], on_rejected: OnRejected | None = None,
                     floors: dict[tuple[str, int], int] | None = None) -> Outcome:
         """``floors``: the offset per partition that Redis must hold at least (what the caller
-        committed before); else :class:`StateBehind`. The offsets read are the commit's guards."""
+        committed before); else :class:`StateBehind`. The offsets read are the commit's guards.
+
+        With owner shards the batch commits one script per shard (pipelined: one round trip per
+        node); a shard whose guards fail is re-read and re-planned alone."""
         batch = list(records)
+        done: list[tuple[list[int], Plan]] = []
         reported: set[int] = set()
+        for phase in phases(batch, self.shards):
+            done += self._apply_phase(batch, phase, on_rejected, floors, reported)
+        return outcome(done)
+
+    def _apply_phase(self, batch: list[Record], phase: list[int], on_rejected: OnRejected | None,
+                     floors: dict[tuple[str, int], int] | None, reported: set[int]
+                     ) -> list[tuple[list[int], Plan]]:
+        phase_ends = ends([batch[i] for i in phase])
+        waiting = by_shard(batch, phase, self.shards)
+        done: list[tuple[list[int], Plan]] = []
         for attempt in range(MAX_ATTEMPTS):
-            view, guards = self._read(batch)
-            if floors:  # the partitions this batch read (the others are checked with theirs)
-                read = {(r.source.topic, r.source.partition) for r in batch if r.source is not None}
-                behind = {tp: view.offsets.get(tp, -1) for tp in read
-                          if view.offsets.get(tp, -1) < floors.get(tp, -1)}
+            reads = self._read({s: [batch[i] for i in idx] for s, idx in waiting.items()}, phase_ends)
+            if floors:
+                behind: dict[tuple[str, int], int] = {}
+                for view, _ in reads.values():
+                    for tp in phase_ends:
+                        if view.offsets.get(tp, -1) < floors.get(tp, -1):
+                            behind[tp] = min(behind.get(tp, floors[tp]), view.offsets.get(tp, -1))
                 if behind:
                     raise StateBehind(behind)
-            p = plan(batch, view, self.config)
-            fresh = [r for r in p.rejected if r[0] not in reported]
+            plans = {s: plan([batch[i] for i in waiting[s]], view, self.config, phase_ends)
+                     for s, (view, _) in reads.items()}
+            fresh = [(waiting[s][i], why) for s, p in plans.items() for i, why in p.rejected
+                     if waiting[s][i] not in reported]
             if on_rejected is not None and fresh:
                 on_rejected(fresh)
                 reported.update(i for i, _ in fresh)
-            failed = self._commit(p, guards)
-            if failed is None:
-                return Outcome(p.n_applied, p.duplicates, p.rejected, p.skipped, p.unknown_impressions)
+            failed = self._commit({s: (p, reads[s][1]) for s, p in plans.items()})
+            for s, p in plans.items():
+                if s not in failed:
+                    done.append((waiting.pop(s), p))
+            if not waiting:
+                return done
             self.conflicts += 1
-            log.info("batch_conflict", guard=failed, attempt=attempt, events=len(batch))
+            log.info("batch_conflict", shards=failed, attempt=attempt, events=len(phase))
             time.sleep(_CONFLICT_BACKOFF.compute(attempt + 1))
-        raise ConflictError(f"batch of {len(batch)} events conflicted {MAX_ATTEMPTS} times")
+        raise ConflictError(f"batch of {len(phase)} events conflicted {MAX_ATTEMPTS} times")
 
-    def _read(self, records: list[Record]) -> tuple[View, list[tuple[str, str, bytes]]]:
-        n = needs(records)
-        view = View()
-        users, products = sorted(n.users), sorted(n.products)
-        markers, tps = sorted(n.markers), sorted(n.partitions)
-        all_keys = (
-            [keys.user(u) for u in users]
-            + [keys.tombstone(u) for u in users]
-            + [keys.product(p) for p in products]
-            + [keys.offset(t, p) for t, p in tps]
-        )
+    def _read(self, shards: dict[int, list[Record]], batch_ends: dict[tuple[str, int], int]
+              ) -> dict[int, tuple[View, list[tuple[str, str, bytes]]]]:
+        """Each shard's view of what its records need, and the guards of its commit, in one
+        pipeline: its shoppers, tombstones and offsets (one MGET per shard), the products the
+        records name (one MGET per products' shard), markers, category prices when needed."""
+        tags, of = self.shards.tags, self.shards.of
         bucket = self._bucket(self.streams.dedup_ttl_s)
-        # Category prices are few: read them all in the same round trip when the batch may need them.
-        prices = any(isinstance(r.event, Purchase | CatalogProduct) for r in records)
-        with self.client.pipeline(transaction=False) as pipe:
-            if all_keys:
-                pipe.mget(all_keys)
-            if markers:
-                pipe.hmget(keys.applied_bucket(bucket), markers)
-                pipe.hmget(keys.applied_bucket(bucket - 1), markers)
-            if prices:
-                pipe.hgetall(keys.CATEGORY_PRICES)
-            replies = iter(pipe.execute() if all_keys or markers or prices else [])
-        values = iter(next(replies) if all_keys else [])
-        if markers:
-            now, before = next(replies), next(replies)
-            view.applied.update(m for m, a, b in zip(markers, now, before, strict=True) if a or b)
-        if prices:
-            view.category_prices = _category_prices(next(replies))
-        guards: list[tuple[str, str, bytes]] = []
-        for u in users:
-            raw = next(values)
-            guards.append((keys.user(u), "e", raw[:ETAG] if raw else b""))
-            if raw:
-                view.users[u] = user.decode(raw[ETAG:])
-        for u in users:
-            raw = next(values)
-            guards.append((keys.tombstone(u), "v", raw or b""))
-            if raw:
-                view.tombstones[u] = float(raw)
+        wanted = {s: needs(records) for s, records in shards.items()}
+        products = sorted({p for n in wanted.values() for p in n.products})
+        products_by_shard: dict[int, list[str]] = {}
         for p in products:
-            raw = next(values)
-            guards.append((keys.product(p), "e", raw[:ETAG] if raw else b""))
-            if raw:
-                view.products[p] = catalog.decode(raw[ETAG:])
-        for tp in tps:
-            raw = next(values)
-            guards.append((keys.offset(*tp), "v", raw or b""))
-            if raw:
-                view.offsets[tp] = int(raw)
-        return view, guards
+            products_by_shard.setdefault(of(p), []).append(p)
+        # Category prices are few: read them all in the same round trip when the batch may need them.
+        prices = any(isinstance(r.event, Purchase | CatalogProduct) for rs in shards.values() for r in rs)
+        plans: dict[int, tuple[list[str], list[str], list[tuple[str, int]]]] = {}
+        with self.client.pipeline(transaction=False) as pipe:
+            for s, n in wanted.items():
+                t = tags[s]
+                users, markers = sorted(n.users), sorted(n.markers)
+                tps = sorted(n.partitions | batch_ends.keys())
+                plans[s] = (users, markers, tps)
+                names = ([keys.user(u, t) for u in users] + [keys.tombstone(u, t) for u in users]
+                         + [keys.offset(tp, part, t) for tp, part in tps])
+                if names:
+                    pipe.execute_command("MGET", *names)
+                if markers:
+                    pipe.hmget(keys.applied_bucket(bucket, t), markers)
+                    pipe.hmget(keys.applied_bucket(bucket - 1, t), markers)
+            for s, pids in products_by_shard.items():
+                pipe.execute_command("MGET", *[keys.product(p, tags[s]) for p in pids])
+            if prices:
+                for t in tags:
+                    pipe.hgetall(keys.category_prices(t))
+            replies = iter(pipe.execute())
+        out: dict[int, tuple[View, list[tuple[str, str, bytes]]]] = {}
+        for s, (users, markers, tps) in plans.items():
+            t, view, guards = tags[s], View(), []
+            values = iter(next(replies) if users or tps else [])
+            if markers:
+                now, before = next(replies), next(replies)
+                view.applied.update(m for m, a, b in zip(markers, now, before, strict=True) if a or b)
+            for u in users:
+                raw = next(values)
+                guards.append((keys.user(u, t), "e", raw[:ETAG] if raw else b""))
+                if raw:
+                    view.users[u] = user.decode(raw[ETAG:])
+            for u in users:
+                raw = next(values)
+                guards.append((keys.tombstone(u, t), "v", raw or b""))
+                if raw:
+                    view.tombstones[u] = float(raw)
+            for tp in tps:
+                raw = next(values)
+                guards.append((keys.offset(*tp, t), "v", raw or b""))
+                if raw:
+                    view.offsets[tp] = int(raw)
+            out[s] = (view, guards)
+        attrs: dict[str, bytes | None] = {}
+        for pids in products_by_shard.values():
+            attrs.update(zip(pids, next(replies), strict=True))
+        category_prices = _category_prices([next(replies) for _ in tags]) if prices else {}
+        for s, (view, guards) in out.items():
+            view.category_prices = category_prices
+            for p in sorted(wanted[s].products):
+                raw = attrs[p]
+                if of(p) == s:  # the shard's own products (catalog updates): guarded by their etag
+                    guards.append((keys.product(p, tags[s]), "e", raw[:ETAG] if raw else b""))
+                if raw:
+                    view.products[p] = catalog.decode(raw[ETAG:])
+        return out
 
     @staticmethod
     def _bucket(ttl_s: int) -> int:
         """Time bucket (wall clock) of markers and query texts: kept for this bucket and the next."""
         return int(time.time() // ttl_s)
 
-    def _commit(self, p: Plan, guards: list[tuple[str, str, bytes]]) -> int | None:
-        """Run the commit script (:mod:`features.lua`); the index of the failed guard, or None."""
-        users = [(keys.user(u), self._etag() + user.encode(st)) for u, st in p.users.items()]
-        products = [(keys.product(pid), self._etag() + catalog.encode(a)) for pid, a in p.products.items()]
-        docs = [(keys.product_doc(pid), doc) for pid, doc in p.product_docs.items()]
+    def _commit(self, plans: dict[int, tuple[Plan, list[tuple[str, str, bytes]]]]) -> list[int]:
+        """Run the commit script (:mod:`features.lua`) for each shard's plan, in one pipeline;
+        the shards whose guards failed (nothing of theirs was written)."""
+        calls = {s: args for s, (p, guards) in plans.items() if (args := self._script_args(s, p, guards))}
+        duplicates = sum(p.duplicates for s, (p, _) in plans.items() if s not in calls)
+        if duplicates:  # a metric only: redeliveries and replays that were skipped
+            self.client.hincrby(keys.stats(self.shards.tag(0)), keys.STATS_DUPLICATES, duplicates)
+        results = self._run_scripts(calls)
+        return [s for s, result in results.items() if result != 0]
+
+    def _run_scripts(self, calls: dict[int, list[str | bytes]]) -> dict[int, Any]:
+        """EVALSHA per shard in one pipeline (a cluster client sends each node its share); a
+        server that lost the script (restart, failover) is given it and the call repeated."""
+        results: dict[int, Any] = {}
+        for _ in range(2):
+            with self.client.pipeline(transaction=False) as pipe:
+                for s, args in calls.items():
+                    route = keys.stats(self.shards.tag(s))  # KEYS[1]: the shard's node runs it
+                    pipe.execute_command("EVALSHA", self._commit_sha, 1, route, *args)
+                replies = pipe.execute(raise_on_error=False)
+            missing = {}
+            for (s, args), reply in zip(calls.items(), replies, strict=True):
+                if isinstance(reply, NoScriptError):
+                    missing[s] = args
+                elif isinstance(reply, Exception):
+                    raise reply
+                else:
+                    results[s] = reply
+            if not missing:
+                return results
+            self._commit_sha = self.client.script_load(lua.COMMIT)
+            calls = missing
+        raise RuntimeError("the commit script could not be loaded")
+
+    def _script_args(self, shard: int, p: Plan, guards: list[tuple[str, str, bytes]]) -> list[str | bytes]:
+        """The commit script's arguments for one shard's plan; none when it writes nothing."""
+        tag = self.shards.tag(shard)
+        users = [(keys.user(u, tag), self._etag() + user.encode(st)) for u, st in p.users.items()]
+        products = [(keys.product(pid, tag), self._etag() + catalog.encode(a))
+                    for pid, a in p.products.items()]
+        docs = [(keys.product_doc(pid, tag), doc) for pid, doc in p.product_docs.items()]
         fields = []
         for cat, (dn, dc) in p.price_deltas.items():
             fields += [(keys.price_count_field(cat), str(dn)), (keys.price_cents_field(cat), str(dc))]
         if not (users or products or fields or p.items or p.impressions or p.queries or p.query_items
                 or p.applied or p.offsets):
-            if p.duplicates:  # a metric only: redeliveries and replays that were skipped
-                self.client.hincrby(keys.STATS, keys.STATS_DUPLICATES, p.duplicates)
-            return None
+            return []
         s, cfg = self.streams, self.config
         marker_bucket = self._bucket(s.dedup_ttl_s)
         text_bucket = self._bucket(s.query_text_ttl_s)
@@ -208,10 +296,10 @@ class RedisStore:
             repr(cfg.query_half_life_s),
             str(cfg.query_item_ttl_s * 1000),
             str(cfg.user_ttl_s * 1000),
-            keys.applied_bucket(marker_bucket),
+            keys.applied_bucket(marker_bucket, tag),
             str((marker_bucket + 2) * s.dedup_ttl_s),
-            keys.query_texts(text_bucket),
-            keys.query_texts(text_bucket - 1),
+            keys.query_texts(text_bucket, tag),
+            keys.query_texts(text_bucket - 1, tag),
             str((text_bucket + 2) * s.query_text_ttl_s),
             str(s.query_text_ttl_s * 1000),
             b"".join([b"%s\t%s\t%s\n" % (k.encode(), m.encode(), e) for k, m, e in guards]),
@@ -219,7 +307,8 @@ class RedisStore:
             "".join([f"{qid}\t{text}\n" for qid, text in p.queries]),
             "".join([f"{qid}\t{pid}\t{kind}\t{t!r}\n" for qid, pid, kind, t in p.query_items]),
             "".join([f"{m}\n" for m in p.applied]),
-            "".join([f"{keys.offset(topic, part)}\t{off}\n" for (topic, part), off in p.offsets.items()]),
+            "".join([f"{keys.offset(topic, part, tag)}\t{off}\n"
+                     for (topic, part), off in p.offsets.items()]),
             "".join([f"{t!r}\t{' '.join(pids)}\n" for t, pids in p.impressions]),
             str(len(users)),
             str(len(products)),
@@ -227,100 +316,147 @@ class RedisStore:
             str(len(fields)),
             str(p.duplicates),
             repr(cfg.query_burst_half_life_s),
+            tag,
         ]
         for pairs in (users, products, docs, fields):
             for k, v in pairs:
                 args += [k, v]
-        result = self._commit_script(keys=[], args=args)
-        if result == 0:
-            return None
-        return int(result[0])
+        return args
 
     def forget(self, user_id: str, at: float) -> None:
+        tag = self.shards.tag_of(user_id)
         with self.client.pipeline(transaction=True) as pipe:
-            pipe.set(keys.tombstone(user_id), repr(at))
-            pipe.delete(keys.user(user_id))
+            pipe.set(keys.tombstone(user_id, tag), repr(at))
+            pipe.delete(keys.user(user_id, tag))
             pipe.execute()
 
     def clear(self) -> int:
         """Delete every feature key that ``rebuild`` recomputes; tombstones stay. Returns count."""
         deleted = 0
+        globals_ = [name(t) for t in self.shards.tags
+                    for name in (keys.category_prices, keys.query_words, keys.stats)]
         for prefix in keys.REBUILT:
             batch: list[bytes] = []
             for k in self.client.scan_iter(match=prefix + "*", count=5000):
                 batch.append(k)
                 if len(batch) >= 5000:
-                    deleted += self.client.unlink(*batch)
+                    deleted += self._unlink(batch)
                     batch = []
-            if batch:
-                deleted += self.client.unlink(*batch)
-        deleted += self.client.unlink(keys.CATEGORY_PRICES, keys.QUERY_WORDS, keys.STATS)
-        return deleted
+            deleted += self._unlink(batch)
+        return deleted + self._unlink(globals_)
+
+    def _unlink(self, names: Sequence[str | bytes]) -> int:
+        """UNLINK, one command per key on a cluster (keys of many slots)."""
+        if not names:
+            return 0
+        if not self.cluster:
+            return int(self.client.unlink(*names))
+        with self.client.pipeline(transaction=False) as pipe:
+            for k in names:
+                pipe.unlink(k)
+            return sum(pipe.execute())
+
+    def offsets(self, partitions: Sequence[tuple[str, int]]) -> dict[tuple[str, int], int]:
+        return stored_offsets(self.client, self.shards, partitions)
+
+    def stats(self) -> dict[str, int]:
+        return stats(self.client, self.shards)
 
     # --- reading ----------------------------------------------------------------------------
 
     def snapshot(
         self, users: Iterable[str], products: Sequence[str], evidence: Mapping[str, Sequence[str]]
     ) -> Snapshot:
-        """One pipeline: the shoppers, the products' attributes and statistics (MGET), each query
-        text's evidence hash whole (HGETALL: it holds only the products the query led to, most
-        often fewer than the candidates; a hash found larger than :data:`WHOLE_HASH_MAX` is read
-        for the candidates only, HMGET, from then on), the category prices."""
+        """One pipeline (on a cluster: one round trip per node): the shoppers and the products'
+        attributes (one MGET per shard), the products' statistics (with owner shards, every
+        shard's share, merged), each query text's evidence hash whole (HGETALL: it holds only the
+        products the query led to, most often fewer than the candidates; a hash found larger than
+        :data:`WHOLE_HASH_MAX` is read for the candidates only, HMGET, from then on), the category
+        prices."""
+        tags, of, cfg = self.shards.tags, self.shards.of, self.config
         u_ids, p_ids = list(set(users)), list(dict.fromkeys(products))
         evidence = dict(evidence)  # tests pass [] for none
         large = self._large_hashes
+        # Per shard, one MGET: its shoppers, its products' attributes, its share of every
+        # product's statistics. ``where[s]`` remembers what each reply slice holds.
+        u_of: list[list[str]] = [[] for _ in tags]
+        p_of: list[list[str]] = [[] for _ in tags]
+        for u in u_ids:
+            u_of[of(u)].append(u)
+        for p in p_ids:
+            p_of[of(p)].append(p)
         with self.client.pipeline(transaction=False) as pipe:
-            if u_ids:
-                pipe.mget([keys.user(u) for u in u_ids])
-            if p_ids:
-                pipe.mget([keys.product(p) for p in p_ids] + [keys.item(p) for p in p_ids])
+            for s, t in enumerate(tags):
+                names = ([keys.user(u, t) for u in u_of[s]] + [keys.product(p, t) for p in p_of[s]]
+                         + [keys.item(p, t) for p in p_ids])
+                if names:
+                    pipe.execute_command("MGET", *names)
             for text, pids in evidence.items():
-                if text in large:
-                    pipe.hmget(keys.query_evidence(text), [keys.QUERY_TOTAL_FIELD, *pids])
-                else:
-                    pipe.hgetall(keys.query_evidence(text))
-            pipe.hgetall(keys.CATEGORY_PRICES)
+                for t in tags:
+                    if text in large:
+                        pipe.hmget(keys.query_evidence(text, t), [keys.QUERY_TOTAL_FIELD, *pids])
+                    else:
+                        pipe.hgetall(keys.query_evidence(text, t))
+            for t in tags:
+                pipe.hgetall(keys.category_prices(t))
             replies = iter(pipe.execute())
-        raw_users = next(replies) if u_ids else []
-        raw_products = next(replies) if p_ids else []
         snap = Snapshot()
-        for u, raw in zip(u_ids, raw_users, strict=True):
-            if raw:
-                snap.users[u] = user.decode(raw[ETAG:])
-        for p, raw in zip(p_ids, raw_products, strict=False):  # then the items
-            if raw:
-                snap.products[p] = catalog.decode(raw[ETAG:])
-        snap.item_rows = _rows(p_ids, raw_products[len(p_ids):], item.SIZE)
+        item_parts = []
+        for s in range(len(tags)):
+            if not (u_of[s] or p_of[s] or p_ids):
+                continue
+            raw = next(replies)
+            for u, v in zip(u_of[s], raw, strict=False):
+                if v:
+                    snap.users[u] = user.decode(v[ETAG:])
+            for p, v in zip(p_of[s], raw[len(u_of[s]):], strict=False):
+                if v:
+                    snap.products[p] = catalog.decode(v[ETAG:])
+            item_parts.append(_rows(p_ids, raw[len(u_of[s]) + len(p_of[s]):], item.SIZE))
+        if item_parts:
+            snap.item_rows = Rows.merged(item_parts, lambda st: item.merge(st, cfg.item_half_life_s))
+        merge_q = lambda st: query_item.merge(st, cfg.query_half_life_s, cfg.query_burst_half_life_s)  # noqa: E731
         for text, pids in evidence.items():
-            reply = next(replies)
-            if isinstance(reply, dict):  # the whole hash
-                if len(reply) > WHOLE_HASH_MAX and len(large) < MAX_LARGE_HASHES:
-                    large.add(text)
-                found = [reply.get(p.encode()) for p in pids]
-                totals = reply.get(_TOTAL_FIELD)
-            else:
-                totals, found = reply[0], reply[1:]
-            if totals is not None:
-                snap.query_totals[text] = query_item.decode(totals)
-            snap.evidence[text] = _rows(pids, found, query_item.SIZE)
-        snap.category_prices = _category_prices(next(replies))
+            parts, totals = [], []
+            for _ in tags:
+                reply = next(replies)
+                if isinstance(reply, dict):  # the whole hash
+                    if len(reply) > WHOLE_HASH_MAX and len(large) < MAX_LARGE_HASHES:
+                        large.add(text)
+                    found = [reply.get(p.encode()) for p in pids]
+                    total = reply.get(_TOTAL_FIELD)
+                else:
+                    total, found = reply[0], reply[1:]
+                parts.append(_rows(pids, found, query_item.SIZE))
+                totals.append(total)
+            snap.evidence[text] = Rows.merged(parts, merge_q)
+            if any(x is not None for x in totals):
+                merged = Rows.merged([_rows([text], [x], query_item.SIZE) for x in totals], merge_q)
+                snap.query_totals[text] = tuple(merged.states[0].tolist())
+        snap.category_prices = _category_prices([next(replies) for _ in tags])
         return snap
 
     def speller(self) -> Speller:
         """The trusted query words (at least ``spelling_min_clicks`` clicks), reloaded when older
-        than ``spelling_refresh_s``: one ZRANGEBYSCORE a minute, not one per query."""
+        than ``spelling_refresh_s``: one ZRANGEBYSCORE a minute, not one per query (with owner
+        shards, each shard's counts whole, added: a word is trusted on its total)."""
         cfg, now = self.config, time.monotonic()
         if self._speller is None or now - self._speller_loaded >= cfg.spelling_refresh_s:
-            rows = []
+            counts: dict[str, int] = {}
             if cfg.spelling_min_clicks > 0:
-                rows = self.client.zrangebyscore(keys.QUERY_WORDS, cfg.spelling_min_clicks, "+inf",
-                                                 withscores=True)
-            self._speller = Speller.of({w.decode(): int(n) for w, n in rows}, cfg.spelling_min_clicks)
+                low = cfg.spelling_min_clicks if self.shards.n == 1 else 1
+                with self.client.pipeline(transaction=False) as pipe:
+                    for t in self.shards.tags:
+                        pipe.zrangebyscore(keys.query_words(t), low, "+inf", withscores=True)
+                    for rows in pipe.execute():
+                        for w, n in rows:
+                            counts[w.decode()] = counts.get(w.decode(), 0) + int(n)
+            self._speller = Speller.of(counts, cfg.spelling_min_clicks)
             self._speller_loaded = now
         return self._speller
 
     def user(self, user_id: str) -> UserState | None:
-        raw = self.client.get(keys.user(user_id))
+        raw = self.client.get(keys.user(user_id, self.shards.tag_of(user_id)))
         return user.decode(raw[ETAG:]) if raw else None
 
     def users(self) -> dict[str, UserState]:
@@ -328,15 +464,46 @@ class RedisStore:
         for k in self.client.scan_iter(match=keys.USER + "*", count=5000):
             raw = self.client.get(k)
             if raw:
-                out[k.decode()[len(keys.USER):]] = user.decode(raw[ETAG:])
+                out[self.shards.strip(k.decode()[len(keys.USER):])] = user.decode(raw[ETAG:])
         return out
 
     def products(self, product_ids: Sequence[str]) -> dict[str, CatalogProduct]:
         ids = list(product_ids)
-        return catalog.documents(ids, self.client.mget([keys.product_doc(p) for p in ids]) if ids else [])
+        names = [keys.product_doc(p, self.shards.tag_of(p)) for p in ids]
+        return catalog.documents(ids, _mget(self.client, names) if ids else [])
 
     def item(self, product_id: str) -> tuple[float, ...]:
-        return item.decode(self.client.get(keys.item(product_id)))
+        rows = self.snapshot([], [product_id], {}).item_rows
+        return tuple(rows.states[0].tolist()) if rows.present[0] else item.EMPTY
+
+
+def stored_offsets(client: Client, shards: Shards, partitions: Sequence[tuple[str, int]]
+                   ) -> dict[tuple[str, int], int]:
+    """The last offset of each partition whose effect is in Redis (absent: none): the lowest any
+    shard holds (every shard records every batch's ends; after a crash between the shards'
+    commits, the shards that had committed skip what is replayed)."""
+    if not partitions:
+        return {}
+    raw = _mget(client, [keys.offset(t, p, tag) for tag in shards.tags for t, p in partitions])
+    out: dict[tuple[str, int], int] = {}
+    for tp, v in zip(list(partitions) * shards.n, raw, strict=True):
+        if v is not None:
+            out[tp] = min(out.get(tp, int(v)), int(v))
+    return out
+
+
+def stats(client: Client, shards: Shards) -> dict[str, int]:
+    """The feature workers' counters (``stats``: events applied, duplicates skipped), over the shards."""
+    out: dict[str, int] = {}
+    for t in shards.tags:
+        for k, v in client.hgetall(keys.stats(t)).items():
+            out[k.decode()] = out.get(k.decode(), 0) + int(v)
+    return out
+
+
+def _mget(client: Client, names: Sequence[str]) -> list[bytes | None]:
+    """MGET; on a cluster, one per slot (keys of many slots)."""
+    return client.mget_nonatomic(names) if isinstance(client, RedisCluster) else client.mget(names)
 
 
 def _rows(ids: Sequence[str], raw: Sequence[bytes | None], size: int) -> Rows:
@@ -348,11 +515,14 @@ def _rows(ids: Sequence[str], raw: Sequence[bytes | None], size: int) -> Rows:
     return Rows(ids, states, np.array([v is not None for v in raw], dtype=bool))
 
 
-def _category_prices(raw: dict[bytes, bytes]) -> dict[str, tuple[int, int]]:
+def _category_prices(shards: Sequence[dict[bytes, bytes]]) -> dict[str, tuple[int, int]]:
+    """Category price sums from each shard's ``cp`` hash, added (integers: exact in any order)."""
     counts: dict[str, int] = {}
     totals: dict[str, int] = {}
-    for f, v in raw.items():
-        if (field := keys.price_field(f.decode())) is not None:
-            kind, category = field
-            (counts if kind == keys.PRICE_COUNT else totals)[category] = int(v)
+    for raw in shards:
+        for f, v in raw.items():
+            if (field := keys.price_field(f.decode())) is not None:
+                kind, category = field
+                into = counts if kind == keys.PRICE_COUNT else totals
+                into[category] = into.get(category, 0) + int(v)
     return {c: (n, totals.get(c, 0)) for c, n in counts.items()}

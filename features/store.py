@@ -13,7 +13,7 @@ from core.events import CatalogProduct
 from core.settings import FeatureSettings
 from features import item
 from features.catalog import ProductAttrs
-from features.plan import FeatureEvent, Record
+from features.plan import FeatureEvent, Plan, Record
 from features.speller import Speller
 from features.user import UserState
 
@@ -58,6 +58,14 @@ class Rows:
         rows = np.fromiter((index[pid] for pid in ids), dtype=np.intp, count=len(ids))
         return self.states[rows], self.present[rows]
 
+    @classmethod
+    def merged(cls, parts: Sequence[Rows], merge: Callable[[np.ndarray], np.ndarray]) -> Rows:
+        """The owner shards' rows of the same ids (:class:`features.keys.Shards`) as one."""
+        if len(parts) == 1:
+            return parts[0]
+        states = merge(np.stack([part.states for part in parts]))
+        return cls(parts[0].ids, states, np.logical_or.reduce([part.present for part in parts]))
+
     def as_dict(self) -> dict[str, tuple[float, ...]]:
         rows = zip(self.ids, self.states.tolist(), self.present.tolist(), strict=True)
         return {i: tuple(st) for i, st, there in rows if there}
@@ -82,6 +90,18 @@ class Snapshot:
     def items(self) -> dict[str, tuple[float, ...]]:
         """The statistics of the products asked that have some (tests, audits)."""
         return self.item_rows.as_dict()
+
+
+def outcome(done: list[tuple[list[int], Plan]]) -> Outcome:
+    """One outcome of a batch from its shards' plans (``indices``: each plan's records in the batch)."""
+    rejected, skipped, unknown = [], [], []
+    for indices, p in done:
+        rejected += [(indices[i], why) for i, why in p.rejected]
+        skipped += [indices[i] for i in p.skipped]
+        unknown += p.unknown_impressions
+    return Outcome(sum(p.n_applied for _, p in done), sum(p.duplicates for _, p in done),
+                   sorted(rejected), sorted(skipped), unknown)
+
 
 
 class FeatureStore(Protocol):

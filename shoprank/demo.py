@@ -137,8 +137,7 @@ def split_log(settings: Settings, n: int):  # type: ignore[no-untyped-def]
 
 def apply_log(settings: Settings, log, progress: bool) -> None:  # type: ignore[no-untyped-def]
     """Publish the log and wait until the feature worker has applied all of it."""
-    import redis
-
+    from features.redis_store import connect
     from replay.publisher import publish
     from streams.progress import Ends, applied_up_to
 
@@ -149,8 +148,8 @@ def apply_log(settings: Settings, log, progress: bool) -> None:  # type: ignore[
     t = settings.topics
     try:
         started = time.monotonic()
-        applied_up_to(redis.Redis.from_url(settings.redis.url),
-                      Ends(consumer, [t.catalog, t.queries, t.interactions]).now(), timeout_s=600, poll_s=0.2)
+        applied_up_to(connect(settings.redis), Ends(consumer, [t.catalog, t.queries, t.interactions]).now(),
+                      settings.features.shards, timeout_s=600, poll_s=0.2)
     finally:
         consumer.close()
     print(f"the feature worker applied it all ({time.monotonic() - started:.1f} s after publishing)")
@@ -160,19 +159,18 @@ def live_traffic(settings: Settings, window: Window,
                  progress: bool) -> tuple[list[Query], list[RankedResult]]:
     """The live window in event time: each search ranked before its clicks, which follow; the
     next search once the feature worker has applied them. Returns the searches and results."""
-    import redis
-
+    from features.redis_store import connect
     from replay.live import LiveReplay, LiveReplayStats, read_results
     from replay.to_events import TimedEvent
     from streams.progress import Ends, applied_up_to
 
-    client = redis.Redis.from_url(settings.redis.url)
+    client = connect(settings.redis)
     consumer = kafka.consumer(settings, group_id=f"demo-ends-{uuid.uuid4().hex[:6]}")
     t = settings.topics
     ends = Ends(consumer, [t.queries, t.interactions, t.results])
 
     def settle(_: LiveReplayStats) -> None:
-        applied_up_to(client, ends.now())
+        applied_up_to(client, ends.now(), settings.features.shards)
 
     first = window.live[0]
     # One unmeasured search first (stamped before the window, by a shopper of its own): it proves

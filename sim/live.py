@@ -277,7 +277,7 @@ class LiveSim:
                         self._cycle(batch[0], ends_consumer, services)
                     day = batch[0].day
                 self._step(batch, lists, producer)
-                applied_up_to(self.client, watched.now(), timeout_s=300)
+                applied_up_to(self.client, watched.now(), self.settings.features.shards, timeout_s=300)
                 i += len(batch)
                 if i % 400 < len(batch):
                     services.check()

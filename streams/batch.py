@@ -51,7 +51,6 @@ from redis.retry import Retry
 
 from core import kafka
 from core.settings import Settings
-from features import keys
 from features.redis_store import RedisStore, StateBehind, connect
 from streams.deadletter import DeadLetterPublisher
 from streams.processor import Decoded, Processor, RawRecord
@@ -317,11 +316,9 @@ class BatchWorker:
         """The last offset of each partition whose effect is in Redis (absent: none)."""
         if not partitions:
             return {}
-        names = [keys.offset(t, p) for t, p in partitions]
         # Redis unreachable (a failover under way): wait for it, as the applier does for a batch.
-        raw = Retry(_UNAVAILABLE_BACKOFF, -1).call_with_retry(lambda: self.processor.store.client.mget(names),
-                                                              lambda _exc: None)
-        return {tp: int(v) for tp, v in zip(partitions, raw, strict=True) if v is not None}
+        return Retry(_UNAVAILABLE_BACKOFF, -1).call_with_retry(
+            lambda: self.processor.store.offsets(partitions), lambda _exc: None)
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         self._assigned.update((p.topic, p.partition) for p in partitions)

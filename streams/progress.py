@@ -16,6 +16,8 @@ import redis
 from confluent_kafka import Consumer, TopicPartition
 
 from features import keys
+from features.keys import Shards
+from features.redis_store import Client, stored_offsets
 
 
 class Ends:
@@ -38,20 +40,20 @@ class Ends:
         return out
 
 
-def features_reached(client: redis.Redis, ends: dict[tuple[str, int], int]) -> bool:
+def features_reached(client: Client, ends: dict[tuple[str, int], int], shards: int) -> bool:
     """Whether the feature workers' effects in Redis reach ``ends`` (every record before each
-    partition's end offset applied)."""
+    partition's end offset applied), in every owner shard (``FeatureSettings.shards``)."""
     if not ends:
         return True
-    applied = client.mget([keys.offset(t, p) for t, p in ends])
-    return all(v is not None and int(v) >= end - 1 for end, v in zip(ends.values(), applied, strict=True))
+    applied = stored_offsets(client, Shards(shards), list(ends))
+    return all(tp in applied and applied[tp] >= end - 1 for tp, end in ends.items())
 
 
-def applied_up_to(client: redis.Redis, ends: dict[tuple[str, int], int], timeout_s: float = 120.0,
+def applied_up_to(client: Client, ends: dict[tuple[str, int], int], shards: int, timeout_s: float = 120.0,
                   poll_s: float = 0.001) -> None:
     """Wait until :func:`features_reached` ``ends``; TimeoutError after ``timeout_s``."""
     deadline = time.monotonic() + timeout_s
-    while not features_reached(client, ends):
+    while not features_reached(client, ends, shards):
         if time.monotonic() > deadline:
             raise TimeoutError(f"the feature workers did not apply up to {ends} within {timeout_s} s")
         time.sleep(poll_s)

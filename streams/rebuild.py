@@ -52,7 +52,7 @@ def rebuild(settings: Settings, progress: bool = True) -> RebuildReport:
             records += _replay(consumer, phase, processor, settings.streams.batch_size, progress)
     finally:
         consumer.close()
-    applied = int(store.client.hget(keys.STATS, keys.STATS_APPLIED) or 0)
+    applied = store.stats().get(keys.STATS_APPLIED, 0)
     report = RebuildReport(records, applied, letters.count, cleared, tombstones,
                            time.perf_counter() - started)
     log.info("rebuild_done", records=report.records, events=report.events,

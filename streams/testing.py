@@ -49,6 +49,8 @@ def environment(settings: Settings, **streams: object) -> dict[str, str]:
         "SHOPRANK_REDIS_URL": settings.redis.url,
         "SHOPRANK_KAFKA_BOOTSTRAP_SERVERS": settings.kafka.bootstrap_servers,
         "SHOPRANK_TOPIC_PARTITIONS": str(t.partitions),
+        "SHOPRANK_REDIS_CLUSTER": str(int(settings.redis.cluster)),
+        "SHOPRANK_FEATURES_SHARDS": str(settings.features.shards),
         "SHOPRANK_LOG_LEVEL": "WARNING",
     })
     env.update({f"SHOPRANK_TOPIC_{name.upper()}": getattr(t, name) for name in TOPIC_KEYS})

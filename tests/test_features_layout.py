@@ -44,9 +44,10 @@ def test_a_query_evidence_is_one_hash_per_text_with_its_totals_and_one_expiry(
     for name in hashes:
         text = name[len(keys.QUERY_EVIDENCE):]
         fields = redis_client.hgetall(name)
-        assert query_item.decode(fields.pop(keys.QUERY_TOTAL_FIELD.encode())) == memory._query_totals[text]
+        totals = memory._shards[0].query_totals[text]
+        assert query_item.decode(fields.pop(keys.QUERY_TOTAL_FIELD.encode())) == totals
         assert {p.decode(): query_item.decode(v) for p, v in fields.items()} == {
-            pid: st for (t, pid), st in memory._query_items.items() if t == text}
+            pid: st for (t, pid), st in memory._shards[0].query_items.items() if t == text}
         ttl_ms = redis_client.pttl(name)
         assert CFG.query_item_ttl_s * 1000 - 60_000 < ttl_ms <= CFG.query_item_ttl_s * 1000
 

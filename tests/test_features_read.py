@@ -7,6 +7,7 @@ from datetime import UTC, datetime, timedelta
 import numpy as np
 import pytest
 import redis
+from redis.cluster import RedisCluster
 
 from core.events import AddToCart, CatalogProduct, Click, Purchase
 from core.settings import FeatureSettings
@@ -20,16 +21,10 @@ from streams.synthetic import Shape, catalog, sessions
 CFG = FeatureSettings()
 
 
-def test_memory_and_redis_give_identical_matrices(redis_client: redis.Redis) -> None:
+def _scenario() -> tuple[list, list[Request], float]:
+    """Sessions over a small catalog, and requests reading every kind of feature of it."""
     shape = Shape(users=50, products=120)
     events = [*catalog(shape), *sessions(shape, 1500)]
-    memory, online = MemoryStore(CFG), RedisStore(redis_client, CFG)
-    for ev in events:  # offline: one event at a time, in time order
-        memory.apply(ev)
-    for i in range(0, len(events), 250):  # online: batches, as a worker commits them
-        online.apply_batch([Record(ev) for ev in events[i : i + 250]])
-    assert memory.users() == online.users()
-
     now = events[-1].timestamp.timestamp() + 3600
     texts = ["tv case", "laptop phone", "nothing like it"]
     requests = [Request(f"u{u}", normalize_query(texts[u % 3]), [f"p{p}" for p in range(0, 120, 3)],
@@ -38,15 +33,55 @@ def test_memory_and_redis_give_identical_matrices(redis_client: redis.Redis) -> 
                             words=query_words("case for a phone")))  # a new query of known words
     requests.append(Request.for_text("u2", "lapotp phnoe", [f"p{p}" for p in range(120)]))  # typos
     requests.append(Request("stranger", "", ["p1", "unknown-product"]))
-    for a, b in zip(read_batch(memory, requests, now), read_batch(online, requests, now), strict=True):
-        assert a.features.shape == (len(a.features), len(FEATURE_NAMES))
-        np.testing.assert_array_equal(a.features, b.features)
-        assert a.recent_products == b.recent_products
-        np.testing.assert_array_equal(a.recent_weights, b.recent_weights)
+    return events, requests, now
+
+
+def _assert_identical(stores: list, requests: list[Request], now: float) -> None:
+    first = read_batch(stores[0], requests, now)
+    for other in stores[1:]:
+        assert stores[0].users() == other.users()
+        for a, b in zip(first, read_batch(other, requests, now), strict=True):
+            assert a.features.shape == (len(a.features), len(FEATURE_NAMES))
+            np.testing.assert_array_equal(a.features, b.features)
+            assert a.recent_products == b.recent_products
+            np.testing.assert_array_equal(a.recent_weights, b.recent_weights)
+
+
+def test_memory_and_redis_give_identical_matrices(redis_client: redis.Redis) -> None:
+    events, requests, now = _scenario()
+    memory, online = MemoryStore(CFG), RedisStore(redis_client, CFG)
+    for ev in events:  # offline: one event at a time, in time order
+        memory.apply(ev)
+    for i in range(0, len(events), 250):  # online: batches, as a worker commits them
+        online.apply_batch([Record(ev) for ev in events[i : i + 250]])
+    _assert_identical([memory, online], requests, now)
     results = read_batch(memory, requests, now)
     assert any(r.features[:, INDEX["query_item_clicks_log"]].any() for r in results)
     assert results[-3].features[:, INDEX["query_word_share_max"]].any()  # the new query
     assert results[-2].features[:, INDEX["query_item_click_share"]].any()  # "laptop phone"'s evidence
+
+
+def test_owner_shards_read_identically_on_memory_single_redis_and_the_cluster(
+        redis_client: redis.Redis, redis_cluster: RedisCluster) -> None:
+    """The same sharded state (6 owner shards) on the memory store, one Redis and a Redis Cluster:
+    bit-identical matrices, through the one read path; and the same features as unsharded state
+    but for float rounding (the shards' shares of a product's decayed sums are added at read)."""
+    events, requests, now = _scenario()
+    cfg = CFG.model_copy(update={"shards": 6})
+    memory, single, cluster = MemoryStore(cfg), RedisStore(redis_client, cfg), RedisStore(redis_cluster, cfg)
+    unsharded = MemoryStore(CFG)
+    for ev in events:
+        memory.apply(ev)
+        unsharded.apply(ev)
+    for i in range(0, len(events), 250):
+        batch = [Record(ev) for ev in events[i : i + 250]]
+        single.apply_batch(batch)
+        cluster.apply_batch(batch)
+    assert {int(k.decode().split("{s")[1].split(".")[0]) for k in redis_cluster.scan_iter(match="u:*")} \
+        == set(range(6)), "every shard holds shoppers"
+    _assert_identical([memory, single, cluster], requests, now)
+    for a, b in zip(read_batch(memory, requests, now), read_batch(unsharded, requests, now), strict=True):
+        np.testing.assert_allclose(a.features, b.features, rtol=1e-5, atol=1e-6)
 
 
 def test_recent_products_rank_purchase_over_cart_over_click_and_decay() -> None:

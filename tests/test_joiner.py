@@ -7,6 +7,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import numpy as np
+import pytest
 import redis
 from confluent_kafka import TopicPartition
 
@@ -28,6 +29,7 @@ from features.read import FEATURE_NAMES, FEATURE_SCHEMA
 from streams.join import JoinTask, coverage
 from streams.joiner import stored_totals
 from streams.testing import Worker, dump_db, environment, restore_db, wait_until
+from tests.conftest import RedisAt
 
 T0 = datetime(2026, 11, 1, 12, 0, tzinfo=UTC)
 CFG = JoinerSettings(click_window_s=1800, purchase_window_s=86400)
@@ -241,9 +243,10 @@ def _joiner(settings: Settings, tmp_path: Path, name: str) -> Worker:
     return Worker(env, tmp_path / f"{name}.log", command="joiner")
 
 
-def test_a_sigkilled_joiner_loses_and_duplicates_no_list(settings: Settings, redis_client: redis.Redis,
+@pytest.mark.parametrize("topology", ["single", "cluster"])
+def test_a_sigkilled_joiner_loses_and_duplicates_no_list(settings: Settings, redis_at: RedisAt, topology: str,
                                                           tmp_path: Path) -> None:
-    joiner_settings = settings  # two partitions
+    joiner_settings, redis_client = redis_at(topology, settings)  # two partitions
     events, expected = _workload(400)
     _publish_partitioned(joiner_settings, events)
     first = _joiner(joiner_settings, tmp_path, "first")

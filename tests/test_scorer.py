@@ -10,22 +10,26 @@ import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import msgspec
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
 from core import kafka
-from core.events import RESULTS, ModelUpdate, Query, RankedResult, encode
+from core.events import RESULTS, Click, ModelUpdate, Query, RankedResult, encode
 from core.registry import MANIFEST, set_serving, uri
 from core.settings import ModelSettings, ScorerSettings, Settings
+from features.memory import MemoryStore
+from features.plan import Record
 from features.read import FEATURE_NAMES, FEATURE_SCHEMA, Request, read_batch
 from scorer.app import Scorer, build_scorer
 from scorer.http import create_app
 from scorer.runtime import load_served_model
 from streams.testing import wait_until
+from tests.conftest import RedisAt
 from tests.model_factory import split, tiny_version
 
 NOW = datetime(2011, 10, 1, tzinfo=UTC)
@@ -129,6 +133,41 @@ def test_every_query_gets_a_result_or_an_error_with_its_reason(
     assert len(errors) == 3
     assert sum("$.text" in e for e in errors) == 2
     assert sum("malformed JSON" in e for e in errors) == 1
+
+
+def test_a_scorer_on_the_redis_cluster_serves_what_the_memory_store_reads(
+    scorer_settings: Settings, redis_at: RedisAt
+) -> None:
+    """On the Redis Cluster (owner shards), the scorer reads each shopper in its shard and every
+    shard's share of the product and query statistics: the served matrix is the one the memory
+    store, holding the same shards, gives for the same request."""
+    settings, _ = redis_at("cluster", scorer_settings)
+    catalog = list(split().catalog)
+    memory = MemoryStore(settings.features)
+    for product in split().catalog.values():
+        memory.apply(product)
+    events: list[Query | Click] = []
+    for i in range(24):  # shoppers of every shard follow the same query to the same products
+        q = query("call of duty", user=f"u{i}", candidates=catalog[:10])
+        q = msgspec.structs.replace(q, timestamp=NOW - timedelta(hours=24 - i))
+        events.append(q)
+        events.append(Click(event_id=f"c{i}", user_id=f"u{i}", session_id="s1", query_id=q.query_id,
+                            product_id=catalog[i % 3], timestamp=q.timestamp + timedelta(seconds=20)))
+    for ev in events:
+        memory.apply(ev)
+    with running(settings) as s:
+        s.store.apply_batch([Record(ev) for ev in events])
+        asked = query("call of duty", user="u5", candidates=catalog[:10])
+        produce(settings, [(asked.user_id, encode(asked))])
+        [served] = collect(settings, 1)
+    assert served.error is None and served.features is not None
+    ranked = [p.product_id for p in served.products]
+    [expected] = read_batch(memory, [Request.for_text("u5", asked.text, catalog[:10], list(range(1, 11)))],
+                            NOW.timestamp())
+    rows = [catalog[:10].index(pid) for pid in ranked]
+    np.testing.assert_array_equal(served.features.matrix(len(ranked)), expected.features[rows])
+    assert expected.features[:, FEATURE_NAMES.index("user_has_history")].all()
+    assert expected.features[:, FEATURE_NAMES.index("query_item_click_share")].any()
 
 
 def test_hot_swap_drops_nothing_and_rejects_a_bad_version(scorer: Scorer, scorer_settings: Settings) -> None:

@@ -29,6 +29,7 @@ from features.redis_store import RedisStore
 from streams.rebuild import rebuild
 from streams.synthetic import Shape, catalog, sessions
 from streams.testing import Worker, environment, publish, wait_until
+from tests.conftest import RedisAt
 
 SHAPE = Shape(users=300, products=400)
 FEATURES = Settings().features  # what the workers run with (environment() sets no feature rule)
@@ -54,8 +55,8 @@ def start_worker(settings_factory: Callable[..., Settings], tmp_path: Path) -> I
             w.kill()
 
 
-def applied(client: redis.Redis) -> int:
-    return int(client.hget(keys.STATS, keys.STATS_APPLIED) or 0)
+def applied(store: RedisStore) -> int:
+    return store.stats().get(keys.STATS_APPLIED, 0)
 
 
 def counted_events(events: list[Event]) -> int:
@@ -63,43 +64,52 @@ def counted_events(events: list[Event]) -> int:
     return sum(1 for e in events if not hasattr(e, "updated_at"))
 
 
-def wait_applied(client: redis.Redis, n: int, workers: list[Worker], timeout: float = 60) -> None:
+def wait_applied(store: RedisStore, n: int, workers: list[Worker], timeout: float = 60) -> None:
     def done() -> bool:
         if not any(w.alive() for w in workers):
             raise AssertionError("every worker died:\n" + workers[-1].log_tail())
-        return applied(client) >= n
+        return applied(store) >= n
 
-    wait_until(done, timeout, what=f"{n} events applied (now {applied(client)})")
+    wait_until(done, timeout, what=f"{n} events applied (now {applied(store)})")
 
 
-def load_catalog(settings: Settings, client: redis.Redis, worker: Worker) -> list[Event]:
+def load_catalog(settings: Settings, store: RedisStore, worker: Worker) -> list[Event]:
     products = catalog(SHAPE)
     publish(settings, products)
-    wait_until(lambda: sum(1 for _ in client.scan_iter(keys.PRODUCT + "*", count=1000)) == len(products),
-               60, what="catalog in Redis")
+    ids = [p.product_id for p in products]
+    wait_until(lambda: len(store.products(ids)) == len(products), 60, what="catalog in Redis")
     return list(products)
 
 
-def assert_matches_offline(client: redis.Redis, events: list[Event]) -> None:
-    offline = MemoryStore(FEATURES)
+def assert_matches_offline(store: RedisStore, events: list[Event]) -> None:
+    offline = MemoryStore(store.config)
     for ev in events:
         offline.apply(ev)
-    online = RedisStore(client, FEATURES)
-    expected, got = offline.users(), online.users()
+    expected, got = offline.users(), store.users()
     assert got.keys() == expected.keys()
     different = [u for u in expected if got[u] != expected[u]]
     assert not different, f"{len(different)} shoppers differ, e.g. {different[0]}"
     for pid in {e.product_id for e in events if isinstance(e, Click)}:
-        a, b = offline.item(pid), online.item(pid)
+        a, b = offline.item(pid), store.item(pid)
         assert all(math.isclose(x, y, rel_tol=1e-9) for x, y in zip(a, b, strict=True)), pid
+
+
+@pytest.fixture
+def single(settings: Settings, redis_client: redis.Redis) -> RedisStore:
+    return RedisStore(redis_client, FEATURES)
+
+
+# Exactly once on one Redis with either engine, and on the Redis Cluster (owner shards).
+TOPOLOGIES = pytest.mark.parametrize(("engine", "topology"),
+                                     [("batch", "single"), ("faust", "single"), ("batch", "cluster")])
 
 
 @ENGINES
 def test_events_reach_redis_and_bad_input_goes_to_dead_letters(
-    settings: Settings, redis_client: redis.Redis, start_worker: MakeWorker, engine: str
+    settings: Settings, single: RedisStore, start_worker: MakeWorker, engine: str
 ) -> None:
     worker = start_worker(settings, engine=engine)
-    products = load_catalog(settings, redis_client, worker)
+    products = load_catalog(settings, single, worker)
     events = list(sessions(SHAPE, 1500))
     t = settings.topics
     ghost = Click(event_id="ghost", user_id="u3", session_id="s", product_id="nope",
@@ -112,13 +122,13 @@ def test_events_reach_redis_and_bad_input_goes_to_dead_letters(
     ]
     half = len(events) // 2
     publish(settings, [*events[:half], *bad, *events[half:]])
-    wait_applied(redis_client, counted_events(events), [worker])
+    wait_applied(single, counted_events(events), [worker])
 
     # A fresh click on a caught-up worker reaches Redis (latency is measured by the benchmark).
     late = Click(event_id="fresh", user_id="u-new", session_id="s", product_id="p1",
                  timestamp=events[-1].timestamp)
     publish(settings, [late])
-    wait_until(lambda: redis_client.exists(keys.user("u-new")), 10, interval=0.002, what="fresh click")
+    wait_until(lambda: single.user("u-new") is not None, 10, interval=0.002, what="fresh click")
 
     letters = read_dead_letters(settings, 3)
     assert dead_letters_written(settings) == 3  # what the backlog test counts sees them
@@ -127,11 +137,11 @@ def test_events_reach_redis_and_bad_input_goes_to_dead_letters(
         assert why in reasons
     assert all(h["source_topic"] == t.interactions and h["source_offset"].isdigit() for h in letters)
     assert worker.alive()
-    assert_matches_offline(redis_client, [*products, *events, late])
+    assert_matches_offline(single, [*products, *events, late])
 
 
 def test_a_backlog_waits_for_its_catalog(
-    settings: Settings, redis_client: redis.Redis, start_worker: MakeWorker
+    settings: Settings, single: RedisStore, start_worker: MakeWorker
 ) -> None:
     # Catalog and shopper events are all waiting when the worker starts: without the catalog
     # gate, clicks read before their products' catalog records would be dead-lettered.
@@ -139,8 +149,8 @@ def test_a_backlog_waits_for_its_catalog(
     events = list(sessions(SHAPE, 3000))
     publish(settings, [*products, *events])
     worker = start_worker(settings, batch_size=200)
-    wait_applied(redis_client, counted_events(events), [worker])
-    assert_matches_offline(redis_client, [*products, *events])
+    wait_applied(single, counted_events(events), [worker])
+    assert_matches_offline(single, [*products, *events])
     # Dead letters are acknowledged by the broker before their batch commits: none were written.
     assert dead_letters_written(settings) == 0
 
@@ -169,53 +179,56 @@ def read_dead_letters(settings: Settings, n: int) -> list[dict[str, str]]:
     return out
 
 
-@ENGINES
+@TOPOLOGIES
 def test_sigkill_mid_stream_loses_and_double_counts_nothing(
-    settings: Settings, redis_client: redis.Redis, start_worker: MakeWorker, engine: str
+    settings: Settings, start_worker: MakeWorker, engine: str, topology: str, redis_at: RedisAt
 ) -> None:
+    settings, client = redis_at(topology, settings)
+    store = RedisStore(client, settings.features)
     # Static membership: a restarted worker takes its partitions back without waiting for the
     # dead one's session to expire.
     worker = start_worker(settings, instance_id="w1", batch_size=500, engine=engine)
-    products = load_catalog(settings, redis_client, worker)
+    products = load_catalog(settings, store, worker)
     events = list(sessions(SHAPE, 8000))
     total = counted_events(events)
     publish(settings, events)
     kills = 0
     for fraction in (0.2, 0.45, 0.7):
-        wait_applied(redis_client, int(total * fraction), [worker])
+        wait_applied(store, int(total * fraction), [worker])
         worker.kill()
         kills += 1
-        assert applied(redis_client) < total, "the stream ended before the kill"
+        assert applied(store) < total, "the stream ended before the kill"
         worker = start_worker(settings, instance_id="w1", batch_size=500, engine=engine)
-    wait_applied(redis_client, total, [worker])
+    wait_applied(store, total, [worker])
     assert kills == 3
-    assert applied(redis_client) == total
+    assert applied(store) == total
     # Some kills landed after a commit to Redis and before the offset commit: redelivered, skipped.
-    assert int(redis_client.hget(keys.STATS, keys.STATS_DUPLICATES) or 0) > 0
-    assert_matches_offline(redis_client, [*products, *events])
+    assert store.stats().get(keys.STATS_DUPLICATES, 0) > 0
+    assert_matches_offline(store, [*products, *events])
 
 
-@ENGINES
+@TOPOLOGIES
 def test_workers_join_and_leave_mid_stream(
-    settings_factory: Callable[..., Settings], redis_client: redis.Redis, start_worker: MakeWorker,
-    engine: str,
+    settings_factory: Callable[..., Settings], start_worker: MakeWorker, engine: str, topology: str,
+    redis_at: RedisAt,
 ) -> None:
-    settings = settings_factory(partitions=4)
+    settings, client = redis_at(topology, settings_factory(partitions=4))
+    store = RedisStore(client, settings.features)
     first = start_worker(settings, batch_size=300, engine=engine)
-    products = load_catalog(settings, redis_client, first)
+    products = load_catalog(settings, store, first)
     events = list(sessions(SHAPE, 9000))
     total = counted_events(events)
     producer = threading.Thread(target=publish_paced, args=(settings, events, 6.0))
     producer.start()
-    wait_applied(redis_client, total // 5, [first])
+    wait_applied(store, total // 5, [first])
     second = start_worker(settings, batch_size=300, engine=engine)
     wait_until(lambda: group_size(settings) == 2, 30, what="second worker in the group")
-    wait_applied(redis_client, total * 3 // 5, [first, second])
+    wait_applied(store, total * 3 // 5, [first, second])
     assert first.stop() == 0  # leaves the group; its partitions move to the second worker
     producer.join()
-    wait_applied(redis_client, total, [second])
-    assert applied(redis_client) == total
-    assert_matches_offline(redis_client, [*products, *events])
+    wait_applied(store, total, [second])
+    assert applied(store) == total
+    assert_matches_offline(store, [*products, *events])
 
 
 def publish_paced(settings: Settings, events: list[Event], seconds: float) -> None:
@@ -233,19 +246,19 @@ def group_size(settings: Settings) -> int:
 
 
 def test_rebuild_after_redis_loss_then_forget(
-    settings: Settings, redis_client: redis.Redis, start_worker: MakeWorker
+    settings: Settings, redis_client: redis.Redis, single: RedisStore, start_worker: MakeWorker
 ) -> None:
     worker = start_worker(settings)
-    products = load_catalog(settings, redis_client, worker)
+    products = load_catalog(settings, single, worker)
     events = list(sessions(SHAPE, 1500))
     publish(settings, events)
-    wait_applied(redis_client, counted_events(events), [worker])
+    wait_applied(single, counted_events(events), [worker])
     assert worker.stop() == 0
 
     redis_client.flushdb()  # Redis lost
     report = rebuild(settings, progress=False)
     assert report.events == counted_events(events) and report.dead_letters == 0
-    assert_matches_offline(redis_client, [*products, *events])
+    assert_matches_offline(single, [*products, *events])
 
     victim = events[0].user_id  # type: ignore[union-attr]
     assert redis_client.exists(keys.user(victim))
@@ -258,7 +271,7 @@ def test_rebuild_after_redis_loss_then_forget(
                  timestamp=events[-1].timestamp)
     publish(settings, [late])
     worker = start_worker(settings)
-    wait_applied(redis_client, counted_events(events) + 1, [worker])
+    wait_applied(single, counted_events(events) + 1, [worker])
     assert not redis_client.exists(keys.user(victim))
     assert worker.stop() == 0
     rebuild(settings, progress=False)  # the tombstone survives a rebuild
