@@ -18,7 +18,7 @@ import numpy as np
 import redis
 import structlog
 from redis.backoff import ExponentialBackoff, ExponentialWithJitterBackoff
-from redis.cluster import RedisCluster
+from redis.cluster import LoadBalancingStrategy, RedisCluster
 from redis.exceptions import NoScriptError
 from redis.retry import Retry
 
@@ -65,7 +65,9 @@ def connect(settings: RedisSettings, replica: bool = False) -> Client:
         return sentinel_client(settings, options, replica)
     if settings.cluster:  # any node's URL; the client learns the slots and follows their moves
         options.pop("health_check_interval")
-        return RedisCluster.from_url(settings.url, read_from_replicas=replica, **options)
+        if replica:
+            options["load_balancing_strategy"] = LoadBalancingStrategy.RANDOM_REPLICA
+        return RedisCluster.from_url(settings.url, **options)
     return redis.Redis.from_url(settings.url, **options)
 
 
@@ -470,7 +472,7 @@ class RedisStore:
     def products(self, product_ids: Sequence[str]) -> dict[str, CatalogProduct]:
         ids = list(product_ids)
         names = [keys.product_doc(p, self.shards.tag_of(p)) for p in ids]
-        return catalog.documents(ids, _mget(self.client, names) if ids else [])
+        return catalog.documents(ids, mget_any(self.client, names) if ids else [])
 
     def item(self, product_id: str) -> tuple[float, ...]:
         rows = self.snapshot([], [product_id], {}).item_rows
@@ -484,7 +486,7 @@ def stored_offsets(client: Client, shards: Shards, partitions: Sequence[tuple[st
     commits, the shards that had committed skip what is replayed)."""
     if not partitions:
         return {}
-    raw = _mget(client, [keys.offset(t, p, tag) for tag in shards.tags for t, p in partitions])
+    raw = mget_any(client, [keys.offset(t, p, tag) for tag in shards.tags for t, p in partitions])
     out: dict[tuple[str, int], int] = {}
     for tp, v in zip(list(partitions) * shards.n, raw, strict=True):
         if v is not None:
@@ -501,7 +503,7 @@ def stats(client: Client, shards: Shards) -> dict[str, int]:
     return out
 
 
-def _mget(client: Client, names: Sequence[str]) -> list[bytes | None]:
+def mget_any(client: Client, names: Sequence[str]) -> list[bytes | None]:
     """MGET; on a cluster, one per slot (keys of many slots)."""
     return client.mget_nonatomic(names) if isinstance(client, RedisCluster) else client.mget(names)
 

@@ -40,7 +40,7 @@ from core.settings import Settings
 from core.text import product_text
 from features import keys
 from features.embeddings import ProductEmbeddings, encode_value, text_digest
-from features.redis_store import connect
+from features.redis_store import connect, mget_any
 from scorer.runtime import choose_providers
 
 log = structlog.get_logger(__name__)
@@ -174,10 +174,10 @@ def stored_products(client: redis.Redis, stats: EmbedStats | None = None) -> Ite
     for name in names:
         batch.append(name)
         if len(batch) >= CHUNK:
-            yield from decoded(client.mget(batch))
+            yield from decoded(mget_any(client, batch))
             batch = []
     if batch:
-        yield from decoded(client.mget(batch))
+        yield from decoded(mget_any(client, batch))
 
 
 def embed_catalog(client: redis.Redis, version: ModelVersion | ProductTower, batch_size: int = 64,

@@ -42,6 +42,7 @@ from scorer.metrics import ScorerMetrics
 from scorer.runtime import load_served_model
 from scorer.swap import ModelHolder
 from streams.testing import publish, wait_until
+from tests.conftest import RedisAt
 from tests.model_factory import SLICE, split, tiny_run, tiny_version
 from trainer import commands, continuous
 from trainer.continuous import ContinuousTrainer, Outcome, run_once
@@ -365,8 +366,10 @@ def test_the_guardrail_rolls_back_a_version_whose_click_mrr_falls(settings: Sett
 # --- the lease -----------------------------------------------------------------------------------------
 
 
-def test_the_lease_keeps_a_second_trainer_out(settings: Settings, registry: Path, redis_client,
-                                              capsys) -> None:
+@pytest.mark.parametrize("topology", ["single", "cluster"])
+def test_the_lease_keeps_a_second_trainer_out(settings: Settings, registry: Path, redis_at: RedisAt,
+                                              topology: str, capsys) -> None:
+    settings, redis_client = redis_at(topology, settings)
     s = trainer_settings(settings, registry, lease_ttl_s=0.6)
     first = Lease(redis_client, 0.6)
     second = Lease(redis_client, 0.6)
@@ -492,10 +495,12 @@ def test_inverse_propensity_weights_weigh_whole_lists() -> None:
     assert torch.isclose(listwise_softmax_loss(scores, gains), each.mean())
 
 
-def test_the_candidates_product_table_takes_the_live_vectors_from_redis(settings: Settings, registry: Path,
-                                                                        redis_client) -> None:
+@pytest.mark.parametrize("topology", ["single", "cluster"])
+def test_the_candidates_product_table_takes_the_live_vectors_from_redis(
+        settings: Settings, registry: Path, redis_at: RedisAt, topology: str) -> None:
     """Products the embedder stored for the parent's product tower after training: an edited one
     overlays its shipped row, a new one extends the table (as every scorer's table does)."""
+    settings, redis_client = redis_at(topology, settings)
     from core.layout import product_tower
     from features.embeddings import ProductEmbeddings, encode_value, text_digest
     from trainer.continuous import product_table

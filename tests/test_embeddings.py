@@ -32,6 +32,7 @@ from scorer.app import Scorer, build_scorer
 from scorer.embedder import ProductTower, embed_catalog, embed_products
 from scorer.runtime import UNKNOWN_ROW, Batch, EmbeddingSource, load_served_model
 from streams.testing import Worker, environment, publish, wait_until
+from tests.conftest import RedisAt
 from tests.model_factory import split, tiny_version
 from trainer.model import QueryTower, load_encoder
 from trainer.products import embed_texts
@@ -237,9 +238,11 @@ def test_the_scorer_table_follows_redis_copy_on_write(tmp_path: Path, redis_clie
 # --- the embedder, a real process ------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("topology", ["single", "cluster"])
 def test_the_embedder_follows_the_catalog_and_the_serving_tower(
-    settings: Settings, redis_client: redis.Redis, tmp_path: Path, service: list[Worker]
+    settings: Settings, redis_at: RedisAt, topology: str, tmp_path: Path, service: list[Worker]
 ) -> None:
+    settings, redis_client = redis_at(topology, settings)
     first = zero_shot_version(tmp_path, "first", tiny=True)
     second = zero_shot_version(tmp_path, "second", tiny=True, seed=14)  # another tower
     set_serving(tmp_path, "first")
