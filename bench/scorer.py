@@ -55,7 +55,7 @@ from bench.isolation import isolated_settings
 from bench.loadgen import LoadGenerator, QuerySpec, StepResult
 from core import events, kafka
 from core.logs import configure_logging
-from core.processes import Service
+from core.processes import Service, process_cpu_s
 from core.registry import load_version, serving_version
 from core.settings import ScorerSettings, Settings
 from core.topics import ensure_topics, topic_specs
@@ -215,13 +215,6 @@ class CpuSample:
     stage_cpu_s: dict[str, float]  # shoprank_stage_cpu_seconds_total by stage
     stage_wall_s: dict[str, float]  # shoprank_stage_seconds_sum by stage
     queries: float  # shoprank_queries_total, every outcome
-
-
-def process_cpu_s(pid: int) -> float:
-    """utime + stime of a process (all its threads), in seconds."""
-    stat = Path(f"/proc/{pid}/stat").read_text()
-    fields = stat[stat.rindex(")") + 2:].split()  # after the command name, which may hold spaces
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def cpu_sample(pid: int, port: int) -> CpuSample:

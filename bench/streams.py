@@ -5,7 +5,9 @@ All figures are measured in one run, on this machine, against the local Kafka an
 - ``raw_broker_eps``: a consume-only librdkafka loop over the same events (the broker's ceiling);
 - ``raw_redis_ops``: pipelined SETs measured by redis-benchmark (Redis's ceiling);
 - ``worker_eps``: one ``shoprank streams`` worker (``--engine``, default the settings' engine)
-  draining a backlog of the events (10%-90%);
+  draining a backlog of the events (10%-90%), and in that window the CPU per event of the
+  worker process and of Redis (``INFO cpu``; on the cluster summed over the primaries, the
+  replicas apart): figures that hold across hosts better than rates;
 - ``freshness_p50_ms`` / ``freshness_p99_ms``: publish -> readable in Redis, for probe clicks
   of new shoppers inside a steady 5,000 events/s stream;
 - ``bytes_per_user``: MEMORY USAGE of a shopper's key, mean over a sample, 100,000 shoppers;
@@ -48,6 +50,7 @@ from bench.isolation import isolated_settings
 from core import kafka
 from core.events import Click, Event, encode
 from core.logs import configure_logging
+from core.processes import process_cpu_s
 from core.settings import Settings
 from core.topics import ensure_topics, route, topic_specs
 from features import keys
@@ -94,8 +97,23 @@ def raw_redis_ops(settings: Settings) -> float:
     return float(row.split(",")[1].strip('"'))
 
 
-def worker_eps(client: Client, shards: Shards, total: int, worker: Worker) -> float:
-    marks: dict[int, float] = {}
+def redis_cpu_s(client: Client) -> tuple[float, float]:
+    """CPU seconds (user + sys) Redis has used: (primaries, replicas) summed over a cluster's nodes,
+    (the server, 0) for one Redis."""
+    if not isinstance(client, RedisCluster):
+        info = client.info("cpu")
+        return info["used_cpu_user"] + info["used_cpu_sys"], 0.0
+    used = {True: 0.0, False: 0.0}
+    for node in client.get_nodes():
+        info = client.info("cpu", target_nodes=node)
+        used[node.server_type == "primary"] += info["used_cpu_user"] + info["used_cpu_sys"]
+    return used[True], used[False]
+
+
+def worker_eps(client: Client, shards: Shards, total: int, worker: Worker) -> tuple[float, dict[str, float]]:
+    """The worker's rate between 10% and 90% of the backlog, and the CPU spent in that window per
+    event: the worker process's, Redis's (primaries; replicas apart), in microseconds."""
+    marks: dict[int, tuple[float, float, float, float]] = {}
     lo, hi = int(total * 0.1), int(total * 0.9)
     deadline = time.monotonic() + 900
     while len(marks) < 2:
@@ -107,9 +125,13 @@ def worker_eps(client: Client, shards: Shards, total: int, worker: Worker) -> fl
         now = time.perf_counter()
         for mark in (lo, hi):
             if done >= mark and mark not in marks:
-                marks[mark] = now
+                marks[mark] = (now, process_cpu_s(worker.pid), *redis_cpu_s(client))
         time.sleep(0.02)
-    return (hi - lo) / (marks[hi] - marks[lo])
+    (t0, w0, p0, r0), (t1, w1, p1, r1) = marks[lo], marks[hi]
+    per_event = 1e6 / (hi - lo)
+    return (hi - lo) / (t1 - t0), {"worker_cpu_us_per_event": round((w1 - w0) * per_event, 1),
+                                   "redis_cpu_us_per_event": round((p1 - p0) * per_event, 1),
+                                   "replicas_cpu_us_per_event": round((r1 - r0) * per_event, 1)}
 
 
 def faust_noop_eps(settings: Settings, client: redis.Redis, total: int) -> float:
@@ -276,8 +298,11 @@ def measure(args: argparse.Namespace, settings: Settings, shape: Shape, products
                       batch_size=args.batch, batch_within_s=args.within)
     worker = Worker(env, Path(args.log))
     try:
-        eps = worker_eps(client, shards, len(events), worker)
-        print(f"{label}worker_eps       {eps:12,.0f}   ({eps / broker:.1%} of raw_broker_eps)", flush=True)
+        eps, cpu = worker_eps(client, shards, len(events), worker)
+        print(f"{label}worker_eps       {eps:12,.0f}   ({eps / broker:.1%} of raw_broker_eps); "
+              f"CPU per event: worker {cpu['worker_cpu_us_per_event']} us, "
+              f"Redis {cpu['redis_cpu_us_per_event']} us (replicas {cpu['replicas_cpu_us_per_event']} us)",
+              flush=True)
         wait_until(lambda: stats(client, shards).get(keys.STATS_APPLIED, 0) >= len(events), 300,
                    what="backlog drained")
         lat, achieved, n_probes = freshness(settings, shape, args.rate, args.seconds, args.probe_every)
@@ -300,6 +325,7 @@ def measure(args: argparse.Namespace, settings: Settings, shape: Shape, products
     return {
         "worker_eps": round(eps),
         "worker_to_broker_ratio": round(eps / broker, 4),
+        **cpu,
         "freshness_p50_ms": round(float(p50), 2),
         "freshness_p99_ms": round(float(p99), 2),
         "freshness_rate_eps": round(achieved),

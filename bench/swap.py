@@ -61,6 +61,7 @@ from bench.scorer import (
 from core import kafka, layout
 from core.events import ModelUpdate, encode
 from core.logs import configure_logging
+from core.processes import process_cpu_s
 from core.registry import MANIFEST, ModelVersion, set_serving, uri
 from core.settings import Settings
 from core.topics import ensure_topics, topic_specs
@@ -206,12 +207,6 @@ class SwapLog:
         self._fh.close()
 
 
-def _cpu_ticks(pid: int) -> float:
-    """utime + stime of a process, in seconds."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def _host_ticks() -> tuple[int, int]:
     """(busy, total) jiffies of the whole host."""
     values = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
@@ -229,13 +224,13 @@ class Usage:
     host0: tuple[int, int] = (0, 0)
 
     def __post_init__(self) -> None:
-        self.proc0 = _cpu_ticks(self.pid)
+        self.proc0 = process_cpu_s(self.pid)
         self.host0 = _host_ticks()
 
     def done(self) -> dict[str, float]:
         seconds = time.perf_counter() - self.t0
         busy, total = _host_ticks()
-        return {"scorer_cores": round((_cpu_ticks(self.pid) - self.proc0) / seconds, 3),
+        return {"scorer_cores": round((process_cpu_s(self.pid) - self.proc0) / seconds, 3),
                 "host_busy": round((busy - self.host0[0]) / max(1, total - self.host0[1]), 3)}
 
 

@@ -44,6 +44,13 @@ def http_ready(url: str) -> bool:
         return False
 
 
+def process_cpu_s(pid: int) -> float:
+    """utime + stime of a process (all its threads), in seconds (/proc/<pid>/stat)."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    fields = stat[stat.rindex(")") + 2:].split()  # after the command name, which may hold spaces
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def stop_group(proc: subprocess.Popen, grace_s: float = 20.0) -> None:
     """SIGTERM the process group started with ``start_new_session``; SIGKILL after ``grace_s``."""
     if proc.poll() is not None:
