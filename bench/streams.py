@@ -48,7 +48,7 @@ from redis.cluster import RedisCluster
 
 from bench.isolation import isolated_settings
 from core import kafka
-from core.events import Click, Event, encode
+from core.events import Click, Event, Query, encode
 from core.logs import configure_logging
 from core.processes import process_cpu_s
 from core.settings import Settings
@@ -56,6 +56,7 @@ from core.topics import ensure_topics, route, topic_specs
 from features import keys
 from features.keys import Shards
 from features.plan import Record
+from features.read import Request, read_batch
 from features.redis_store import Client, RedisStore, connect, stats
 from streams.synthetic import START, Shape, catalog, sessions
 from streams.testing import Worker, environment, publish, wait_until
@@ -260,6 +261,35 @@ def bytes_per_user(client: Client, shards: Shards, users: list[str], sample: int
     return float(np.mean(sizes)), int(np.percentile(sizes, 99)), len(sizes)
 
 
+def read_cost(settings: Settings, client: Client, events: list[Event], product_ids: list[str],
+              n: int = 300, candidates: int = 100) -> dict[str, float]:
+    """What the scorer's read of one query's features costs on this state (``features.read``, one
+    query per call, as at 100 q/s): this process's CPU, Redis's CPU (over the primaries), wall."""
+    store = RedisStore(client, settings.features, settings.streams)
+    rnd = random.Random(3)
+    searches = [e for e in events if isinstance(e, Query)]
+    requests = [Request.for_text(q.user_id, q.text, rnd.sample(product_ids, candidates))
+                for q in rnd.sample(searches, n)]
+    now = searches[-1].timestamp.timestamp()
+    for r in requests[:20]:  # warm: the speller's dictionary, connections
+        read_batch(store, [r], now)
+    cpu0, wall0, (redis0, _) = time.process_time(), time.perf_counter(), redis_cpu_s(client)
+    for r in requests:
+        read_batch(store, [r], now)
+    cpu1, wall1, (redis1, _) = time.process_time(), time.perf_counter(), redis_cpu_s(client)
+    return {"read_cpu_ms": round((cpu1 - cpu0) * 1000 / n, 3),
+            "read_redis_cpu_ms": round((redis1 - redis0) * 1000 / n, 3),
+            "read_wall_ms": round((wall1 - wall0) * 1000 / n, 3)}
+
+
+def redis_used_memory(client: Client) -> int:
+    """Bytes Redis holds (``used_memory``), over a cluster's primaries."""
+    if not isinstance(client, RedisCluster):
+        return int(client.info("memory")["used_memory"])
+    return sum(int(client.info("memory", target_nodes=node)["used_memory"])
+               for node in client.get_primaries())
+
+
 def raw_cluster_ops(url: str) -> float:
     """Pipelined SETs over the cluster's primaries (redis-benchmark --cluster)."""
     host, port = re.match(r"rediss?://([^:/]+):(\d+)", url).groups()  # type: ignore[union-attr]
@@ -318,7 +348,12 @@ def measure(args: argparse.Namespace, settings: Settings, shape: Shape, products
     h50, h99 = np.percentile(lat_half, [50, 99])
     print(f"  at half worker_eps: p50 {h50:.1f} ms, p99 {h99:.1f} ms at {achieved_half:,.0f} events/s",
           flush=True)
+    reads = read_cost(settings, client, events, [p.product_id for p in products])  # type: ignore[attr-defined]
+    print(f"{label}read_batch       {reads['read_cpu_ms']:.2f} ms CPU here + "
+          f"{reads['read_redis_cpu_ms']:.2f} ms in Redis, {reads['read_wall_ms']:.2f} ms wall per query "
+          "of 100 candidates", flush=True)
     mean, p99_size, _ = bytes_per_user(client, shards, users)
+    used = redis_used_memory(client)
     n_users = sum(1 for _ in client.scan_iter(keys.USER + "*", count=10000)) - len(lat) - len(lat_half)
     print(f"{label}bytes_per_user   {mean:12,.0f}   (p99 {p99_size}, {n_users} shoppers)", flush=True)
     flush(client)
@@ -333,6 +368,8 @@ def measure(args: argparse.Namespace, settings: Settings, shape: Shape, products
         "freshness_probes_sent": n_probes,
         "freshness_half_capacity": {"rate_eps": round(achieved_half), "p50_ms": round(float(h50), 2),
                                     "p99_ms": round(float(h99), 2), "probes": len(lat_half)},
+        **reads,
+        "redis_used_memory_bytes": used,
         "bytes_per_user": round(mean),
         "bytes_per_user_p99": p99_size,
         "shoppers": n_users,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import itertools
 import os
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -19,7 +19,8 @@ import redis
 import structlog
 from redis.backoff import ExponentialBackoff, ExponentialWithJitterBackoff
 from redis.cluster import LoadBalancingStrategy, RedisCluster
-from redis.exceptions import NoScriptError
+from redis.crc import key_slot
+from redis.exceptions import AskError, ClusterDownError, MovedError, NoScriptError, TryAgainError
 from redis.retry import Retry
 
 from core.events import CatalogProduct, Purchase
@@ -36,6 +37,7 @@ log = structlog.get_logger(__name__)
 
 ETAG = lua.ETAG
 MAX_ATTEMPTS = 50
+_ROUTE_ATTEMPTS = 5  # sends of one read or commit, refreshing the cluster's slot map in between
 # A query's evidence hash is read whole when it holds at most this many products (it most often
 # holds fewer than the candidates asked); larger ones, for the candidates only.
 WHOLE_HASH_MAX = 1000
@@ -85,6 +87,41 @@ class StateBehind(RuntimeError):
         self.offsets = offsets
 
 
+_MOVED = (MovedError, AskError, TryAgainError, ClusterDownError)
+
+
+class ShardPipes:
+    """Commands addressed to owner shards, sent as one plain pipeline per Redis node (one round
+    trip each). On a cluster each shard's slot is looked up once in the client's slot map;
+    redis-py's cluster pipeline would hash every key of every MGET to check its slot (most of a
+    feature read's CPU). After a slot moved or a node failed, the caller refreshes the map and
+    sends again (:meth:`RedisStore._routed`)."""
+
+    def __init__(self, client: Client, slots: list[int]) -> None:
+        self.client, self.slots = client, slots
+        self._pipes: dict[str, redis.client.Pipeline] = {}
+        self._order: list[str] = []
+
+    def to(self, shard: int) -> redis.client.Pipeline:
+        if isinstance(self.client, RedisCluster):
+            node = self.client.nodes_manager.get_node_from_slot(
+                self.slots[shard], load_balancing_strategy=self.client.load_balancing_strategy)
+            name, conn = node.name, node.redis_connection
+        else:
+            name, conn = "", self.client
+        pipe = self._pipes.get(name)
+        if pipe is None:
+            pipe = self._pipes[name] = conn.pipeline(transaction=False)
+        self._order.append(name)
+        return pipe
+
+    def execute(self, raise_on_error: bool = True) -> list[Any]:
+        """The replies in the order the commands were addressed."""
+        replies = {name: iter(pipe.execute(raise_on_error=raise_on_error))
+                   for name, pipe in self._pipes.items()}
+        return [next(replies[name]) for name in self._order]
+
+
 class RedisStore:
     def __init__(
         self,
@@ -101,6 +138,7 @@ class RedisStore:
             raise ValueError("a Redis Cluster holds the feature state in owner shards: set "
                              "SHOPRANK_FEATURES_SHARDS to 2 or more (a few per primary)")
         self._commit_sha = lua.SHA  # loaded on first use (see _run_scripts)
+        self._slots = [key_slot(keys.stats(t).encode()) for t in self.shards.tags]
         # Query texts whose evidence hash is too large to read whole (see ``snapshot``); a set:
         # the scorer reads on two threads, and adding to a set is atomic.
         self._large_hashes: set[str] = set()
@@ -182,25 +220,26 @@ class RedisStore:
         # Category prices are few: read them all in the same round trip when the batch may need them.
         prices = any(isinstance(r.event, Purchase | CatalogProduct) for rs in shards.values() for r in rs)
         plans: dict[int, tuple[list[str], list[str], list[tuple[str, int]]]] = {}
-        with self.client.pipeline(transaction=False) as pipe:
-            for s, n in wanted.items():
+        for s, n in wanted.items():
+            plans[s] = (sorted(n.users), sorted(n.markers), sorted(n.partitions | batch_ends.keys()))
+
+        def issue(pipes: ShardPipes) -> None:
+            for s, (users, markers, tps) in plans.items():
                 t = tags[s]
-                users, markers = sorted(n.users), sorted(n.markers)
-                tps = sorted(n.partitions | batch_ends.keys())
-                plans[s] = (users, markers, tps)
                 names = ([keys.user(u, t) for u in users] + [keys.tombstone(u, t) for u in users]
                          + [keys.offset(tp, part, t) for tp, part in tps])
                 if names:
-                    pipe.execute_command("MGET", *names)
+                    pipes.to(s).mget(names)
                 if markers:
-                    pipe.hmget(keys.applied_bucket(bucket, t), markers)
-                    pipe.hmget(keys.applied_bucket(bucket - 1, t), markers)
+                    pipes.to(s).hmget(keys.applied_bucket(bucket, t), markers)
+                    pipes.to(s).hmget(keys.applied_bucket(bucket - 1, t), markers)
             for s, pids in products_by_shard.items():
-                pipe.execute_command("MGET", *[keys.product(p, tags[s]) for p in pids])
+                pipes.to(s).mget([keys.product(p, tags[s]) for p in pids])
             if prices:
-                for t in tags:
-                    pipe.hgetall(keys.category_prices(t))
-            replies = iter(pipe.execute())
+                for s, t in enumerate(tags):
+                    pipes.to(s).hgetall(keys.category_prices(t))
+
+        replies = iter(self._routed(issue))
         out: dict[int, tuple[View, list[tuple[str, str, bytes]]]] = {}
         for s, (users, markers, tps) in plans.items():
             t, view, guards = tags[s], View(), []
@@ -243,6 +282,23 @@ class RedisStore:
         """Time bucket (wall clock) of markers and query texts: kept for this bucket and the next."""
         return int(time.time() // ttl_s)
 
+    def _routed(self, issue: Callable[[ShardPipes], None], raise_on_error: bool = True) -> list[Any]:
+        """Send what ``issue`` addresses to the shards (:class:`ShardPipes`); on a cluster whose
+        slots moved or whose node failed over, refresh the slot map and send again (reads, and
+        scripts whose guards make a repeat harmless)."""
+        for attempt in range(_ROUTE_ATTEMPTS):
+            pipes = ShardPipes(self.client, self._slots)
+            issue(pipes)
+            try:
+                return pipes.execute(raise_on_error)
+            except (*_MOVED, redis.ConnectionError, redis.TimeoutError) as exc:
+                if not self.cluster or attempt == _ROUTE_ATTEMPTS - 1:
+                    raise
+                log.info("cluster_slots_refreshed", reason=type(exc).__name__, attempt=attempt)
+                time.sleep(_CONFLICT_BACKOFF.compute(attempt + 1))
+                self.client.nodes_manager.initialize()
+        raise AssertionError("unreachable")
+
     def _commit(self, plans: dict[int, tuple[Plan, list[tuple[str, str, bytes]]]]) -> list[int]:
         """Run the commit script (:mod:`features.lua`) for each shard's plan, in one pipeline;
         the shards whose guards failed (nothing of theirs was written)."""
@@ -258,16 +314,17 @@ class RedisStore:
         server that lost the script (restart, failover) is given it and the call repeated."""
         results: dict[int, Any] = {}
         for _ in range(2):
-            with self.client.pipeline(transaction=False) as pipe:
-                for s, args in calls.items():
-                    route = keys.stats(self.shards.tag(s))  # KEYS[1]: the shard's node runs it
-                    pipe.execute_command("EVALSHA", self._commit_sha, 1, route, *args)
-                replies = pipe.execute(raise_on_error=False)
+            def issue(pipes: ShardPipes, todo: dict[int, list[str | bytes]] = calls) -> None:
+                for s, args in todo.items():
+                    route = keys.stats(self.shards.tag(s))  # KEYS[1]: the shard's stats key
+                    pipes.to(s).evalsha(self._commit_sha, 1, route, *args)
+
+            replies = self._routed(issue, raise_on_error=False)
             missing = {}
             for (s, args), reply in zip(calls.items(), replies, strict=True):
                 if isinstance(reply, NoScriptError):
                     missing[s] = args
-                elif isinstance(reply, Exception):
+                elif isinstance(reply, Exception):  # MOVED, ASK: not run, _routed sends it again
                     raise reply
                 else:
                     results[s] = reply
@@ -380,28 +437,30 @@ class RedisStore:
         evidence = dict(evidence)  # tests pass [] for none
         large = self._large_hashes
         # Per shard, one MGET: its shoppers, its products' attributes, its share of every
-        # product's statistics. ``where[s]`` remembers what each reply slice holds.
+        # product's statistics.
         u_of: list[list[str]] = [[] for _ in tags]
         p_of: list[list[str]] = [[] for _ in tags]
         for u in u_ids:
             u_of[of(u)].append(u)
         for p in p_ids:
             p_of[of(p)].append(p)
-        with self.client.pipeline(transaction=False) as pipe:
+
+        def issue(pipes: ShardPipes) -> None:
             for s, t in enumerate(tags):
                 names = ([keys.user(u, t) for u in u_of[s]] + [keys.product(p, t) for p in p_of[s]]
                          + [keys.item(p, t) for p in p_ids])
                 if names:
-                    pipe.execute_command("MGET", *names)
+                    pipes.to(s).mget(names)
             for text, pids in evidence.items():
-                for t in tags:
+                for s, t in enumerate(tags):
                     if text in large:
-                        pipe.hmget(keys.query_evidence(text, t), [keys.QUERY_TOTAL_FIELD, *pids])
+                        pipes.to(s).hmget(keys.query_evidence(text, t), [keys.QUERY_TOTAL_FIELD, *pids])
                     else:
-                        pipe.hgetall(keys.query_evidence(text, t))
-            for t in tags:
-                pipe.hgetall(keys.category_prices(t))
-            replies = iter(pipe.execute())
+                        pipes.to(s).hgetall(keys.query_evidence(text, t))
+            for s, t in enumerate(tags):
+                pipes.to(s).hgetall(keys.category_prices(t))
+
+        replies = iter(self._routed(issue))
         snap = Snapshot()
         item_parts = []
         for s in range(len(tags)):
@@ -419,13 +478,13 @@ class RedisStore:
             snap.item_rows = Rows.merged(item_parts, lambda st: item.merge(st, cfg.item_half_life_s))
         merge_q = lambda st: query_item.merge(st, cfg.query_half_life_s, cfg.query_burst_half_life_s)  # noqa: E731
         for text, pids in evidence.items():
-            parts, totals = [], []
+            parts, totals, fields = [], [], [p.encode() for p in pids]
             for _ in tags:
                 reply = next(replies)
                 if isinstance(reply, dict):  # the whole hash
                     if len(reply) > WHOLE_HASH_MAX and len(large) < MAX_LARGE_HASHES:
                         large.add(text)
-                    found = [reply.get(p.encode()) for p in pids]
+                    found = [reply.get(f) for f in fields] if reply else [None] * len(fields)
                     total = reply.get(_TOTAL_FIELD)
                 else:
                     total, found = reply[0], reply[1:]
@@ -447,12 +506,13 @@ class RedisStore:
             counts: dict[str, int] = {}
             if cfg.spelling_min_clicks > 0:
                 low = cfg.spelling_min_clicks if self.shards.n == 1 else 1
-                with self.client.pipeline(transaction=False) as pipe:
-                    for t in self.shards.tags:
-                        pipe.zrangebyscore(keys.query_words(t), low, "+inf", withscores=True)
-                    for rows in pipe.execute():
-                        for w, n in rows:
-                            counts[w.decode()] = counts.get(w.decode(), 0) + int(n)
+                def issue(pipes: ShardPipes) -> None:
+                    for s, t in enumerate(self.shards.tags):
+                        pipes.to(s).zrangebyscore(keys.query_words(t), low, "+inf", withscores=True)
+
+                for rows in self._routed(issue):
+                    for w, n in rows:
+                        counts[w.decode()] = counts.get(w.decode(), 0) + int(n)
             self._speller = Speller.of(counts, cfg.spelling_min_clicks)
             self._speller_loaded = now
         return self._speller
