@@ -192,18 +192,13 @@ def freshness(settings: Settings, shape: Shape, rate: int, seconds: float,
     lock = threading.Lock()
     stop = threading.Event()
 
-    shards = Shards(settings.features.shards)
-
     def poll() -> None:
-        pipe_client = connect(settings.redis)
+        store = RedisStore(connect(settings.redis), settings.features, settings.streams)
         while not stop.is_set() or len(seen) < len(sent):
             with lock:
                 waiting = [u for u in sent if u not in seen]
             if waiting:
-                with pipe_client.pipeline(transaction=False) as pipe:
-                    for u in waiting:
-                        pipe.exists(keys.user(u, shards.tag_of(u)))
-                    res = pipe.execute()
+                res = store.have_users(waiting)
                 now = time.perf_counter()
                 for u, ok in zip(waiting, res, strict=True):
                     if ok:

@@ -521,6 +521,17 @@ class RedisStore:
         raw = self.client.get(keys.user(user_id, self.shards.tag_of(user_id)))
         return user.decode(raw[ETAG:]) if raw else None
 
+    def have_users(self, user_ids: Sequence[str]) -> list[bool]:
+        """Whether Redis holds each of these shoppers (one pipeline per node): what a freshness
+        probe polls for."""
+        tags, of = self.shards.tags, self.shards.of
+
+        def issue(pipes: ShardPipes) -> None:
+            for u in user_ids:
+                pipes.to(of(u)).exists(keys.user(u, tags[of(u)]))
+
+        return [bool(n) for n in self._routed(issue)]
+
     def users(self) -> dict[str, UserState]:
         out = {}
         for k in self.client.scan_iter(match=keys.USER + "*", count=5000):
