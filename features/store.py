@@ -103,7 +103,6 @@ def outcome(done: list[tuple[list[int], Plan]]) -> Outcome:
                    sorted(rejected), sorted(skipped), unknown)
 
 
-
 class FeatureStore(Protocol):
     config: FeatureSettings
 

@@ -30,11 +30,11 @@ from core.events import Event, encode
 from core.settings import ROOT, KafkaSettings, RedisSettings, Settings, TopicSettings
 from core.topics import TOPIC_KEYS, ensure_topics, route, topic_specs
 from features import keys
-from features.redis_store import connect
+from features.redis_store import RedisStore, connect
 from streams.synthetic import sessions
 from streams.testing import Worker, dump_db, environment, publish, restore_db, wait_until
 from tests.conftest import TEST_REDIS_DB
-from tests.test_streams_worker import SHAPE, assert_matches_offline, counted_events, load_catalog
+from tests.test_streams_worker import FEATURES, SHAPE, assert_matches_offline, counted_events, load_catalog
 
 CLUSTER_ENV = ROOT / "var" / "cluster.env"
 KAFKA_CLUSTER = str(ROOT / "infra" / "kafka-cluster.sh")
@@ -102,7 +102,7 @@ def test_a_worker_replays_what_redis_lost_of_its_acknowledged_writes(
 
     worker = start()
     try:
-        products = load_catalog(settings, redis_client, worker)
+        products = load_catalog(settings, RedisStore(redis_client, FEATURES), worker)
         events = list(sessions(SHAPE, 4500))
         third = len(events) // 3
         a, b, c = events[:third], events[third:2 * third], events[2 * third:]
@@ -120,7 +120,7 @@ def test_a_worker_replays_what_redis_lost_of_its_acknowledged_writes(
         wait_applied(redis_client, total, [worker])
         assert applied(redis_client) == total
         assert "replaying_from_redis" in worker.log_tail(400)
-        assert_matches_offline(redis_client, [*products, *events])
+        assert_matches_offline(RedisStore(redis_client, FEATURES), [*products, *events])
 
         # The same loss while no worker runs: the group's committed offsets are past what Redis
         # holds, and a starting worker resumes from Redis's, not the group's.
@@ -129,7 +129,7 @@ def test_a_worker_replays_what_redis_lost_of_its_acknowledged_writes(
         worker = start()
         wait_applied(redis_client, total, [worker])
         assert applied(redis_client) == total
-        assert_matches_offline(redis_client, [*products, *events])
+        assert_matches_offline(RedisStore(redis_client, FEATURES), [*products, *events])
     finally:
         if worker.alive():
             worker.kill()
@@ -227,7 +227,7 @@ def test_killing_the_leaders_broker_loses_no_acknowledged_event(
     s = cluster_settings
     client = connect(s.redis)
     worker = cluster_worker()
-    products = load_catalog(s, client, worker)
+    products = load_catalog(s, RedisStore(client, FEATURES), worker)
     events = list(sessions(SHAPE, 2500, tag="b"))
     total = counted_events(events)
     acked: list[int] = []
@@ -272,7 +272,7 @@ def test_killing_the_leaders_broker_loses_no_acknowledged_event(
         assert sorted(logged) == sorted(encode(ev) for ev in events)
         wait_applied(client, total, [worker])
         assert applied(client) == total
-        assert_matches_offline(client, [*products, *events])
+        assert_matches_offline(RedisStore(client, FEATURES), [*products, *events])
     finally:
         subprocess.run([KAFKA_CLUSTER, "start-node", str(victim)], check=True, capture_output=True)
 
@@ -292,7 +292,7 @@ def test_redis_failover_then_a_worker_kill_keep_features_exact(
     s = cluster_settings
     client = connect(s.redis)
     worker = cluster_worker()
-    products = load_catalog(s, client, worker)
+    products = load_catalog(s, RedisStore(client, FEATURES), worker)
     events = list(sessions(SHAPE, 3000, tag="r"))
     total = counted_events(events)
     sender = threading.Thread(target=publish_paced, args=(s, events, 12.0), daemon=True)
@@ -311,7 +311,7 @@ def test_redis_failover_then_a_worker_kill_keep_features_exact(
         sender.join(60)
         wait_applied(client, total, [worker])
         assert applied(client) == total
-        assert_matches_offline(client, [*products, *events])
+        assert_matches_offline(RedisStore(client, FEATURES), [*products, *events])
     finally:
         subprocess.run([REDIS_CLUSTER, "start-node", str(old)], check=True, capture_output=True)
     # The former primary rejoins as a replica of the promoted one.
