@@ -20,7 +20,14 @@ import structlog
 from redis.backoff import ExponentialBackoff, ExponentialWithJitterBackoff
 from redis.cluster import LoadBalancingStrategy, RedisCluster
 from redis.crc import key_slot
-from redis.exceptions import AskError, ClusterDownError, MovedError, NoScriptError, TryAgainError
+from redis.exceptions import (
+    AskError,
+    ClusterDownError,
+    MovedError,
+    NoScriptError,
+    RedisClusterException,
+    TryAgainError,
+)
 from redis.retry import Retry
 
 from core.events import CatalogProduct, Purchase
@@ -37,7 +44,11 @@ log = structlog.get_logger(__name__)
 
 ETAG = lua.ETAG
 MAX_ATTEMPTS = 50
-_ROUTE_ATTEMPTS = 5  # sends of one read or commit, refreshing the cluster's slot map in between
+# A read or commit meeting a moved slot or a failing node is sent again after refreshing the
+# cluster's slot map: 2 ms, 4 ms, ... up to 1 s apart, about 15 s in all (a failover: the node
+# timeout, 5 s on make up-redis-cluster, then the replicas' election).
+_ROUTE_ATTEMPTS = 20
+_ROUTE_BACKOFF = ExponentialBackoff(cap=1.0, base=0.001)
 # A query's evidence hash is read whole when it holds at most this many products (it most often
 # holds fewer than the candidates asked); larger ones, for the candidates only.
 WHOLE_HASH_MAX = 1000
@@ -294,9 +305,12 @@ class RedisStore:
             except (*_MOVED, redis.ConnectionError, redis.TimeoutError) as exc:
                 if not self.cluster or attempt == _ROUTE_ATTEMPTS - 1:
                     raise
-                log.info("cluster_slots_refreshed", reason=type(exc).__name__, attempt=attempt)
-                time.sleep(_CONFLICT_BACKOFF.compute(attempt + 1))
-                self.client.nodes_manager.initialize()
+                log.warning("cluster_slots_refreshed", reason=type(exc).__name__, attempt=attempt)
+                time.sleep(_ROUTE_BACKOFF.compute(attempt + 1))
+                try:
+                    self.client.nodes_manager.initialize()
+                except (RedisClusterException, redis.RedisError) as failed:  # no node answers yet
+                    log.info("cluster_slots_unknown", reason=repr(failed))
         raise AssertionError("unreachable")
 
     def _commit(self, plans: dict[int, tuple[Plan, list[tuple[str, str, bytes]]]]) -> list[int]:

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import redis
 from confluent_kafka import TopicPartition
+from redis.crc import key_slot
 
 from core import kafka
 from core.events import Click, Event, encode
@@ -229,6 +230,43 @@ def test_workers_join_and_leave_mid_stream(
     wait_applied(store, total, [second])
     assert applied(store) == total
     assert_matches_offline(store, [*products, *events])
+
+
+def test_a_cluster_primary_killed_under_a_worker_keeps_features_exact(
+    settings: Settings, start_worker: MakeWorker, redis_at: RedisAt
+) -> None:
+    """SIGKILL the primary holding shard 0 mid-stream: its replica takes over (asynchronous
+    replication: it may lack the last acknowledged batches, which the worker then replays), the
+    worker's commits find the new primary, and nothing is lost or counted twice."""
+    settings, client = redis_at("cluster", settings)
+    store = RedisStore(client, settings.features)
+    worker = start_worker(settings, batch_size=300)
+    products = load_catalog(settings, store, worker)
+    events = list(sessions(SHAPE, 6000))
+    total = counted_events(events)
+    producer = threading.Thread(target=publish_paced, args=(settings, events, 8.0))
+    producer.start()
+    wait_applied(store, total // 4, [worker])
+    node = client.nodes_manager.get_node_from_slot(key_slot(keys.stats(store.shards.tag(0)).encode()))
+    pid = int((ROOT / "var" / "redis-shards" / str(node.port) / "redis.pid").read_text())
+    subprocess.run(["kill", "-9", str(pid)], check=True)
+    producer.join()
+
+    def caught_up() -> bool:
+        assert worker.alive(), worker.log_tail()
+        try:
+            return applied(store) >= total
+        except redis.RedisError:  # this test's own client, while the replica takes over
+            client.nodes_manager.initialize()
+            return False
+
+    try:
+        wait_until(caught_up, 120, interval=0.2, what="every event applied after the failover")
+        assert applied(store) == total
+        assert "cluster_slots_refreshed" in worker.log_tail(400), "the worker never met the failover"
+        assert_matches_offline(store, [*products, *events])
+    finally:  # the killed node comes back as a replica of the one promoted in its place
+        subprocess.run([str(ROOT / "infra" / "redis-cluster.sh"), "start"], check=True, timeout=120)
 
 
 def publish_paced(settings: Settings, events: list[Event], seconds: float) -> None:
