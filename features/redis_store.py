@@ -505,7 +505,10 @@ class RedisStore:
                 parts.append(_rows(pids, found, query_item.SIZE))
                 totals.append(total)
             snap.evidence[text] = Rows.merged(parts, merge_q)
-            if any(x is not None for x in totals):
+            if len(totals) == 1:
+                if totals[0] is not None:
+                    snap.query_totals[text] = query_item.decode(totals[0])
+            elif any(x is not None for x in totals):
                 merged = Rows.merged([_rows([text], [x], query_item.SIZE) for x in totals], merge_q)
                 snap.query_totals[text] = tuple(merged.states[0].tolist())
         snap.category_prices = _category_prices([next(replies) for _ in tags])
