@@ -39,16 +39,32 @@ def consumer(settings: Settings, group_id: str, **overrides: Any) -> Consumer:
     return Consumer(conf | overrides)
 
 
+# Errors of a partition whose leader is changing (librdkafka does not always flag them retriable).
+_LEADER_MOVING = frozenset({KafkaError.NOT_LEADER_FOR_PARTITION, KafkaError.LEADER_NOT_AVAILABLE,
+                            KafkaError._TIMED_OUT, KafkaError._TRANSPORT})
+
+
 def watermarks(consumer: Consumer, topics: Iterable[str], timeout_s: float = 10.0
                ) -> dict[tuple[str, int], tuple[int, int]]:
-    """(low, high) offsets of every non-empty partition of ``topics``, as they are now."""
+    """(low, high) offsets of every non-empty partition of ``topics``, as they are now. A
+    partition whose leadership is moving (a broker restarted: NOT_LEADER_FOR_PARTITION) is asked
+    again until ``timeout_s`` has passed."""
     out = {}
+    deadline = time.monotonic() + timeout_s
     for topic in topics:
         meta = consumer.list_topics(topic, timeout=timeout_s).topics[topic]
         if meta.error is not None:
             raise KafkaException(meta.error)
         for p in meta.partitions:
-            low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=timeout_s)
+            while True:
+                try:
+                    low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=timeout_s)
+                    break
+                except KafkaException as exc:
+                    err = exc.args[0]
+                    if not (err.retriable() or err.code() in _LEADER_MOVING) or time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.2)
             if high > low:
                 out[topic, p] = (low, high)
     return out
