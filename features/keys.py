@@ -51,11 +51,11 @@ tag: one partition's state commits in one transaction, in one slot.
 Owner shards (``SHOPRANK_FEATURES_SHARDS`` = n > 1, needed on a Redis Cluster): every key the
 feature workers write carries its shard's hash tag right after its prefix (``u:{s3.3}alice``,
 ``i:{s3.3}B0012``, ``cp{s3.3}``, ``o:{s3.3}shoprank.queries:2``; :attr:`Shards.tags`), so all
-keys of one shard live in one slot and a batch commits one script per shard. An event belongs to the shard of its owner (the
-shopper; the product for catalog updates, :func:`features.plan.owner`), and everything it
-writes goes to that shard: its owner's state, and its share of the shared aggregates (``i:``,
-``qh:``, ``qv``, ``cp``, ``stats``), which the read path merges over the shards. With n = 1 keys
-carry no tag: the layout above, unchanged.
+keys of one shard live in one slot and a batch commits one script per shard. An event belongs to
+the shard of its owner (the shopper; the product for catalog updates,
+:func:`features.plan.owner`), and everything it writes goes to that shard: its owner's state,
+and its share of the shared aggregates (``i:``, ``qh:``, ``qv``, ``cp``, ``stats``), which the
+read path merges over the shards. With n = 1 keys carry no tag: the layout above, unchanged.
 """
 
 from __future__ import annotations
