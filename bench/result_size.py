@@ -188,7 +188,7 @@ def through_broker(payloads: list[bytes], rate: float = 100.0) -> dict[str, dict
     ensure_topics(admin, [spec])
     out = {}
     try:
-        for codec in ("none", "zstd"):
+        for codec in ("none", "lz4", "zstd"):
             out[codec] = _publish_and_read(settings, spec.name, codec, payloads, rate, TopicPartition)
     finally:
         for fut in admin.delete_topics([spec.name], operation_timeout=30).values():

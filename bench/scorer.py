@@ -40,7 +40,6 @@ import tempfile
 import time
 import urllib.request
 import uuid
-from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -147,23 +146,6 @@ def query_specs(split: BestBuySplit, seed: int = 7) -> list[QuerySpec]:
     return specs
 
 
-def cache_hit_rate(texts: list[str], capacity: int, start: int = 0) -> float:
-    """The share of ``texts[start:]`` an LRU of ``capacity`` fed all of ``texts`` in order would
-    have served: the scorer's query cache, replayed (exact while ``capacity`` exceeds the number
-    of distinct texts, as here: then the order across partitions does not matter)."""
-    cache: OrderedDict[str, None] = OrderedDict()
-    hits = 0
-    for i, t in enumerate(texts):
-        if t in cache:
-            hits += i >= start
-            cache.move_to_end(t)
-        else:
-            cache[t] = None
-            if len(cache) > capacity:
-                cache.popitem(last=False)
-    return hits / max(1, len(texts) - start)
-
-
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -215,6 +197,7 @@ class CpuSample:
     stage_cpu_s: dict[str, float]  # shoprank_stage_cpu_seconds_total by stage
     stage_wall_s: dict[str, float]  # shoprank_stage_seconds_sum by stage
     queries: float  # shoprank_queries_total, every outcome
+    lookups: dict[str, float]  # shoprank_query_cache_lookups_total by result (shipped, hit, miss)
 
 
 def cpu_sample(pid: int, port: int) -> CpuSample:
@@ -224,15 +207,18 @@ def cpu_sample(pid: int, port: int) -> CpuSample:
     cpu: dict[str, float] = {}
     wall: dict[str, float] = {}
     queries = 0.0
+    lookups: dict[str, float] = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
-            if sample.name == "shoprank_stage_cpu_seconds_total":
+            if sample.name == "shoprank_query_cache_lookups_total":
+                lookups[sample.labels["result"]] = sample.value
+            elif sample.name == "shoprank_stage_cpu_seconds_total":
                 cpu[sample.labels["stage"]] = sample.value
             elif sample.name == "shoprank_stage_seconds_sum":
                 wall[sample.labels["stage"]] = sample.value
             elif sample.name == "shoprank_queries_total":
                 queries += sample.value
-    return CpuSample(process, cpu, wall, queries)
+    return CpuSample(process, cpu, wall, queries, lookups)
 
 
 def cpu_per_query(before: CpuSample, after: CpuSample) -> dict[str, object]:
@@ -248,9 +234,14 @@ def cpu_per_query(before: CpuSample, after: CpuSample) -> dict[str, object]:
     total = (after.process_s - before.process_s) * 1000 / n
     stages = per_query(after.stage_cpu_s, before.stage_cpu_s)
     stages["other"] = round(total - sum(stages.values()), 3)
+    looked = {k: v - before.lookups.get(k, 0.0) for k, v in after.lookups.items()}
     return {"cpu_ms_per_query": round(total, 3), "cpu_stages_ms_per_query": stages,
             "wall_stages_ms_per_query": per_query(after.stage_wall_s, before.stage_wall_s),
-            "queries_counted": int(n)}
+            "queries_counted": int(n),
+            # where the step's query embeddings came from: the version's query table, the LRU, or
+            # the encoder (a miss is counted once per distinct text of a batch)
+            "query_embeddings": {k: round(v / max(1.0, sum(looked.values())), 4)
+                                 for k, v in sorted(looked.items())}}
 
 
 def cpu_name() -> str:
@@ -358,7 +349,6 @@ def run(args: argparse.Namespace) -> dict[str, object]:
                                       max_qps) * args.overload_factor)
                 steps.step("overload", over_rate, args.overload_s, drain_s=120)
                 rss, hwm = memory_mb(proc.pid)
-                hit_rate = cache_hit_rate(gen.sent_texts, QUERY_CACHE_SIZE, measured_from)
                 n_sent = len(gen.sent_texts) - measured_from
                 cycled = len(gen.sent_texts) > len(specs)
             finally:
@@ -386,6 +376,7 @@ def run(args: argparse.Namespace) -> dict[str, object]:
         # at load_qps: the scorer process's CPU per answered query, and by stage (see the docstring)
         "cpu_ms_per_query": load_cpu["cpu_ms_per_query"],
         "cpu_stages_ms_per_query": load_cpu["cpu_stages_ms_per_query"],
+        "query_embeddings": load_cpu["query_embeddings"],
         "wall_stages_ms_per_query": load_cpu["wall_stages_ms_per_query"],
         "naive_p50_ms": round(float(np.percentile(naive, 50)), 2) if naive.size else None,
         "rss_mb": round(rss, 1),
@@ -397,8 +388,8 @@ def run(args: argparse.Namespace) -> dict[str, object]:
         "model_version": model.version,
         "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "command": args.command,
-        "notes": notes(args, overrides, load_start, load_end, hwm, naive, hit_rate, n_sent,
-                       len(specs) if cycled else None),
+        "notes": notes(args, overrides, load_start, load_end, hwm, naive, load_cpu["query_embeddings"],
+                       n_sent, len(specs) if cycled else None),
     }
     if model.tiny:
         result["model"] = "tiny"
@@ -406,7 +397,7 @@ def run(args: argparse.Namespace) -> dict[str, object]:
 
 
 def notes(args: argparse.Namespace, overrides: dict[str, str], load_start: tuple[float, ...],
-          load_end: tuple[float, ...], hwm: float, naive: np.ndarray, hit_rate: float, n_sent: int,
+          load_end: tuple[float, ...], hwm: float, naive: np.ndarray, sources: object, n_sent: int,
           cycled_after: int | None) -> str:
     s = Settings()
     batch = overrides.get("SHOPRANK_SCORER_MAX_BATCH", str(s.scorer.max_batch))
@@ -415,7 +406,10 @@ def notes(args: argparse.Namespace, overrides: dict[str, str], load_start: tuple
     wait_txt = f"{wait}" + (f" (the setting's default is {default_wait}; {wait} measured better here)"
                             if float(wait) != default_wait else "")
     cycle_txt = f", all {cycled_after} searches once, then again from the start" if cycled_after else ""
-    repeats_txt = "the log's own repeats" + (", and the second pass" if cycled_after else "")
+    shares = sources if isinstance(sources, dict) else {}
+    sources_txt = (f"the version's query table served {shares.get('shipped', 0):.0%} of the measured "
+                   f"queries' embeddings, its LRU ({QUERY_CACHE_SIZE} texts, empty at start) "
+                   f"{shares.get('hit', 0):.0%}, and {shares.get('miss', 0):.0%} were encoded")
     naive_txt = (f"naive: {naive.size} queries one at a time, p99 {np.percentile(naive, 99):.1f} ms"
                  if naive.size else "naive: skipped")
     return (
@@ -425,10 +419,9 @@ def notes(args: argparse.Namespace, overrides: dict[str, str], load_start: tuple
         f"({n_sent} Best Buy searches measured, sent in log order (test period first) after "
         f"{args.warm_qps * args.warm_s:.0f} unmeasured warm-up ones{cycle_txt}; each with its clicked "
         f"products among {CANDIDATES} of the 437 catalog products; results carry the served features, "
-        f"one zstd-compressed float32 matrix). Scorer: max_batch {batch}, max_wait_ms {wait_txt}, "
-        f"peak RSS {hwm:.0f} MB; its query-"
-        f"embedding LRU ({QUERY_CACHE_SIZE} texts, empty at start) served {hit_rate:.0%} of the measured "
-        f"queries ({repeats_txt}). "
+        f"one float32 matrix; {s.scorer.results_compression} on the wire). Scorer: max_batch {batch}, "
+        f"max_wait_ms {wait_txt}, "
+        f"peak RSS {hwm:.0f} MB; {sources_txt}. "
         f"load step {args.load_s:.0f} s; ramp steps "
         f"{args.step_s:.0f} s; a rate holds when p99 <= {P99_LIMIT_MS:.0f} ms, achieved >= "
         f"{MIN_THROUGHPUT_RATIO:.0%} of offered and every query is answered. The overload step offers "

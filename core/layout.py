@@ -21,6 +21,8 @@ RANKER_HEAD: Final = "ranker_head.onnx"  # query, candidate and history embeddin
 TOKENIZER: Final = "tokenizer.json"  # HF tokenizers file, shared by both encoders
 PRODUCT_EMB: Final = "product_emb.npy"  # float32 [products, D], the products known at training
 PRODUCT_IDS: Final = "product_ids.json"  # their ids, in row order
+QUERY_EMB: Final = "query_emb.npy"  # float32 [queries, D]: the query encoder's output for ...
+QUERY_TEXTS: Final = "query_texts.json"  # ... these texts of its training queries (encoder keys)
 WEIGHTS: Final = "weights.pt"  # the torch state dict (fine-tuning continues from it)
 ENCODER_INPUTS: Final = ("input_ids", "attention_mask")
 

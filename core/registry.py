@@ -90,10 +90,13 @@ def publish_version(registry: Path, version: str, manifest: dict[str, Any],
     return load_version(registry, version)
 
 
-def load_version(registry: Path, version: str, files: Iterable[str] | None = None) -> ModelVersion:
+def load_version(registry: Path, version: str, files: Iterable[str] | None = None,
+                 optional: Iterable[str] = ()) -> ModelVersion:
     """A version whose files all match the hashes in its manifest, or :class:`RegistryError`.
     ``files``: verify only these (each must be in the manifest): what a reader reads, e.g. a
-    scorer, which never reads the torch weights or the product tower (180 of 270 MB)."""
+    scorer, which never reads the torch weights or the product tower (180 of 270 MB);
+    ``optional``: with ``files``, verify these too where the manifest lists them (files that
+    versions written before them lack)."""
     path = registry / version
     manifest_path = path / MANIFEST
     if not manifest_path.is_file():
@@ -104,7 +107,7 @@ def load_version(registry: Path, version: str, files: Iterable[str] | None = Non
         raise RegistryError(f"version {version}: unreadable manifest: {exc}") from None
     listed = manifest.get("files", {})
     if files is not None:
-        wanted = list(files)
+        wanted = list(files) + [name for name in optional if name in listed]
         unlisted = sorted(set(wanted) - set(listed))
         if unlisted:
             raise RegistryError(f"version {version}: {', '.join(unlisted)} not in its manifest")

@@ -119,6 +119,9 @@ class ModelSettings(BaseSettings):
     max_minutes: float = 20.0
     # After early stopping picks the epochs, fit a fresh model on the validation period too.
     refit: bool = True
+    # Each version ships its own embeddings of this many of its training queries, most frequent
+    # first (~1.5 KB each): a scorer never runs the encoder for them (scorer.runtime).
+    shipped_queries: int = Field(default=10_000, ge=0)
 
 
 class ScorerSettings(BaseSettings):
@@ -146,6 +149,10 @@ class ScorerSettings(BaseSettings):
     # queries, and it shares its cores with Kafka and Redis: one thread spent 13% less CPU per
     # query encoding and scoring than two on the 2-core host (15% more wall time per miss).
     threads: int = Field(default=1, ge=0)
+    # The results producer's codec. lz4 cost half of zstd's CPU on the producer's thread (0.27
+    # against 0.58 ms per result at 100 queries/s) for results about half again as large on the
+    # wire (bench/result_size.py --broker; README, The scorer).
+    results_compression: Literal["none", "lz4", "zstd", "snappy", "gzip"] = "lz4"
 
 
 class FeatureSettings(BaseSettings):

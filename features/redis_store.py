@@ -33,6 +33,7 @@ from redis.retry import Retry
 from core.events import CatalogProduct, Purchase
 from core.settings import FeatureSettings, RedisSettings, StreamsSettings
 from features import catalog, item, keys, lua, query_item, user
+from features.catalog import ProductAttrs
 from features.keys import Shards
 from features.plan import FeatureEvent, Plan, Record, View, by_shard, ends, needs, phases, plan
 from features.sentinel import sentinel_client
@@ -53,6 +54,7 @@ _ROUTE_BACKOFF = ExponentialBackoff(cap=1.0, base=0.001)
 # holds fewer than the candidates asked); larger ones, for the candidates only.
 WHOLE_HASH_MAX = 1000
 MAX_LARGE_HASHES = 100_000  # texts remembered as large; past that, the rest are read whole
+ATTRS_MEMO_MAX = 200_000  # decoded attributes kept (RedisStore._decoded_attrs) before starting over
 _TOTAL_FIELD = keys.QUERY_TOTAL_FIELD.encode()
 # A conflicting batch (another writer, optimistic concurrency: not a connection error, so not the
 # client's Retry) is re-read and re-planned after 2 ms, 4 ms, ... up to 0.2 s.
@@ -153,6 +155,9 @@ class RedisStore:
         # Query texts whose evidence hash is too large to read whole (see ``snapshot``); a set:
         # the scorer reads on two threads, and adding to a set is atomic.
         self._large_hashes: set[str] = set()
+        # Decoded product attributes by their stored bytes: the catalog changes rarely, so the
+        # bytes read repeat (frozen values, shared safely; two threads racing decode the same).
+        self._attrs: dict[bytes, ProductAttrs] = {}
         self._etag_prefix = os.urandom(3).hex().encode()
         self._etag_counter = itertools.count()  # next() on it is atomic: agents share the store
         self.conflicts = 0
@@ -486,19 +491,27 @@ class RedisStore:
                     snap.users[u] = user.decode(v[ETAG:])
             for p, v in zip(p_of[s], raw[len(u_of[s]):], strict=False):
                 if v:
-                    snap.products[p] = catalog.decode(v[ETAG:])
+                    snap.products[p] = self._decoded_attrs(v)
             item_parts.append(_rows(p_ids, raw[len(u_of[s]) + len(p_of[s]):], item.SIZE))
         if item_parts:
             snap.item_rows = Rows.merged(item_parts, lambda st: item.merge(st, cfg.item_half_life_s))
         merge_q = lambda st: query_item.merge(st, cfg.query_half_life_s, cfg.query_burst_half_life_s)  # noqa: E731
+        positions: dict[int, tuple[Sequence[str], dict[bytes, int]]] = {}  # by id(): requests share lists
         for text, pids in evidence.items():
-            parts, totals, fields = [], [], [p.encode() for p in pids]
+            parts, totals = [], []
+            known = positions.get(id(pids))
+            if known is None:
+                known = positions[id(pids)] = (pids, {p.encode(): i for i, p in enumerate(pids)})
+            at = known[1]
             for _ in tags:
                 reply = next(replies)
-                if isinstance(reply, dict):  # the whole hash
+                if isinstance(reply, dict):  # the whole hash: the products the text led to
                     if len(reply) > WHOLE_HASH_MAX and len(large) < MAX_LARGE_HASHES:
                         large.add(text)
-                    found = [reply.get(f) for f in fields] if reply else [None] * len(fields)
+                    found: list[bytes | None] = [None] * len(pids)
+                    for f, v in reply.items():
+                        if (i := at.get(f)) is not None:
+                            found[i] = v
                     total = reply.get(_TOTAL_FIELD)
                 else:
                     total, found = reply[0], reply[1:]
@@ -513,6 +526,14 @@ class RedisStore:
                 snap.query_totals[text] = tuple(merged.states[0].tolist())
         snap.category_prices = _category_prices([next(replies) for _ in tags])
         return snap
+
+    def _decoded_attrs(self, stored: bytes) -> ProductAttrs:
+        attrs = self._attrs.get(stored)
+        if attrs is None:
+            if len(self._attrs) >= ATTRS_MEMO_MAX:
+                self._attrs.clear()
+            attrs = self._attrs[stored] = catalog.decode(stored[ETAG:])
+        return attrs
 
     def speller(self) -> Speller:
         """The trusted query words (at least ``spelling_min_clicks`` clicks), reloaded when older

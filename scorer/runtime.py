@@ -22,7 +22,8 @@ import json
 import threading
 import time
 import weakref
-from collections import OrderedDict
+from collections import Counter, OrderedDict
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,7 +32,7 @@ import onnxruntime as ort
 import redis
 import structlog
 from cachetools import LRUCache
-from prometheus_client import Counter
+from prometheus_client import Counter as PromCounter
 from tokenizers import Tokenizer
 
 from core import layout
@@ -48,9 +49,11 @@ log = structlog.get_logger(__name__)
 QUERY_CACHE_SIZE = 10_000
 # Lookups of every loaded version's cache, on the process-wide registry (the scorer's /metrics
 # serves it), as the speller's cache counts its own.
-_QUERY_CACHE_LOOKUPS = Counter("shoprank_query_cache_lookups", "Query embedding cache lookups, by result",
+_QUERY_CACHE_LOOKUPS = PromCounter("shoprank_query_cache_lookups", "Query embedding cache lookups, by result",
                                ["result"])
 _CACHE_HITS, _CACHE_MISSES = _QUERY_CACHE_LOOKUPS.labels("hit"), _QUERY_CACHE_LOOKUPS.labels("miss")
+_SHIPPED_HITS = _QUERY_CACHE_LOOKUPS.labels("shipped")  # found in the version's own query table
+ENCODE_BATCH = 64  # texts per encoder call when a version's query table is written
 UNKNOWN_ROW = -1  # the row of a product without a vector: always the zero vector
 # A vector from Redis this close to the row served is that row (the shipped table was computed
 # by torch, the embedder's by onnxruntime: they differ by ~1e-7), not an edit needing a new row.
@@ -59,6 +62,8 @@ SAME_VECTOR = 1e-5
 # and the product tower are the trainer's and the embedder's: 180 MB of hashing saved per swap).
 SERVED_FILES = (layout.QUERY_ENCODER, layout.RANKER_HEAD, layout.TOKENIZER, layout.PRODUCT_EMB,
                 layout.PRODUCT_IDS)
+# ... and the version's query table, which versions written before it lack (see QueryTable).
+SERVED_OPTIONAL = (layout.QUERY_EMB, layout.QUERY_TEXTS)
 # Query tokenizers kept for the versions a swap loads next (a few MB each; see query_tokenizer).
 TOKENIZERS_KEPT = 4
 _tokenizers: OrderedDict[tuple[str, int], Tokenizer] = OrderedDict()
@@ -169,9 +174,10 @@ class ServedModel:
         self._refresh_lock = threading.Lock()  # one writer of tables at a time
         self.product_index: dict[str, int] = {}
         self._table = self._initial_table(shipped_ids, shipped)
+        self.queries = QueryTable.load(path, self.dim)
         self._query_cache: LRUCache[str, np.ndarray] = LRUCache(maxsize=QUERY_CACHE_SIZE)
         self._cache_lock = threading.Lock()  # the HTTP API encodes beside the Kafka loop
-        self.cache_hits = 0
+        self.cache_hits = 0  # the LRU's and the query table's
         self.cache_misses = 0
         self._stop = threading.Event()
         if self._store is not None and embeddings is not None:
@@ -319,34 +325,38 @@ class ServedModel:
                            count=len(product_ids))
 
     def encode(self, texts: list[str]) -> np.ndarray:
-        """L2-normalized query embeddings [B, D]; each distinct text not in the cache is encoded once."""
+        """L2-normalized query embeddings [B, D]. A text is looked up by its :func:`encoder_key` in
+        the version's query table, then in the LRU; each distinct one in neither is encoded once."""
         out = np.empty((len(texts), self.dim), np.float32)
         missing: dict[str, list[int]] = {}
+        shipped = 0
+        table = self.queries
         with self._cache_lock:
             for i, text in enumerate(texts):
-                cached = self._query_cache.get(text)  # a hit becomes the most recently used
+                key = encoder_key(self.tokenizer, text)
+                row = table.rows.get(key)
+                if row is not None:
+                    out[i] = table.emb[row]
+                    shipped += 1
+                    continue
+                cached = self._query_cache.get(key)  # a hit becomes the most recently used
                 if cached is None:
-                    missing.setdefault(text, []).append(i)
+                    missing.setdefault(key, []).append(i)
                 else:
                     out[i] = cached
             hits = len(texts) - sum(len(rows) for rows in missing.values())
             self.cache_hits += hits
             self.cache_misses += len(missing)
-        _CACHE_HITS.inc(hits)
+        _SHIPPED_HITS.inc(shipped)
+        _CACHE_HITS.inc(hits - shipped)
         _CACHE_MISSES.inc(len(missing))
         if missing:
-            fresh = self._encode(list(missing))
+            fresh = encode_texts(self.encoder, self.tokenizer, list(missing))
             with self._cache_lock:
-                for (text, rows), emb in zip(missing.items(), fresh, strict=True):
+                for (key, rows), emb in zip(missing.items(), fresh, strict=True):
                     out[rows] = emb
-                    self._query_cache[text] = emb.copy()  # not a view pinning the batch; LRU out
+                    self._query_cache[key] = emb.copy()  # not a view pinning the batch; LRU out
         return out
-
-    def _encode(self, texts: list[str]) -> np.ndarray:
-        enc = self.tokenizer.encode_batch(texts)
-        ids = np.array([e.ids for e in enc], dtype=np.int64)
-        mask = np.array([e.attention_mask for e in enc], dtype=np.int64)
-        return self.encoder.run(None, {"input_ids": ids, "attention_mask": mask})[0]
 
     def retrieve(self, query_emb: np.ndarray, k: int) -> np.ndarray:
         """Rows [B, k] of the k catalog products closest to each query (cosine); fewer columns
@@ -374,6 +384,75 @@ class ServedModel:
         }
         scores = self.head.run(None, feeds)[0]
         return [scores[i, :n] for i, n in enumerate(batch.n_candidates)]
+
+
+def encoder_key(tokenizer: Tokenizer, text: str) -> str:
+    """The form of ``text`` the query encoder reads: the tokenizer's own normalization (MiniLM's
+    lowercases and strips accents), whitespace runs as one space. It splits into the same tokens
+    as ``text``, so "Xbox  360" and "xbox 360" share one cached embedding."""
+    normalizer = tokenizer.normalizer
+    return " ".join((normalizer.normalize_str(text) if normalizer is not None else text).split())
+
+
+def encode_texts(encoder: ort.InferenceSession, tokenizer: Tokenizer, texts: list[str]) -> np.ndarray:
+    """The query encoder's embeddings [len(texts), D] of ``texts``, in one call."""
+    enc = tokenizer.encode_batch(texts)
+    ids = np.array([e.ids for e in enc], dtype=np.int64)
+    mask = np.array([e.attention_mask for e in enc], dtype=np.int64)
+    return encoder.run(None, {"input_ids": ids, "attention_mask": mask})[0]
+
+
+@dataclass(frozen=True)
+class QueryTable:
+    """A version's embeddings of its most frequent training queries (``layout.QUERY_EMB`` and
+    ``layout.QUERY_TEXTS``), computed by its own query encoder when the version was written.
+
+    Search traffic repeats its head queries, and the encoder is most of a query's CPU on a CPU
+    host. The LRU alone starts empty at each scorer start and each swap to a new query side, and
+    misses each query the first time it is seen; the table answers the head from the first query
+    on. Read-only once loaded: scoring threads share it without a lock."""
+
+    rows: dict[str, int]  # encoder key -> row of emb
+    emb: np.ndarray  # float32 [len(rows), D]
+
+    @classmethod
+    def load(cls, folder: Path, dim: int) -> QueryTable:
+        """The table a version folder ships; an empty one for a version that ships none."""
+        texts_path, emb_path = folder / layout.QUERY_TEXTS, folder / layout.QUERY_EMB
+        if not texts_path.is_file() or not emb_path.is_file():
+            return cls({}, np.zeros((0, dim), np.float32))
+        texts: list[str] = json.loads(texts_path.read_text())
+        emb = np.load(emb_path).astype(np.float32, copy=False).reshape(len(texts), dim)
+        return cls({t: i for i, t in enumerate(texts)}, emb)
+
+
+def head_queries(tokenizer: Tokenizer, texts: Iterable[str], limit: int) -> list[str]:
+    """The encoder keys of the ``limit`` most frequent of ``texts`` (repeats count; ties keep
+    first-seen order): what a version's :class:`QueryTable` holds."""
+    counts = Counter(encoder_key(tokenizer, t) for t in texts)
+    counts.pop("", None)
+    return [k for k, _ in counts.most_common(limit)]
+
+
+def write_query_table(folder: Path, keys: list[str], max_len: int) -> None:
+    """Write a version's :class:`QueryTable` of ``keys`` (:func:`head_queries`) into ``folder``,
+    which already holds its query encoder and tokenizer: each embedded by that encoder, as a
+    scorer would."""
+    tokenizer = query_tokenizer(folder / layout.TOKENIZER, None, max_len)
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    encoder = ort.InferenceSession(str(folder / layout.QUERY_ENCODER), opts,
+                                   providers=["CPUExecutionProvider"])
+    order = sorted(range(len(keys)), key=lambda i: len(keys[i]))  # similar lengths: less padding
+    emb: np.ndarray | None = None
+    for start in range(0, len(order), ENCODE_BATCH):
+        rows = order[start:start + ENCODE_BATCH]
+        part = encode_texts(encoder, tokenizer, [keys[i] for i in rows])
+        if emb is None:
+            emb = np.zeros((len(keys), part.shape[1]), np.float32)
+        emb[rows] = part
+    np.save(folder / layout.QUERY_EMB, emb if emb is not None else np.zeros((0, 0), np.float32))
+    (folder / layout.QUERY_TEXTS).write_text(json.dumps(keys))
 
 
 def query_tokenizer(path: Path, sha256: str | None, max_len: int) -> Tokenizer:
@@ -452,8 +531,8 @@ def _start_refresher(model: ServedModel, every_s: float) -> None:
 def load_served_model(registry: Path, version: str, device: str = "auto", threads: int = 0,
                       embeddings: EmbeddingSource | None = None) -> ServedModel:
     """Verify, load and warm a version; raises when any of that fails."""
-    model = ServedModel(load_version(registry, version, files=SERVED_FILES), device=device,
-                        threads=threads, embeddings=embeddings)
+    model = ServedModel(load_version(registry, version, files=SERVED_FILES, optional=SERVED_OPTIONAL),
+                        device=device, threads=threads, embeddings=embeddings)
     if model.feature_names != FEATURE_NAMES:
         model.close()
         # Its input layout differs from what features.read builds: every query would fail.

@@ -44,7 +44,6 @@ FETCH_WAIT_MS = 100
 # How long an idle loop sleeps in the consumer's poll before it commits what the broker
 # acknowledged and updates the lag gauge.
 IDLE_WAKE_S = 0.05
-RESULTS_COMPRESSION = "zstd"  # the results producer's codec (bench/result_size.py measures with it)
 
 
 @dataclass
@@ -88,10 +87,9 @@ class ScoringLoop(threading.Thread):
             "heartbeat.interval.ms": int(s.scorer.session_timeout_s * 1000 / 5),
         }
         consumer = kafka.consumer(s, group_id=s.scorer.group_id, **overrides)
-        # zstd: a 100-candidate result goes from 22 KB to 5 KB on the wire for 0.06 ms of compression
-        # (publish-to-consume p50 +0.1-0.4 ms, bench/result_size.py --broker); no linger, so a
-        # result is never held back for a batch to fill.
-        producer = kafka.producer(s, **{"linger.ms": 0, "compression.type": RESULTS_COMPRESSION})
+        # Compressed (SHOPRANK_SCORER_RESULTS_COMPRESSION: a 100-candidate result is 22 KB of JSON,
+        # mostly its served features); no linger, so a result is never held back for a batch to fill.
+        producer = kafka.producer(s, **{"linger.ms": 0, "compression.type": s.scorer.results_compression})
         consumer.subscribe([s.topics.queries], on_assign=lambda c, parts: self.assigned.set())
         self._consumer = consumer
         last_lag = last_commit = 0.0

@@ -305,8 +305,8 @@ def test_a_thousand_candidates_come_back_ranked_with_their_features_compact_and_
     ~50 bytes of JSON plus its id, the served matrix 1,000 x 28 float32 in base64 (149 KB), so a
     result with ids of up to ~40 characters stays under 300 KB raw, a third of the 812 KB the
     named-map format measured and far from Kafka's 1 MB default message limit. The producer's
-    zstd at least halves it on the wire (realistic features: 4.5x, bench/result_size.py; these
-    cold ones, mostly zeros, compress further)."""
+    codec (lz4 by default) at least halves it on the wire (realistic features: lz4 2.9x, zstd
+    4.3x, bench/result_size.py --broker; these cold ones, mostly zeros, compress further)."""
     wide = scorer_settings.model_copy(update={
         "scorer": scorer_settings.scorer.model_copy(update={"max_candidates": 1000})})
     catalog = list(split().catalog)

@@ -75,7 +75,9 @@ def test_a_swap_keeps_the_query_cache_only_for_the_same_query_side(tmp_path: Pat
     (tmp_path / "a2" / layout.WEIGHTS).write_bytes(b"not read by a scorer")
     a2 = load_version(tmp_path, "a2", files=[layout.RANKER_HEAD])
     holder = ModelHolder(load_served_model(tmp_path, "a", device="cpu"), tmp_path, "cpu", ScorerMetrics())
-    texts = ["call of duty", "halo 3", "wii fit"]
+    texts = ["velvet lamp", "brass kettle", "zinc harp"]  # in no version's query table: cached
+    b_table = load_served_model(tmp_path, "b", device="cpu").queries
+    assert not set(texts) & {*holder.current.queries.rows, *b_table.rows}
     embedded = holder.current.encode(texts)
 
     assert holder.swap(announced("a2", a2.manifest_sha256))

@@ -57,6 +57,7 @@ from features.embeddings import ProductEmbeddings
 from features.memory import MemoryStore
 from features.read import feature_schema
 from features.redis_store import connect
+from scorer.runtime import head_queries
 from trainer.examples import Catalog
 from trainer.fit import FitConfig, FitResult, TextBatcher, fit, map_at_5, predict
 from trainer.gate import PROMOTE, GateResult, judge
@@ -227,6 +228,16 @@ def load_parent(parent: ModelVersion) -> tuple[PersonalRanker, Tokenizer]:
         raise reg.RegistryError(f"{parent.version}: weights.pt does not fit its config "
                                 f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
     return model, Tokenizer.from_file(str(parent.path / layout.TOKENIZER))
+
+
+def shipped_queries(tokenizer: Tokenizer, parent: ModelVersion, lists: list[ServedList],
+                    limit: int) -> list[str]:
+    """The queries a candidate ships embedded (scorer.runtime.QueryTable): the most frequent of its
+    lists' texts and of those its parent shipped (each of them counted once), so the table follows
+    the stream's queries without forgetting the head it started from."""
+    path = parent.path / layout.QUERY_TEXTS
+    earlier: list[str] = json.loads(path.read_text()) if path.is_file() else []
+    return head_queries(tokenizer, [*(sl.text for sl in lists), *earlier], limit)
 
 
 def switch_on_varying(model: PersonalRanker, dense: np.ndarray, valid: np.ndarray) -> list[str]:
@@ -469,7 +480,9 @@ class ContinuousTrainer:
             tower = parent.path / layout.PRODUCT_ENCODER  # the same tower: the same vectors in Redis
             run = TrainRun(model=model, tokenizer=tokenizer, catalog=catalog, store=MemoryStore(s.features),
                            result=result, window=(train[0].served_at, holdout[-1].served_at),
-                           n_rows=len(train), product_tower=tower if tower.is_file() else None)
+                           n_rows=len(train), product_tower=tower if tower.is_file() else None,
+                           queries=shipped_queries(tokenizer, parent, [*train, *holdout],
+                                                   s.model.shipped_queries))
             try:
                 staged = write_version(scratch, run, metrics={}, parent=serving, name=name)
             except RuntimeError as exc:  # onnxruntime disagrees with torch (NaN weights included)

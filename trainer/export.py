@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +26,7 @@ from torch import Tensor, nn
 
 from core import layout
 from core.layout import ENCODER_INPUTS
+from scorer.runtime import write_query_table
 from trainer.model import PersonalRanker, QueryTower
 
 HEAD_INPUTS = ("query_emb", "cand_emb", "hist_emb", "hist_w", "dense")
@@ -141,9 +143,11 @@ def tower_difference(tower: QueryTower, path: Path, batch: int = 3, length: int 
 
 def write_version_files(folder: Path, model: PersonalRanker, product_tower: QueryTower | Path | None,
                         product_ids: list[str], product_emb: np.ndarray, tokenizer: Path,
-                        tolerance: float = 1e-3) -> None:
+                        tolerance: float = 1e-3, queries: Sequence[str] = ()) -> None:
     """Everything a version folder holds but its manifest: the three graphs (each checked
-    against torch), the product table, the tokenizer and the torch weights.
+    against torch), the product table, the tokenizer, the torch weights, and the query table: ``queries``
+    (scorer.runtime.head_queries of the texts it trained on) embedded by its exported query
+    encoder (scorer.runtime.QueryTable).
 
     ``product_tower`` is the encoder that embedded ``product_emb``, or the ``product_encoder.onnx``
     of the version it came from (copied byte for byte: same tower, same embeddings in Redis); None
@@ -165,4 +169,6 @@ def write_version_files(folder: Path, model: PersonalRanker, product_tower: Quer
     np.save(folder / layout.PRODUCT_EMB, table)
     (folder / layout.PRODUCT_IDS).write_text(json.dumps(list(product_ids)))
     shutil.copy(tokenizer, folder / layout.TOKENIZER)
+    if queries:
+        write_query_table(folder, list(queries), model.cfg.max_query_len)
     torch.save(model.state_dict(), folder / layout.WEIGHTS)

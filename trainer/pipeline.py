@@ -29,6 +29,7 @@ from core.text import normalize_query, product_text, words
 from evaluation.ranker import SearchRow
 from features.memory import MemoryStore
 from features.read import FEATURE_NAMES
+from scorer.runtime import head_queries
 from trainer.examples import TRAIN, VALIDATE, Catalog, ListBuilder, build_lists
 from trainer.export import write_version_files
 from trainer.fit import FitConfig, FitResult, fit
@@ -58,6 +59,9 @@ class TrainRun:
     # product_encoder.onnx (same tower: same vectors in Redis); shipped as the version's product
     # tower. None: the pretrained encoder when the model's encoder has its shape, else no tower.
     product_tower: QueryTower | Path | None = None
+    # The encoder keys of its most frequent training queries, shipped with their embeddings
+    # (scorer.runtime.QueryTable): a scorer never encodes them.
+    queries: Sequence[str] = ()
 
 
 def fit_config(settings: Settings, progress: bool = True) -> FitConfig:
@@ -127,7 +131,9 @@ def train_run(settings: Settings, rows: Sequence[SearchRow], products: Mapping[s
                     replace(config, epochs=result.best_epoch, schedule_epochs=config.epochs))
         result.seconds += refit.seconds
         result.refit_epochs = result.best_epoch
-    return TrainRun(model, tokenizer, catalog, store, result, (times[0], times[-1]), len(rows), tower)
+    queries = head_queries(tokenizer, (r.query for r in rows), settings.model.shipped_queries)
+    return TrainRun(model, tokenizer, catalog, store, result, (times[0], times[-1]), len(rows), tower,
+                    queries)
 
 
 def _pretrained_shape(encoder: dict) -> bool:
@@ -153,7 +159,7 @@ def write_version(registry: Path, run: TrainRun, metrics: dict[str, float], pare
         elif tower is None:
             log.warning("version_without_product_tower", reason="the run names no product tower")
         write_version_files(folder, run.model, tower, run.catalog.product_ids, run.catalog.embeddings,
-                            minilm_path() / "tokenizer.json", EXPORT_TOLERANCE)
+                            minilm_path() / "tokenizer.json", EXPORT_TOLERANCE, run.queries)
 
     manifest = {
         "parent_version": parent,
