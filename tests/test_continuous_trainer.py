@@ -40,7 +40,7 @@ from core.text import normalize_query
 from features.memory import MemoryStore
 from features.read import FEATURE_SCHEMA
 from scorer.metrics import ScorerMetrics
-from scorer.runtime import load_served_model
+from scorer.runtime import encode_texts, encoder_key, load_served_model
 from scorer.swap import ModelHolder
 from streams.testing import publish, wait_until
 from tests.conftest import RedisAt
@@ -208,8 +208,17 @@ def test_a_cycle_over_labeled_lists_publishes_a_gated_version(settings: Settings
     [update] = model_updates(s)
     assert update.model_version == new and update.uri == f"registry:{new}"
     assert update.manifest_sha256 == version.manifest_sha256 and update.parent_version == "v1"
-    # The version serves: the scorer's loader accepts it.
-    assert load_served_model(registry, new).version == new
+    # The version serves: the scorer's loader accepts it, with its query table: the texts it
+    # trained on and the head its parent shipped, each embedded by its own fine-tuned encoder.
+    served = load_served_model(registry, new)
+    assert served.version == new
+    parent_head = set(load_served_model(registry, "v1").queries.rows)
+    listed = {encoder_key(served.tokenizer, x.text) for x in acted_on}  # it trained on most of them
+    shipped = set(served.queries.rows)
+    assert parent_head <= shipped <= listed | parent_head and shipped - parent_head
+    some = sorted(shipped - parent_head)[:20]
+    assert np.allclose(served.queries.emb[[served.queries.rows[t] for t in some]],
+                       encode_texts(served.encoder, served.tokenizer, some), atol=1e-5)
     print(f"\ncycle over {len(lists)} lists (tiny model): {seconds:.1f} s, phases {m['cycle']['phases_s']}")
 
     # Nothing new on the topic: the next cycle has nothing to do.
