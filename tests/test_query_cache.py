@@ -73,3 +73,11 @@ def test_a_version_whose_query_table_was_altered_does_not_load(tmp_path: Path) -
     np.save(version.path / layout.QUERY_EMB, emb)
     with pytest.raises(RegistryError, match=layout.QUERY_EMB):
         load_served_model(tmp_path, "a", device="cpu")
+
+
+def test_head_queries_are_the_most_frequent_encoder_keys_first() -> None:
+    tokenizer = Tokenizer.from_file(str(minilm_path() / layout.TOKENIZER))
+    typed = ["Halo 3", "halo  3", "wii fit", "zelda", "HALO 3", "Wii Fit", "", "   ", "zelda", "mario"]
+    assert head_queries(tokenizer, typed, 10) == ["halo 3", "wii fit", "zelda", "mario"]
+    assert head_queries(tokenizer, typed, 2) == ["halo 3", "wii fit"]  # ties keep first-seen order
+    assert head_queries(tokenizer, typed, 0) == []
