@@ -418,12 +418,18 @@ class QueryTable:
     @classmethod
     def load(cls, folder: Path, dim: int) -> QueryTable:
         """The table a version folder ships; an empty one for a version that ships none."""
-        texts_path, emb_path = folder / layout.QUERY_TEXTS, folder / layout.QUERY_EMB
-        if not texts_path.is_file() or not emb_path.is_file():
+        emb_path = folder / layout.QUERY_EMB
+        texts = cls.texts(folder)
+        if not texts or not emb_path.is_file():
             return cls({}, np.zeros((0, dim), np.float32))
-        texts: list[str] = json.loads(texts_path.read_text())
         emb = np.load(emb_path).astype(np.float32, copy=False).reshape(len(texts), dim)
         return cls({t: i for i, t in enumerate(texts)}, emb)
+
+    @staticmethod
+    def texts(folder: Path) -> list[str]:
+        """The encoder keys a version folder ships embedded, most frequent first ([] for none)."""
+        path = folder / layout.QUERY_TEXTS
+        return json.loads(path.read_text()) if path.is_file() else []
 
 
 def head_queries(tokenizer: Tokenizer, texts: Iterable[str], limit: int) -> list[str]:
@@ -435,23 +441,20 @@ def head_queries(tokenizer: Tokenizer, texts: Iterable[str], limit: int) -> list
 
 
 def write_query_table(folder: Path, keys: list[str], max_len: int) -> None:
-    """Write a version's :class:`QueryTable` of ``keys`` (:func:`head_queries`) into ``folder``,
-    which already holds its query encoder and tokenizer: each embedded by that encoder, as a
-    scorer would."""
+    """Write a version's :class:`QueryTable` of ``keys`` (:func:`head_queries`, at least one)
+    into ``folder``, which already holds its query encoder and tokenizer: each embedded by that
+    encoder, as a scorer would."""
     tokenizer = query_tokenizer(folder / layout.TOKENIZER, None, max_len)
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     encoder = ort.InferenceSession(str(folder / layout.QUERY_ENCODER), opts,
                                    providers=["CPUExecutionProvider"])
     order = sorted(range(len(keys)), key=lambda i: len(keys[i]))  # similar lengths: less padding
-    emb: np.ndarray | None = None
-    for start in range(0, len(order), ENCODE_BATCH):
-        rows = order[start:start + ENCODE_BATCH]
-        part = encode_texts(encoder, tokenizer, [keys[i] for i in rows])
-        if emb is None:
-            emb = np.zeros((len(keys), part.shape[1]), np.float32)
-        emb[rows] = part
-    np.save(folder / layout.QUERY_EMB, emb if emb is not None else np.zeros((0, 0), np.float32))
+    batches = [order[start:start + ENCODE_BATCH] for start in range(0, len(order), ENCODE_BATCH)]
+    encoded = np.concatenate([encode_texts(encoder, tokenizer, [keys[i] for i in rows]) for rows in batches])
+    emb = np.empty_like(encoded)
+    emb[order] = encoded  # back to the keys' order
+    np.save(folder / layout.QUERY_EMB, emb)
     (folder / layout.QUERY_TEXTS).write_text(json.dumps(keys))
 
 

@@ -57,7 +57,7 @@ from features.embeddings import ProductEmbeddings
 from features.memory import MemoryStore
 from features.read import feature_schema
 from features.redis_store import connect
-from scorer.runtime import head_queries
+from scorer.runtime import QueryTable, head_queries
 from trainer.examples import Catalog
 from trainer.fit import FitConfig, FitResult, TextBatcher, fit, map_at_5, predict
 from trainer.gate import PROMOTE, GateResult, judge
@@ -235,8 +235,7 @@ def shipped_queries(tokenizer: Tokenizer, parent: ModelVersion, lists: list[Serv
     """The queries a candidate ships embedded (scorer.runtime.QueryTable): the most frequent of its
     lists' texts and of those its parent shipped (each of them counted once), so the table follows
     the stream's queries without forgetting the head it started from."""
-    path = parent.path / layout.QUERY_TEXTS
-    earlier: list[str] = json.loads(path.read_text()) if path.is_file() else []
+    earlier = QueryTable.texts(parent.path)
     return head_queries(tokenizer, [*(sl.text for sl in lists), *earlier], limit)
 
 
