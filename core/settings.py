@@ -122,6 +122,9 @@ class ModelSettings(BaseSettings):
     # Each version ships its own embeddings of this many of its training queries, most frequent
     # first (~1.5 KB each): a scorer never runs the encoder for them (scorer.runtime).
     shipped_queries: int = Field(default=10_000, ge=0)
+    # The query encoder a version serves: int8 (dynamic quantization; kept only where it agrees
+    # with the exported graph, trainer.export) or the exported fp32 graph.
+    query_encoder_precision: Literal["fp32", "int8"] = "int8"
 
 
 class ScorerSettings(BaseSettings):

@@ -9,6 +9,10 @@ key                    value                                                  ex
 ``pd:{product}``       the product as the catalog sent it (contract JSON)     none
 ``cp``                 hash ``n:{category}`` / ``c:{category}``: products,     none
                        summed price in cents (typical price = c / n / 100)
+``cg``                 the catalog's generation: the etag of the last commit  none
+                       that wrote ``p:`` keys (random, never repeated), so a
+                       reader's cached ``p:`` and ``cp`` values are checked
+                       with one key per read
 ``i:{product}``        10 little-endian doubles, :mod:`features.item`          none
 ``qh:{q}``             hash: product id -> 6 doubles (features.query_item),   query_item_ttl_s
                        what followed query q for that product, and field      after the hash's
@@ -71,6 +75,7 @@ TOMBSTONE: Final = "x:"
 PRODUCT: Final = "p:"
 PRODUCT_DOC: Final = "pd:"
 CATEGORY_PRICES: Final = "cp"
+CATALOG_GENERATION: Final = "cg"
 ITEM: Final = "i:"
 QUERY_EVIDENCE: Final = "qh:"
 QUERY_TOTAL_FIELD: Final = ""  # the field of a ``qh:`` hash that holds the query's totals
@@ -159,6 +164,10 @@ def item(product_id: str, tag: str = "") -> str:
 
 def category_prices(tag: str = "") -> str:
     return CATEGORY_PRICES + tag
+
+
+def catalog_generation(tag: str = "") -> str:
+    return CATALOG_GENERATION + tag
 
 
 def query_words(tag: str = "") -> str:

@@ -5,7 +5,9 @@ partition's offset moved: another writer got there first) nothing is written and
 guard's index is returned; the caller re-reads and re-plans. Otherwise shopper and product
 states, the "applied" markers and the partition offsets are written together with the
 commutative product and query statistics (and the clicks per query word, ``qv``), so a
-worker killed at any moment leaves either all of a batch or none of it.
+worker killed at any moment leaves either all of a batch or none of it. A commit that writes
+product attributes also sets the shard's catalog generation (``cg``) to their etag, which is
+random per commit: a reader keeps the catalog it read for as long as ``cg`` has not changed.
 
 ``bump`` repeats :func:`features.decay.bump` operation for operation (same IEEE doubles, same
 ``pow``), so Redis and the memory store agree bit for bit. Keys are built from the prefixes in
@@ -79,6 +81,9 @@ end
 local last = pos + 2 * (n_products + n_docs) - 1
 for i = pos, last, 2 * CHUNK do
   redis.call('MSET', unpack(ARGV, i, math.min(i + 2 * CHUNK - 1, last)))
+end
+if n_products > 0 then  -- a new catalog generation: the products' etag, random per commit
+  redis.call('SET', '${CATALOG_GENERATION}' .. tag, string.sub(ARGV[pos + 1], 1, ${ETAG}))
 end
 pos = last + 1
 for i = 1, n_fields do
@@ -325,6 +330,7 @@ ETAG = 12
 COMMIT = _SOURCE.substitute(
     ETAG=ETAG,
     CATEGORY_PRICES=keys.CATEGORY_PRICES,
+    CATALOG_GENERATION=keys.CATALOG_GENERATION,
     QUERY_EVIDENCE=keys.QUERY_EVIDENCE,
     TOTAL=keys.QUERY_TOTAL_FIELD,
     QUERY_WORDS=keys.QUERY_WORDS,

@@ -112,7 +112,8 @@ def read_batch(store: FeatureStore, requests: Sequence[Request], now: float) -> 
                 evidence[text] = r.candidates
             elif known is not r.candidates:  # two requests of the batch share the text
                 evidence[text] = list(dict.fromkeys([*known, *r.candidates]))
-    products = list(dict.fromkeys(pid for r in requests for pid in r.candidates))
+    products = list(dict.fromkeys(requests[0].candidates if len(requests) == 1
+                                  else (pid for r in requests for pid in r.candidates)))
     snap = store.snapshot((r.user_id for r in requests), products, evidence)
     items = _ItemRows(products, snap, now, store.config)
     return [_featurize(r, rs, snap, now, store.config, items)
@@ -226,12 +227,12 @@ def _item_columns(products: Sequence[str], snap: Snapshot, now: float, cfg: Feat
     arrays (this runs for every distinct candidate of every batch)."""
     n = len(products)
     st, _ = snap.item_rows.take(products)  # zeros, item.EMPTY, where a product has none
-    attrs = [snap.products.get(pid) for pid in products]
-    known = np.array([a is not None for a in attrs], dtype=bool)  # the rest read 0 (``where`` below)
-    first_seen = np.array([a.first_seen if a is not None else now for a in attrs], dtype=np.float64)
-    price = np.array([(a.price or 0.0) if a is not None else 0.0 for a in attrs], dtype=np.float64)
-    released = np.array([(a.first_seen if a.released is None else a.released) if a is not None else now
-                         for a in attrs], dtype=np.float64)
+    get = snap.products.get
+    # (known, first seen, price, released) per product, in one pass; unknown ones read 0 (``where``)
+    static = np.array([(1.0, a.first_seen, a.price or 0.0, a.first_seen if a.released is None else a.released)
+                       if (a := get(pid)) is not None else (0.0, now, 0.0, now) for pid in products],
+                      dtype=np.float64).reshape(n, 4)
+    known, first_seen, price, released = static[:, 0] > 0, static[:, 1], static[:, 2], static[:, 3]
     days = (now - released) / 86400.0
     decayed = decay.values_at(st[:, [item.CLICKS, item.CARTS, item.PURCHASES, item.IMPRESSIONS]],
                               st[:, item.T], now, cfg.item_half_life_s)

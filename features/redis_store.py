@@ -34,6 +34,7 @@ from core.events import CatalogProduct, Purchase
 from core.settings import FeatureSettings, RedisSettings, StreamsSettings
 from features import catalog, item, keys, lua, query_item, user
 from features.catalog import ProductAttrs
+from features.catalog_cache import CatalogCache, Lookup
 from features.keys import Shards
 from features.plan import FeatureEvent, Plan, Record, View, by_shard, ends, needs, phases, plan
 from features.sentinel import sentinel_client
@@ -158,6 +159,7 @@ class RedisStore:
         # Decoded product attributes by their stored bytes: the catalog changes rarely, so the
         # bytes read repeat (frozen values, shared safely; two threads racing decode the same).
         self._attrs: dict[bytes, ProductAttrs] = {}
+        self._catalog = CatalogCache(self.shards.n, ATTRS_MEMO_MAX)
         self._etag_prefix = os.urandom(3).hex().encode()
         self._etag_counter = itertools.count()  # next() on it is atomic: agents share the store
         self.conflicts = 0
@@ -282,7 +284,7 @@ class RedisStore:
         attrs: dict[str, bytes | None] = {}
         for pids in products_by_shard.values():
             attrs.update(zip(pids, next(replies), strict=True))
-        category_prices = _category_prices([next(replies) for _ in tags]) if prices else {}
+        category_prices = _category_prices([_shard_prices(next(replies)) for _ in tags]) if prices else {}
         for s, (view, guards) in out.items():
             view.category_prices = category_prices
             for p in sorted(wanted[s].products):
@@ -357,8 +359,10 @@ class RedisStore:
         """The commit script's arguments for one shard's plan; none when it writes nothing."""
         tag = self.shards.tag(shard)
         users = [(keys.user(u, tag), self._etag() + user.encode(st)) for u, st in p.users.items()]
-        products = [(keys.product(pid, tag), self._etag() + catalog.encode(a))
-                    for pid, a in p.products.items()]
+        # One random etag for the commit's products: the script makes it the shard's catalog
+        # generation (keys.catalog_generation), which must never repeat while a reader caches by it.
+        generation = os.urandom(ETAG // 2).hex().encode()
+        products = [(keys.product(pid, tag), generation + catalog.encode(a)) for pid, a in p.products.items()]
         docs = [(keys.product_doc(pid, tag), doc) for pid, doc in p.product_docs.items()]
         fields = []
         for cat, (dn, dc) in p.price_deltas.items():
@@ -410,7 +414,9 @@ class RedisStore:
 
     def clear(self) -> int:
         """Delete every feature key that ``rebuild`` recomputes; tombstones stay. Returns count."""
-        deleted = 0
+        # The catalog generations first: a reader stops trusting its cached catalog before any
+        # product goes.
+        deleted = self._unlink([keys.catalog_generation(t) for t in self.shards.tags])
         globals_ = [name(t) for t in self.shards.tags
                     for name in (keys.category_prices, keys.query_words, keys.stats)]
         for prefix in keys.REBUILT:
@@ -445,31 +451,35 @@ class RedisStore:
     def snapshot(
         self, users: Iterable[str], products: Sequence[str], evidence: Mapping[str, Sequence[str]]
     ) -> Snapshot:
-        """One pipeline (on a cluster: one round trip per node): the shoppers and the products'
-        attributes (one MGET per shard), the products' statistics (with owner shards, every
-        shard's share, merged), each query text's evidence hash whole (HGETALL: it holds only the
-        products the query led to, most often fewer than the candidates; a hash found larger than
-        :data:`WHOLE_HASH_MAX` is read for the candidates only, HMGET, from then on), the category
-        prices."""
+        """One pipeline (on a cluster: one round trip per node): the shoppers, the products'
+        attributes that :mod:`features.catalog_cache` lacks and the catalog generation that says
+        whether what it holds still stands (one MGET per shard), the products' statistics (with
+        owner shards, every shard's share, merged), each query text's evidence hash whole
+        (HGETALL: it holds only the products the query led to, most often fewer than the
+        candidates; a hash found larger than :data:`WHOLE_HASH_MAX` is read for the candidates
+        only, HMGET, from then on), the category prices unless cached. A catalog changed since
+        it was cached costs one more round trip."""
         tags, of, cfg = self.shards.tags, self.shards.of, self.config
         u_ids, p_ids = list(set(users)), list(dict.fromkeys(products))
         evidence = dict(evidence)  # tests pass [] for none
         large = self._large_hashes
-        # Per shard, one MGET: its shoppers, its products' attributes, its share of every
-        # product's statistics.
-        u_of: list[list[str]] = [[] for _ in tags]
-        p_of: list[list[str]] = [[] for _ in tags]
-        for u in u_ids:
+        # Per shard, one MGET: the catalog generation, its shoppers, its products' attributes the
+        # cache lacks, its share of every product's statistics.
+        u_of: list[list[str]] = [u_ids] if len(tags) == 1 else [[] for _ in tags]
+        p_of: list[list[str]] = [p_ids] if len(tags) == 1 else [[] for _ in tags]
+        for u in u_ids if len(tags) > 1 else ():
             u_of[of(u)].append(u)
-        for p in p_ids:
+        for p in p_ids if len(tags) > 1 else ():
             p_of[of(p)].append(p)
+        cached = [self._catalog.lookup(s, p_of[s]) for s in range(len(tags))]
+        reads = [bool(u_of[s] or p_of[s] or p_ids) for s in range(len(tags))]
 
         def issue(pipes: ShardPipes) -> None:
             for s, t in enumerate(tags):
-                names = ([keys.user(u, t) for u in u_of[s]] + [keys.product(p, t) for p in p_of[s]]
-                         + [keys.item(p, t) for p in p_ids])
-                if names:
-                    pipes.to(s).mget(names)
+                if reads[s]:
+                    pipes.to(s).mget([keys.catalog_generation(t), *[keys.user(u, t) for u in u_of[s]],
+                                      *[keys.product(p, t) for p in cached[s].misses],
+                                      *[keys.item(p, t) for p in p_ids]])
             for text, pids in evidence.items():
                 for s, t in enumerate(tags):
                     if text in large:
@@ -477,22 +487,27 @@ class RedisStore:
                     else:
                         pipes.to(s).hgetall(keys.query_evidence(text, t))
             for s, t in enumerate(tags):
-                pipes.to(s).hgetall(keys.category_prices(t))
+                if cached[s].prices is None:
+                    pipes.to(s).hgetall(keys.category_prices(t))
 
         replies = iter(self._routed(issue))
         snap = Snapshot()
         item_parts = []
+        generations: list[bytes | None] = [None] * len(tags)
+        read_attrs: list[dict[str, ProductAttrs | None]] = [{} for _ in tags]
         for s in range(len(tags)):
-            if not (u_of[s] or p_of[s] or p_ids):
+            if not reads[s]:
                 continue
             raw = next(replies)
-            for u, v in zip(u_of[s], raw, strict=False):
+            generations[s] = raw[0]
+            for u, v in zip(u_of[s], raw[1:], strict=False):
                 if v:
                     snap.users[u] = user.decode(v[ETAG:])
-            for p, v in zip(p_of[s], raw[len(u_of[s]):], strict=False):
-                if v:
-                    snap.products[p] = self._decoded_attrs(v)
-            item_parts.append(_rows(p_ids, raw[len(u_of[s]) + len(p_of[s]):], item.SIZE))
+            at = 1 + len(u_of[s])
+            misses = cached[s].misses
+            read_attrs[s] = {p: self._decoded_attrs(v) if v else None
+                             for p, v in zip(misses, raw[at:at + len(misses)], strict=True)}
+            item_parts.append(_rows(p_ids, raw[at + len(misses):], item.SIZE))
         if item_parts:
             snap.item_rows = Rows.merged(item_parts, lambda st: item.merge(st, cfg.item_half_life_s))
         merge_q = lambda st: query_item.merge(st, cfg.query_half_life_s, cfg.query_burst_half_life_s)  # noqa: E731
@@ -508,15 +523,12 @@ class RedisStore:
                 if isinstance(reply, dict):  # the whole hash: the products the text led to
                     if len(reply) > WHOLE_HASH_MAX and len(large) < MAX_LARGE_HASHES:
                         large.add(text)
-                    found: list[bytes | None] = [None] * len(pids)
-                    for f, v in reply.items():
-                        if (i := at.get(f)) is not None:
-                            found[i] = v
-                    total = reply.get(_TOTAL_FIELD)
+                    found = [(i, v) for f, v in reply.items() if (i := at.get(f)) is not None]
+                    parts.append(_rows_at(pids, found, query_item.SIZE))
+                    totals.append(reply.get(_TOTAL_FIELD))
                 else:
-                    total, found = reply[0], reply[1:]
-                parts.append(_rows(pids, found, query_item.SIZE))
-                totals.append(total)
+                    parts.append(_rows(pids, reply[1:], query_item.SIZE))
+                    totals.append(reply[0])
             snap.evidence[text] = Rows.merged(parts, merge_q)
             if len(totals) == 1:
                 if totals[0] is not None:
@@ -524,8 +536,45 @@ class RedisStore:
             elif any(x is not None for x in totals):
                 merged = Rows.merged([_rows([text], [x], query_item.SIZE) for x in totals], merge_q)
                 snap.query_totals[text] = tuple(merged.states[0].tolist())
-        snap.category_prices = _category_prices([next(replies) for _ in tags])
+        prices = [_shard_prices(next(replies)) if c.prices is None else c.prices for c in cached]
+        self._settle_catalog(snap, cached, generations, read_attrs, prices)
+        snap.category_prices = _category_prices(prices)
         return snap
+
+    def _settle_catalog(self, snap: Snapshot, cached: list[Lookup], generations: list[bytes | None],
+                        read_attrs: list[dict[str, ProductAttrs | None]],
+                        prices: list[dict[str, tuple[int, int]]]) -> None:
+        """The snapshot's product attributes, and ``prices`` made current, per shard: the cache's
+        where the generation read is the one it held them under; else read again with the
+        generation (one pipeline for the stale shards). What was read is kept for the next reads."""
+        tags = self.shards.tags
+        stale = [s for s, c in enumerate(cached) if (c.hits or c.prices is not None)
+                 and (generations[s] is None or generations[s] != c.generation)]
+        again: dict[int, tuple[bytes | None, dict[str, ProductAttrs | None], dict[str, tuple[int, int]]]] = {}
+        if stale:
+            def issue(pipes: ShardPipes) -> None:
+                for s in stale:
+                    pipes.to(s).mget([keys.catalog_generation(tags[s]),
+                                      *[keys.product(p, tags[s]) for p in cached[s].hits]])
+                    pipes.to(s).hgetall(keys.category_prices(tags[s]))
+
+            replies = iter(self._routed(issue))
+            for s in stale:
+                raw, hash_ = next(replies), next(replies)
+                attrs = {p: self._decoded_attrs(v) if v else None
+                         for p, v in zip(cached[s].hits, raw[1:], strict=True)}
+                again[s] = (raw[0], attrs, _shard_prices(hash_))
+            log.debug("catalog_reread", shards=len(stale))
+        for s, c in enumerate(cached):
+            if s in again:
+                generation, fresh, prices[s] = again[s]
+                found = {**fresh, **read_attrs[s]}
+                # The misses read first are as of the first generation: kept only if it still stands.
+                self._catalog.keep(s, generation, found if generation == generations[s] else fresh, prices[s])
+            else:
+                self._catalog.keep(s, generations[s], read_attrs[s], prices[s] if c.prices is None else None)
+                found = {**c.hits, **read_attrs[s]}
+            snap.products.update((p, a) for p, a in found.items() if a is not None)
 
     def _decoded_attrs(self, stored: bytes) -> ProductAttrs:
         attrs = self._attrs.get(stored)
@@ -626,14 +675,36 @@ def _rows(ids: Sequence[str], raw: Sequence[bytes | None], size: int) -> Rows:
     return Rows(ids, states, np.array([v is not None for v in raw], dtype=bool))
 
 
-def _category_prices(shards: Sequence[dict[bytes, bytes]]) -> dict[str, tuple[int, int]]:
-    """Category price sums from each shard's ``cp`` hash, added (integers: exact in any order)."""
+def _rows_at(ids: Sequence[str], found: list[tuple[int, bytes]], size: int) -> Rows:
+    """:func:`_rows` of ``ids`` where only the rows ``found`` (index, stored value) have a value:
+    a query's evidence names a few of the candidates."""
+    states = np.zeros((len(ids), size))
+    present = np.zeros(len(ids), dtype=bool)
+    if found:
+        rows = [i for i, _ in found]
+        states[rows] = _rows(rows, [v for _, v in found], size).states  # type: ignore[arg-type]
+        present[rows] = True
+    return Rows(ids, states, present)
+
+
+def _shard_prices(raw: dict[bytes, bytes]) -> dict[str, tuple[int, int]]:
+    """Category (products, summed cents) from one shard's ``cp`` hash."""
     counts: dict[str, int] = {}
     totals: dict[str, int] = {}
-    for raw in shards:
-        for f, v in raw.items():
-            if (field := keys.price_field(f.decode())) is not None:
-                kind, category = field
-                into = counts if kind == keys.PRICE_COUNT else totals
-                into[category] = into.get(category, 0) + int(v)
+    for f, v in raw.items():
+        if (field := keys.price_field(f.decode())) is not None:
+            kind, category = field
+            (counts if kind == keys.PRICE_COUNT else totals)[category] = int(v)
     return {c: (n, totals.get(c, 0)) for c, n in counts.items()}
+
+
+def _category_prices(shards: Sequence[dict[str, tuple[int, int]]]) -> dict[str, tuple[int, int]]:
+    """The shards' category price sums (:func:`_shard_prices`), added (integers: exact in any order)."""
+    if len(shards) == 1:
+        return shards[0]
+    out: dict[str, tuple[int, int]] = {}
+    for prices in shards:
+        for c, (n, cents) in prices.items():
+            n0, c0 = out.get(c, (0, 0))
+            out[c] = (n0 + n, c0 + cents)
+    return out

@@ -10,13 +10,14 @@ import redis
 from redis.cluster import RedisCluster
 
 from core.events import AddToCart, CatalogProduct, Click, Purchase
-from core.settings import FeatureSettings
+from core.settings import FeatureSettings, Settings
 from core.text import normalize_query, query_words
 from features.memory import MemoryStore
 from features.plan import Record
 from features.read import FEATURE_NAMES, INDEX, Request, read_batch
 from features.redis_store import RedisStore
 from streams.synthetic import Shape, catalog, sessions
+from tests.conftest import RedisAt
 
 CFG = FeatureSettings()
 
@@ -82,6 +83,54 @@ def test_owner_shards_read_identically_on_memory_single_redis_and_the_cluster(
     _assert_identical([memory, single, cluster], requests, now)
     for a, b in zip(read_batch(memory, requests, now), read_batch(unsharded, requests, now), strict=True):
         np.testing.assert_allclose(a.features, b.features, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("topology", ["single", "cluster"])
+def test_a_reader_keeps_the_catalog_until_it_changes(topology: str, settings: Settings,
+                                                      redis_at: RedisAt) -> None:
+    """A reader (the scorer's store) keeps the product attributes and category prices it read:
+    its next read asks Redis for fewer keys. A catalog change made by another writer (a feature
+    worker's store) reads at once, and so does a cleared store."""
+    settings, client = redis_at(topology, settings)
+    cfg = settings.features
+    reader, writer, memory = RedisStore(client, cfg), RedisStore(client, cfg), MemoryStore(cfg)
+    t0 = datetime(2026, 3, 1, tzinfo=UTC)
+
+    def publish(pid: str, price: float, category: str) -> None:
+        ev = CatalogProduct(product_id=pid, title=pid, category_path=[category], price=price, updated_at=t0)
+        writer.apply(ev)
+        memory.apply(ev)
+
+    def same_catalog() -> None:
+        for store in (memory, reader):
+            snap = store.snapshot([], ["a", "b", "c"], {})
+            assert (snap.products, snap.category_prices) == (expected.products, expected.category_prices)
+
+    def keys_looked_up() -> int:
+        stats = client.info("stats")
+        return int(stats["keyspace_hits"]) + int(stats["keyspace_misses"])
+
+    publish("a", 10.0, "x")
+    publish("b", 30.0, "x")
+    expected = memory.snapshot([], ["a", "b", "c"], {})
+    assert set(expected.products) == {"a", "b"}
+    same_catalog()
+    if topology == "single":  # one server's counters: the cached read skips the attributes
+        before = keys_looked_up()
+        reader.snapshot([], ["a", "b", "c"], {})
+        cached = keys_looked_up() - before
+        before = keys_looked_up()
+        RedisStore(client, cfg).snapshot([], ["a", "b", "c"], {})  # a reader with nothing cached
+        assert cached < keys_looked_up() - before
+    publish("a", 20.0, "x")  # a new price, a new product, a new category
+    publish("c", 5.0, "y")
+    expected = memory.snapshot([], ["a", "b", "c"], {})
+    assert expected.products["a"].price == 20.0 and "y" in expected.category_prices
+    same_catalog()
+    writer.clear()
+    memory = MemoryStore(cfg)
+    expected = memory.snapshot([], ["a", "b", "c"], {})
+    same_catalog()
 
 
 def test_recent_products_rank_purchase_over_cart_over_click_and_decay() -> None:

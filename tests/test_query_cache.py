@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 from prometheus_client import REGISTRY
 from tokenizers import Tokenizer
@@ -16,6 +17,7 @@ from core.settings import Settings
 from scorer import runtime
 from scorer.runtime import encode_texts, encoder_key, head_queries, load_served_model
 from tests.model_factory import SLICE, split, tiny_version
+from trainer import export
 
 
 def lookups(result: str) -> float:
@@ -53,6 +55,28 @@ def test_a_version_ships_its_head_queries_embedded_and_a_scorer_does_not_encode_
     typed = [f" {k.upper()}  " for k in sample]  # as shoppers type them: the same encoder key
     assert np.array_equal(model.encode(typed), shipped_rows)
     assert (lookups("shipped") - shipped, lookups("miss") - misses) == (len(sample), 0)
+
+
+def test_a_version_serves_an_int8_query_encoder_only_where_it_agrees_with_the_exported_one(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Quantized by default (SHOPRANK_MODEL_QUERY_ENCODER_PRECISION), the agreement measured on the
+    version's own queries in its manifest; refused below the floor, when the exported graph
+    serves. Either way a text's embedding does not depend on the texts encoded with it."""
+    v = tiny_version(tmp_path, "a")
+    encoder = v.manifest["query_encoder"]
+    assert encoder["precision"] == "int8"
+    assert encoder["agreement"]["mean_cosine"] >= export.INT8_MIN_MEAN_COSINE
+    assert "MatMulInteger" in {n.op_type for n in onnx.load(str(v.path / layout.QUERY_ENCODER)).graph.node}
+    model = load_served_model(tmp_path, "a", device="cpu")
+    texts = ["xbox 360", "call of duty modern warfare 3 hardened edition", "kinect"]
+    together = encode_texts(model.encoder, model.tokenizer, texts)
+    alone = np.concatenate([encode_texts(model.encoder, model.tokenizer, [t]) for t in texts])
+    assert np.array_equal(together, alone)
+    monkeypatch.setattr(export, "INT8_MIN_MEAN_COSINE", 1.01)  # no encoder agrees that well
+    refused = tiny_version(tmp_path, "b").manifest["query_encoder"]
+    assert refused["precision"] == "fp32" and refused["int8_refused"]["texts"] > 0
+    graph = onnx.load(str(tmp_path / "b" / layout.QUERY_ENCODER))
+    assert "MatMulInteger" not in {n.op_type for n in graph.graph.node}
 
 
 def test_a_query_splits_into_the_same_tokens_as_its_encoder_key() -> None:

@@ -480,7 +480,8 @@ class ContinuousTrainer:
             run = TrainRun(model=model, tokenizer=tokenizer, catalog=catalog, store=MemoryStore(s.features),
                            result=result, window=(train[0].served_at, holdout[-1].served_at),
                            n_rows=len(train), product_tower=tower if tower.is_file() else None,
-                           queries=shipped_queries(tokenizer, parent, [*train, *holdout], t.shipped_queries))
+                           queries=shipped_queries(tokenizer, parent, [*train, *holdout], t.shipped_queries),
+                           encoder_precision=s.model.query_encoder_precision)
             try:
                 staged = write_version(scratch, run, metrics={}, parent=serving, name=name)
             except RuntimeError as exc:  # onnxruntime disagrees with torch (NaN weights included)

@@ -62,6 +62,7 @@ class TrainRun:
     # The encoder keys of its most frequent training queries, shipped with their embeddings
     # (scorer.runtime.QueryTable): a scorer never encodes them.
     queries: Sequence[str] = ()
+    encoder_precision: str = "fp32"  # the query encoder it asks to serve (trainer.export)
 
 
 def fit_config(settings: Settings, progress: bool = True) -> FitConfig:
@@ -133,7 +134,7 @@ def train_run(settings: Settings, rows: Sequence[SearchRow], products: Mapping[s
         result.refit_epochs = result.best_epoch
     queries = head_queries(tokenizer, (r.query for r in rows), settings.model.shipped_queries)
     return TrainRun(model, tokenizer, catalog, store, result, (times[0], times[-1]), len(rows), tower,
-                    queries)
+                    queries, settings.model.query_encoder_precision)
 
 
 def _pretrained_shape(encoder: dict) -> bool:
@@ -158,10 +159,11 @@ def write_version(registry: Path, run: TrainRun, metrics: dict[str, float], pare
             tower = QueryTower(load_encoder(minilm_path()))  # products embedded by the pretrained encoder
         elif tower is None:
             log.warning("version_without_product_tower", reason="the run names no product tower")
-        write_version_files(folder, run.model, tower, run.catalog.product_ids, run.catalog.embeddings,
-                            minilm_path() / "tokenizer.json", EXPORT_TOLERANCE, run.queries)
+        manifest["query_encoder"] = write_version_files(
+            folder, run.model, tower, run.catalog.product_ids, run.catalog.embeddings,
+            minilm_path() / "tokenizer.json", EXPORT_TOLERANCE, run.queries, run.encoder_precision)
 
-    manifest = {
+    manifest: dict[str, object] = {  # write() adds what it made of the query encoder
         "parent_version": parent,
         "created_at": datetime.now(UTC).isoformat(),
         "data_window": {"from": run.window[0].isoformat(), "to": run.window[1].isoformat(),
