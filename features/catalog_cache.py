@@ -43,7 +43,7 @@ class CatalogCache:
 
     def __init__(self, shards: int, max_products: int) -> None:
         self._shards = [_Shard() for _ in range(shards)]
-        self._max = max_products
+        self._max = max(1, max_products // shards)  # per shard; past it a shard starts over
         self._lock = threading.Lock()
 
     def lookup(self, shard: int, products: Sequence[str]) -> Lookup:

@@ -55,7 +55,7 @@ _ROUTE_BACKOFF = ExponentialBackoff(cap=1.0, base=0.001)
 # holds fewer than the candidates asked); larger ones, for the candidates only.
 WHOLE_HASH_MAX = 1000
 MAX_LARGE_HASHES = 100_000  # texts remembered as large; past that, the rest are read whole
-ATTRS_MEMO_MAX = 200_000  # decoded attributes kept (RedisStore._decoded_attrs) before starting over
+ATTRS_MEMO_MAX = 200_000  # decoded attributes kept (the bytes memo; the catalog cache, over its shards)
 _TOTAL_FIELD = keys.QUERY_TOTAL_FIELD.encode()
 # A conflicting batch (another writer, optimistic concurrency: not a connection error, so not the
 # client's Retry) is re-read and re-planned after 2 ms, 4 ms, ... up to 0.2 s.
