@@ -23,6 +23,7 @@ version folder holds (names in :mod:`core.layout`).
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
@@ -206,8 +207,13 @@ def quantize_query_encoder(folder: Path, texts: list[str], max_len: int) -> dict
     if not texts:
         return {"precision": "fp32", "reason": "no queries to measure an int8 encoder's agreement on"}
     exported, quantized = folder / layout.QUERY_ENCODER, folder / f"{layout.QUERY_ENCODER}.int8"
-    quantize_dynamic(exported, quantized, weight_type=QuantType.QInt8, per_channel=True,
-                     op_types_to_quantize=["MatMul"])
+    quiet = logging.root.manager.disable
+    logging.disable(logging.INFO)  # it logs each tensor it leaves in float (48 lines) on the root logger
+    try:
+        quantize_dynamic(exported, quantized, weight_type=QuantType.QInt8, per_channel=True,
+                         op_types_to_quantize=["MatMul"])
+    finally:
+        logging.disable(quiet)
     tokenizer = query_tokenizer(folder / layout.TOKENIZER, None, max_len)
     cpu = ["CPUExecutionProvider"]
     a, b = (encode_texts(ort.InferenceSession(str(p), providers=cpu), tokenizer, texts)
