@@ -18,8 +18,9 @@ candidates per query:
   ``shoprank_queries_total``) during the ``load_qps`` step: what a query costs on any machine of
   this kind, where latency and max_qps also depend on what else runs. ``cpu_stages_ms_per_query``
   splits it: each stage's CPU time on the scoring thread (``time.thread_time`` around the stage,
-  ``shoprank_stage_cpu_seconds``), and ``other``, the rest of the process (the consume loop,
-  decoding queries, librdkafka's threads, onnxruntime's worker threads). Each step's row carries
+  ``shoprank_stage_cpu_seconds``; ``consume`` is the Kafka loop's polling, delivery reports and
+  commits), and ``other``, the rest of the process (decoding queries, metrics, librdkafka's
+  threads, onnxruntime's worker threads, the HTTP server). Each step's row carries
   its own ``cpu_ms_per_query`` too.
 
 Set-up: fresh topics (``bench.<tag>.*``, deleted afterwards), Redis DB 13 flushed, the Best Buy

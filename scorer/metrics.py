@@ -30,7 +30,8 @@ class ScorerMetrics:
         # Where a batch's time goes, for whoever is paged for p99: encode (query embeddings and
         # retrieval), features (one Redis round trip and featurizing), model (the ranking head),
         # results (building the ranked results), publish (encoding them, handing them to the
-        # producer), rerank (the cross-encoder, where it runs).
+        # producer), rerank (the cross-encoder, where it runs); consume (CPU only: the Kafka loop's
+        # polling for queries, delivery reports and commits, idle turns included).
         self.stage = Histogram(
             "shoprank_stage_seconds", "Time a scoring batch spends in each stage", ["stage"], registry=r,
             buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25),

@@ -94,11 +94,17 @@ class ScoringLoop(threading.Thread):
         self._consumer = consumer
         last_lag = last_commit = 0.0
         pending: deque[_InFlight] = deque()
+        # The loop's own Kafka work (polling for queries, delivery reports, commits) is the
+        # "consume" stage in CPU time; _handle times the batch's stages itself.
+        consume_cpu = self.metrics.stage_cpu.labels(stage="consume")
         try:
             while not self._stopping.is_set():
+                turn = time.thread_time()
                 msgs = self._next_batch(consumer)
                 if msgs:
+                    consume_cpu.inc(time.thread_time() - turn)
                     pending.append(self._handle(msgs, producer))
+                    turn = time.thread_time()
                 producer.poll(0)  # delivery reports
                 self._settle(pending)
                 while len(pending) >= MAX_IN_FLIGHT and not self._stopping.is_set():  # backpressure
@@ -110,6 +116,7 @@ class ScoringLoop(threading.Thread):
                 if time.monotonic() - last_lag > LAG_EVERY_S:
                     self._update_lag(consumer)
                     last_lag = time.monotonic()
+                consume_cpu.inc(time.thread_time() - turn)
         finally:
             try:
                 producer.flush(10)

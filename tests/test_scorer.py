@@ -133,6 +133,10 @@ def test_every_query_gets_a_result_or_an_error_with_its_reason(
     assert len(errors) == 3
     assert sum("$.text" in e for e in errors) == 2
     assert sum("malformed JSON" in e for e in errors) == 1
+    # The Kafka loop's own CPU (polling, delivery reports, commits) is a stage of its own.
+    consumed = scorer.metrics.registry.get_sample_value("shoprank_stage_cpu_seconds_total",
+                                                        {"stage": "consume"})
+    assert consumed is not None and consumed > 0
 
 
 def test_a_scorer_on_the_redis_cluster_serves_what_the_memory_store_reads(
