@@ -20,8 +20,10 @@ candidates per query:
   splits it: each stage's CPU time on the scoring thread (``time.thread_time`` around the stage,
   ``shoprank_stage_cpu_seconds``; ``consume`` is the Kafka loop's polling, delivery reports and
   commits), and ``other``, the rest of the process (decoding queries, metrics, librdkafka's
-  threads, onnxruntime's worker threads, the HTTP server). Each step's row carries
-  its own ``cpu_ms_per_query`` too.
+  threads, onnxruntime's worker threads, the HTTP server). ``cpu_threads_ms_per_query`` splits
+  the same total by thread (``scoring-loop``, ``librdkafka``, ``python``: the other Python
+  threads), as /proc/<pid>/task counts them. Each step's row carries its own
+  ``cpu_ms_per_query`` too.
 
 Set-up: fresh topics (``bench.<tag>.*``, deleted afterwards), Redis DB 13 flushed, the Best Buy
 catalog and the training period's searches and clicks applied to the feature store, so shoppers
@@ -55,7 +57,7 @@ from bench.isolation import isolated_settings
 from bench.loadgen import LoadGenerator, QuerySpec, StepResult
 from core import events, kafka
 from core.logs import configure_logging
-from core.processes import Service, process_cpu_s
+from core.processes import Service, process_cpu_s, thread_cpu_s
 from core.registry import load_version, serving_version
 from core.settings import ScorerSettings, Settings
 from core.topics import ensure_topics, topic_specs
@@ -195,6 +197,7 @@ class CpuSample:
     """The scorer's cumulative CPU figures at one moment."""
 
     process_s: float  # utime + stime of the whole process
+    threads_s: dict[str, float]  # the same by thread name (core.processes.thread_cpu_s)
     stage_cpu_s: dict[str, float]  # shoprank_stage_cpu_seconds_total by stage
     stage_wall_s: dict[str, float]  # shoprank_stage_seconds_sum by stage
     queries: float  # shoprank_queries_total, every outcome
@@ -205,6 +208,7 @@ def cpu_sample(pid: int, port: int) -> CpuSample:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
         text = reply.read().decode()
     process = process_cpu_s(pid)  # after the scrape: the scrape's own CPU falls before the window
+    threads = thread_cpu_s(pid)
     cpu: dict[str, float] = {}
     wall: dict[str, float] = {}
     queries = 0.0
@@ -219,7 +223,7 @@ def cpu_sample(pid: int, port: int) -> CpuSample:
                 wall[sample.labels["stage"]] = sample.value
             elif sample.name == "shoprank_queries_total":
                 queries += sample.value
-    return CpuSample(process, cpu, wall, queries, lookups)
+    return CpuSample(process, threads, cpu, wall, queries, lookups)
 
 
 def cpu_per_query(before: CpuSample, after: CpuSample) -> dict[str, object]:
@@ -227,7 +231,8 @@ def cpu_per_query(before: CpuSample, after: CpuSample) -> dict[str, object]:
     the process); the stages' wall ms per query beside them."""
     n = after.queries - before.queries
     if n <= 0:
-        return {"cpu_ms_per_query": None, "cpu_stages_ms_per_query": {}, "wall_stages_ms_per_query": {}}
+        return {"cpu_ms_per_query": None, "cpu_stages_ms_per_query": {}, "wall_stages_ms_per_query": {},
+                "cpu_threads_ms_per_query": {}, "query_embeddings": {}}
 
     def per_query(a: dict[str, float], b: dict[str, float]) -> dict[str, float]:
         return {k: round((a[k] - b.get(k, 0.0)) * 1000 / n, 3) for k in sorted(a)}
@@ -238,6 +243,9 @@ def cpu_per_query(before: CpuSample, after: CpuSample) -> dict[str, object]:
     looked = {k: v - before.lookups.get(k, 0.0) for k, v in after.lookups.items()}
     return {"cpu_ms_per_query": round(total, 3), "cpu_stages_ms_per_query": stages,
             "wall_stages_ms_per_query": per_query(after.stage_wall_s, before.stage_wall_s),
+            # the process's CPU by thread: the scoring loop, librdkafka's threads, the other Python
+            # threads (HTTP server, model-update listener, onnxruntime's pool)
+            "cpu_threads_ms_per_query": per_query(after.threads_s, before.threads_s),
             "queries_counted": int(n),
             # where the step's query embeddings came from: the version's query table, the LRU, or
             # the encoder (a miss is counted once per distinct text of a batch)
@@ -377,6 +385,7 @@ def run(args: argparse.Namespace) -> dict[str, object]:
         # at load_qps: the scorer process's CPU per answered query, and by stage (see the docstring)
         "cpu_ms_per_query": load_cpu["cpu_ms_per_query"],
         "cpu_stages_ms_per_query": load_cpu["cpu_stages_ms_per_query"],
+        "cpu_threads_ms_per_query": load_cpu["cpu_threads_ms_per_query"],
         "query_embeddings": load_cpu["query_embeddings"],
         "wall_stages_ms_per_query": load_cpu["wall_stages_ms_per_query"],
         "naive_p50_ms": round(float(np.percentile(naive, 50)), 2) if naive.size else None,
@@ -442,6 +451,8 @@ def print_table(result: dict[str, object]) -> None:
         print(f"  {key:14} {result[key]!s:>24}  {comment}")
     stages = result["cpu_stages_ms_per_query"]
     print("  cpu ms/query by stage: " + ", ".join(f"{k} {v}" for k, v in stages.items()))  # type: ignore[union-attr]
+    threads = result["cpu_threads_ms_per_query"]
+    print("  cpu ms/query by thread: " + ", ".join(f"{k} {v}" for k, v in threads.items()))  # type: ignore[union-attr]
 
 
 def main() -> int:

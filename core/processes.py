@@ -8,6 +8,8 @@ production, with stdout and stderr in one log file.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import os
 import signal
 import subprocess
@@ -49,6 +51,31 @@ def process_cpu_s(pid: int) -> float:
     stat = Path(f"/proc/{pid}/stat").read_text()
     fields = stat[stat.rindex(")") + 2:].split()  # after the command name, which may hold spaces
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def thread_cpu_s(pid: int) -> dict[str, float]:
+    """utime + stime of a process's live threads in seconds, summed by the name the OS knows each
+    by (/proc/<pid>/task/*/comm): librdkafka's threads (rdk:*) as one "librdkafka", Python's as
+    "python" unless named (:func:`name_os_thread`). A thread that ended is no longer counted."""
+    out: dict[str, float] = {}
+    tick = os.sysconf("SC_CLK_TCK")
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            name = (task / "comm").read_text().strip()
+            stat = (task / "stat").read_text()
+        except OSError:  # the thread ended while being read
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()
+        name = "librdkafka" if name.startswith("rdk:") else name
+        out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+    return out
+
+
+def name_os_thread(name: str) -> None:
+    """Give the calling thread ``name`` in the OS as well (``top -H``, /proc/<pid>/task/*/comm, at
+    most 15 bytes): Python's thread names are its own. Where prctl is missing, nothing happens."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None).prctl(15, name.encode()[:15], 0, 0, 0)  # 15: PR_SET_NAME
 
 
 def stop_group(proc: subprocess.Popen, grace_s: float = 20.0) -> None:

@@ -23,6 +23,7 @@ from confluent_kafka import Consumer, KafkaException, Message, TopicPartition
 from core import kafka
 from core.events import RankedResult, encode
 from core.logs import hash_user
+from core.processes import name_os_thread
 from core.settings import Settings
 from core.topics import route
 from scorer.metrics import ScorerMetrics
@@ -78,6 +79,7 @@ class ScoringLoop(threading.Thread):
         self._stopping.set()
 
     def run(self) -> None:
+        name_os_thread(self.name)  # top -H and bench.scorer tell it from the other Python threads
         s = self.settings
         # The broker answers a fetch as soon as a query arrives (fetch.min.bytes 1), so a long
         # wait costs no latency; a 5 ms one had the client fetch 200 times a second while idle.

@@ -4,6 +4,7 @@ reason, hot swaps that drop nothing, the HTTP API, and a serving process without
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -20,6 +21,7 @@ from fastapi.testclient import TestClient
 
 from core import kafka
 from core.events import RESULTS, Click, ModelUpdate, Query, RankedResult, encode
+from core.processes import thread_cpu_s
 from core.registry import MANIFEST, set_serving, uri
 from core.settings import ModelSettings, ScorerSettings, Settings
 from features.memory import MemoryStore
@@ -137,6 +139,7 @@ def test_every_query_gets_a_result_or_an_error_with_its_reason(
     consumed = scorer.metrics.registry.get_sample_value("shoprank_stage_cpu_seconds_total",
                                                         {"stage": "consume"})
     assert consumed is not None and consumed > 0
+    assert "scoring-loop" in thread_cpu_s(os.getpid())  # named for top -H and bench.scorer's split
 
 
 def test_a_scorer_on_the_redis_cluster_serves_what_the_memory_store_reads(
