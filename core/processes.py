@@ -48,7 +48,11 @@ def http_ready(url: str) -> bool:
 
 def process_cpu_s(pid: int) -> float:
     """utime + stime of a process (all its threads), in seconds (/proc/<pid>/stat)."""
-    stat = Path(f"/proc/{pid}/stat").read_text()
+    return _stat_cpu_s(Path(f"/proc/{pid}/stat").read_text())
+
+
+def _stat_cpu_s(stat: str) -> float:
+    """utime + stime in seconds from a /proc stat line (a process's or a thread's)."""
     fields = stat[stat.rindex(")") + 2:].split()  # after the command name, which may hold spaces
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
@@ -58,16 +62,14 @@ def thread_cpu_s(pid: int) -> dict[str, float]:
     by (/proc/<pid>/task/*/comm): librdkafka's threads (rdk:*) as one "librdkafka", Python's as
     "python" unless named (:func:`name_os_thread`). A thread that ended is no longer counted."""
     out: dict[str, float] = {}
-    tick = os.sysconf("SC_CLK_TCK")
     for task in Path(f"/proc/{pid}/task").iterdir():
         try:
             name = (task / "comm").read_text().strip()
             stat = (task / "stat").read_text()
         except OSError:  # the thread ended while being read
             continue
-        fields = stat[stat.rindex(")") + 2:].split()
         name = "librdkafka" if name.startswith("rdk:") else name
-        out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+        out[name] = out.get(name, 0.0) + _stat_cpu_s(stat)
     return out
 
 
