@@ -196,6 +196,14 @@ def write_version_files(folder: Path, model: PersonalRanker, product_tower: Quer
     return encoder
 
 
+class _BelowWarning(logging.Filter):
+    """Drops records under WARNING logged on the logger it filters (a logger's filters do not see
+    what its children propagate to it)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING
+
+
 def quantize_query_encoder(folder: Path, texts: list[str], max_len: int) -> dict[str, object]:
     """Replace ``folder``'s exported query encoder by its dynamic int8 quantization (weights per
     output channel, MatMuls only: the embedding tables and layer norms stay float) when its
@@ -207,13 +215,15 @@ def quantize_query_encoder(folder: Path, texts: list[str], max_len: int) -> dict
     if not texts:
         return {"precision": "fp32", "reason": "no queries to measure an int8 encoder's agreement on"}
     exported, quantized = folder / layout.QUERY_ENCODER, folder / f"{layout.QUERY_ENCODER}.int8"
-    quiet = logging.root.manager.disable
-    logging.disable(logging.INFO)  # it logs each tensor it leaves in float (48 lines) on the root logger
+    # It logs each tensor it leaves in float (48 lines) at INFO on the root logger itself; only
+    # those are dropped, not what other loggers and threads say meanwhile, nor its warnings.
+    quiet = _BelowWarning()
+    logging.root.addFilter(quiet)
     try:
         quantize_dynamic(exported, quantized, weight_type=QuantType.QInt8, per_channel=True,
                          op_types_to_quantize=["MatMul"])
     finally:
-        logging.disable(quiet)
+        logging.root.removeFilter(quiet)
     tokenizer = query_tokenizer(folder / layout.TOKENIZER, None, max_len)
     cpu = ["CPUExecutionProvider"]
     a, b = (encode_texts(ort.InferenceSession(str(p), providers=cpu), tokenizer, texts)
