@@ -44,7 +44,7 @@ class Profile:
     recent: list[RecentRow]
     categories: list[Affinity]
     brands: list[Affinity]
-    paid_ratio: float | None  # paid / category typical price, geometric mean over purchases
+    price_ratio: float | None  # price / category typical, kind-weighted geometric mean over interactions
 
     @property
     def first_seen(self) -> str:
@@ -60,11 +60,11 @@ class Profile:
 
     @property
     def price_sensitivity(self) -> str:
-        if self.paid_ratio is None:
-            return "unknown (no purchase yet)"
-        pct = (self.paid_ratio - 1) * 100
+        if self.price_ratio is None:
+            return "unknown (nothing priced yet)"
+        pct = (self.price_ratio - 1) * 100
         side = "above" if pct >= 0 else "below"
-        return f"pays {abs(pct):.0f}% {side} their categories' typical price"
+        return f"shops {abs(pct):.0f}% {side} their categories' typical price"
 
 
 def _shares(weights: dict[str, float]) -> list[Affinity]:
@@ -83,6 +83,6 @@ def profile(store: FeatureStore, user_id: str, cfg: FeatureSettings, now: float)
     recent = [RecentRow(r.product_id, docs[r.product_id].title if r.product_id in docs else None,
                         KINDS.get(r.kind, str(r.kind)), when(r.at), interest.get(r.product_id, 0.0))
               for r in reversed(state.recent)]  # newest first
-    paid = user.paid_log_ratio(state)
+    level = user.price_level(state)
     return Profile(user_id, state, now, user.is_live(state, now, cfg), recent, _shares(state.categories),
-                   _shares(state.brands), None if paid is None else math.exp(paid))
+                   _shares(state.brands), None if level is None else math.exp(level))

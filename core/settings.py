@@ -185,6 +185,9 @@ class FeatureSettings(BaseSettings):
     purchase_weight: float = 5.0
     ctr_prior: float = Field(default=0.05, ge=0.0, le=1.0)
     ctr_prior_strength: float = Field(default=20.0, gt=0)
+    # A product's share of one location's (or device's) clicks is pulled toward its share of all
+    # located clicks by this many pseudo-clicks: a region with few clicks says little.
+    context_prior_clicks: float = Field(default=20.0, gt=0)
     user_ttl_s: int = Field(default=90 * 86400, ge=60)
     query_item_ttl_s: int = Field(default=180 * 86400, ge=60)
     # A query word that has led to fewer clicks borrows the evidence of the closest word that has

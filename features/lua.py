@@ -225,18 +225,24 @@ local function hload_all()
     end
   end
 end
--- A stored text is "key word word ...": the interaction counts under the key and each "_word"
--- (features.query_item.evidence_keys), for the product and in the query's totals.
+-- A stored text is "key word word ... @context ...": the interaction counts under the key, each
+-- "_word" and each context key as it is (features.query_item.evidence_keys), for the product and
+-- in the key's totals.
 local function qi_keys(list)
   for _, e in ipairs(list) do
     local hs, ws, prefix = {}, {}, ''
     for part in string.gmatch(e[1], '%S+') do
-      local h = '${QUERY_EVIDENCE}' .. tag .. prefix .. part
+      local h
+      if prefix ~= '' and string.sub(part, 1, 1) == '${CONTEXT}' then
+        h = '${QUERY_EVIDENCE}' .. tag .. part
+      else
+        h = '${QUERY_EVIDENCE}' .. tag .. prefix .. part
+        if prefix ~= '' then ws[#ws + 1] = part end
+        prefix = '${WORD}'
+      end
       hwant(h, e[2])
       hwant(h, '${TOTAL}')
       hs[#hs + 1] = h
-      if prefix ~= '' then ws[#ws + 1] = part end
-      prefix = '${WORD}'
     end
     e[5] = hs
     e[6] = ws
@@ -340,5 +346,6 @@ COMMIT = _SOURCE.substitute(
     STATS_APPLIED=keys.STATS_APPLIED,
     STATS_DUPLICATES=keys.STATS_DUPLICATES,
     WORD=query_item.WORD,
+    CONTEXT=query_item.CONTEXT,
 )
 SHA = hashlib.sha1(COMMIT.encode()).hexdigest()  # EVALSHA's name for it

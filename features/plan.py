@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-from core.events import CatalogProduct, Purchase, Query, RankedResult
+from core.events import CatalogProduct, Query, RankedResult
 from core.events import Interaction as InteractionT
 from core.events import encode as encode_event
 from core.settings import FeatureSettings
@@ -164,7 +164,8 @@ def needs(records: list[Record]) -> Needs:
 
 
 def categories_needed(records: list[Record], products: dict[str, ProductAttrs]) -> set[str]:
-    """Categories whose typical price the batch reads (purchases) or changes (catalog updates)."""
+    """Categories whose typical price the batch reads (interactions: the shopper's price level) or
+    changes (catalog updates)."""
     cats: set[str | None] = set()
     for r in records:
         ev = r.event
@@ -172,7 +173,7 @@ def categories_needed(records: list[Record], products: dict[str, ProductAttrs]) 
             cats.add(catalog.category_of(ev))
             old = products.get(ev.product_id)
             cats.add(old.category if old else None)
-        elif isinstance(ev, Purchase) and ev.product_id in products:
+        elif type(ev) in KIND_OF and ev.product_id in products:  # type: ignore[union-attr]
             cats.add(products[ev.product_id].category)
     cats.discard(None)
     return {c for c in cats if c is not None}
@@ -216,7 +217,8 @@ class _Planner:
         if isinstance(ev, CatalogProduct):
             self._product(ev)
         elif isinstance(ev, Query):
-            self.plan.queries.append((ev.query_id, query_item.stored_text(ev.text)))
+            stored = query_item.stored_text(ev.text, query_item.context_keys(ev.context))
+            self.plan.queries.append((ev.query_id, stored))
             if self._tracks(ev.user_id, ev.timestamp.timestamp()):
                 self._set_user(ev.user_id, user.on_query(self.users.get(ev.user_id), ev, self.cfg))
         elif isinstance(ev, RankedResult):

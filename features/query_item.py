@@ -4,6 +4,9 @@ that query, and the same totals per query, so a product's share of a query's cli
 This is the evidence that makes navigational queries ("iphone 15 case") easy. Each interaction is
 also counted under each of the query's words (keys ``_{word}``), so a query never seen as a whole
 still finds the products its words led to ("ps3 move bundle" after "move bundle" and "ps3").
+And under the search's context (:func:`context_keys`): where and on what the shopper searched,
+e.g. ``@location:US-CA`` and ``@location`` (every located search's), so a product's share of one
+region's clicks can be set against its share of all regions' (its regional lift).
 
 Clicks carry a ``query_id``, not the text: a Query stores ``qt:{query_id}`` -> :func:`stored_text`
 (TTL), and a click whose query has not been seen yet waits in ``qp:{query_id}`` until it is (see
@@ -20,6 +23,7 @@ from typing import Final
 
 import numpy as np
 
+from core.events import QueryContext
 from core.text import normalize_query, query_words
 from features import decay
 
@@ -29,28 +33,53 @@ SIZE: Final = 6
 EMPTY: Final = (0.0,) * SIZE
 _layout = struct.Struct(f"<{SIZE}d")
 WORD: Final = "_"  # a word's key is "_" + word; normalized queries never hold "_"
+CONTEXT: Final = "@"  # a context key starts with "@"; query keys and words never hold it
+#: The context dimensions (:class:`core.events.QueryContext` fields) whose clicks are kept.
+CONTEXT_DIMENSIONS: Final = ("location", "device")
 
 
 def word_key(word: str) -> str:
     return WORD + word
 
 
+def context_key(dimension: str, label: str | None = None) -> str:
+    """``@location:US-CA``: what followed searches from there; ``@location`` (no label): what
+    followed every search that said where it came from, the reference its shares are set against.
+    Whitespace in a label becomes ``_`` (stored texts are space separated)."""
+    return f"{CONTEXT}{dimension}" if label is None else f"{CONTEXT}{dimension}:{'_'.join(label.split())}"
+
+
+def context_keys(context: QueryContext | None) -> tuple[str, ...]:
+    """The context keys a search's clicks count under: for each dimension it names, the
+    dimension's reference key and its value's."""
+    if context is None:
+        return ()
+    out: list[str] = []
+    for dim in CONTEXT_DIMENSIONS:
+        label = getattr(context, dim)
+        if label and label.strip():
+            out += [context_key(dim), context_key(dim, label)]
+    return tuple(out)
+
+
 @lru_cache(maxsize=65536)
-def stored_text(text: str) -> str:
-    """What a query leaves for its clicks to join: its key, then its words, space separated."""
+def stored_text(text: str, context: tuple[str, ...] = ()) -> str:
+    """What a query leaves for its clicks to join: its key, then its words, then its
+    :func:`context_keys`, space separated. "" for a text without words (nothing is kept)."""
     key = normalize_query(text)
-    return " ".join((key, *query_words(text))) if key else ""
+    return " ".join((key, *query_words(text), *context)) if key else ""
 
 
 def evidence_keys(stored: str) -> list[str]:
-    """The keys an interaction after a query counts under: the query's key and each word's key.
-    (A text stored before words were kept is its key alone.)"""
-    return [stored.split(" ", 1)[0], *map(word_key, stored_words(stored))]
+    """The keys an interaction after a query counts under: the query's key, each word's key and
+    each context key. (A text stored before words were kept is its key alone.)"""
+    key, *rest = stored.split(" ")
+    return [key, *(t if t.startswith(CONTEXT) else word_key(t) for t in rest)]
 
 
 def stored_words(stored: str) -> list[str]:
     """The words of a :func:`stored_text`."""
-    return stored.split(" ")[1:]
+    return [t for t in stored.split(" ")[1:] if not t.startswith(CONTEXT)]
 
 
 def apply(state: tuple[float, ...], kind: int, t: float, half_life: float,

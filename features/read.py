@@ -24,6 +24,7 @@ from typing import Final
 
 import numpy as np
 
+from core.events import QueryContext
 from core.settings import FeatureSettings
 from core.text import normalize_query, query_key, query_words
 from features import catalog, decay, item, query_item, user
@@ -33,7 +34,7 @@ from features.user import UserState
 FEATURE_NAMES: Final[tuple[str, ...]] = (
     "user_category_affinity",  # share of the shopper's decayed attention on the candidate's category
     "user_brand_affinity",  # same for its brand
-    "price_ratio_log",  # log(price / category typical) - the shopper's mean log(paid / typical)
+    "price_ratio_log",  # log(price / category typical) - the shopper's price level (user.price_level)
     "user_activity_log",  # log1p(clicks + add-to-carts + purchases)
     "user_searches_log",  # log1p(searches)
     "hours_since_seen_log",  # log1p(hours since the shopper's last event)
@@ -59,6 +60,11 @@ FEATURE_NAMES: Final[tuple[str, ...]] = (
     "query_word_share_min",  # ... the least of them: every word led to the candidate
     "query_word_share_max",  # ... the most of them: some word did
     "query_words_log",  # log1p(number of query words): how far apart mean, min and max can be
+    "context_location_lift",  # log(the candidate's share of the search's location's decayed clicks,
+    # pulled toward its share of all located clicks by context_prior_clicks, over the latter)
+    "context_location_clicks_log",  # log1p(decayed clicks from the search's location): what the lift says
+    "context_device_lift",  # the same for the search's device
+    "context_device_clicks_log",
     "position",  # the candidate's original position when given, else 0
 )
 INDEX: Final = {name: i for i, name in enumerate(FEATURE_NAMES)}
@@ -78,19 +84,20 @@ ITEM_COLUMNS: Final = [INDEX[n] for n in FEATURE_NAMES if n.startswith("item_")]
 @dataclass(frozen=True)
 class Request:
     """One query to featurize: ``query`` is normalized text (core.text.normalize_query), "" if none;
-    ``words`` its core.text.query_words."""
+    ``words`` its core.text.query_words; ``context`` where and on what it was made."""
 
     user_id: str
     query: str
     candidates: Sequence[str]
     positions: Sequence[int] | None = None
     words: Sequence[str] = ()
+    context: QueryContext | None = None
 
     @classmethod
     def for_text(cls, user_id: str, text: str, candidates: Sequence[str],
-                 positions: Sequence[int] | None = None) -> Request:
+                 positions: Sequence[int] | None = None, context: QueryContext | None = None) -> Request:
         """The request for a query as the shopper typed it: its key and its words."""
-        return cls(user_id, normalize_query(text), candidates, positions, query_words(text))
+        return cls(user_id, normalize_query(text), candidates, positions, query_words(text), context)
 
 
 @dataclass(frozen=True)
@@ -122,10 +129,12 @@ def read_batch(store: FeatureStore, requests: Sequence[Request], now: float) -> 
 
 def _evidence_keys(r: Request, respelled: Sequence[str]) -> list[str]:
     """The query-product evidence a request reads: its query's, then each of its words', then
-    those of its respelling (:mod:`features.speller`), which stand in where the typed ones have none."""
+    those of its respelling (:mod:`features.speller`), which stand in where the typed ones have none;
+    and its context's (:func:`features.query_item.context_keys`), text or not."""
+    context = list(query_item.context_keys(r.context))
     if not r.query:
-        return []
-    typed = [r.query, *(query_item.word_key(w) for w in r.words)]
+        return context
+    typed = [r.query, *(query_item.word_key(w) for w in r.words), *context]
     if tuple(respelled) == tuple(r.words):
         return typed
     fixed = [w for w, typed_w in zip(respelled, r.words, strict=True) if w != typed_w]
@@ -177,6 +186,8 @@ def _featurize(req: Request, respelled: Sequence[str], snap: Snapshot, now: floa
             _query_columns(out, st, there, q_clicks, q_burst, now, cfg)
     if req.query and req.words:
         _word_columns(out, req, respelled, snap, now, cfg)
+    if req.context is not None:
+        _context_columns(out, req.candidates, req.context, snap, now, cfg)
     if req.positions is not None:
         out[:, INDEX["position"]] = np.asarray(req.positions, dtype=np.float32)
     ranked = sorted(interest.items(), key=lambda kv: (-kv[1], kv[0]))
@@ -200,7 +211,7 @@ def _user_item_columns(out: np.ndarray, candidates: Sequence[str], s: UserState,
     n = len(candidates)
     interests, categories, brands, prices = [0.0] * n, [0.0] * n, [0.0] * n, [0.0] * n
     category_total, brand_total = sum(s.categories.values()), sum(s.brands.values())
-    paid = user.paid_log_ratio(s)
+    paid = user.price_level(s)
     typical: dict[str, float | None] = {}
     for j, pid in enumerate(candidates):
         interests[j] = interest.get(pid, 0.0)
@@ -319,3 +330,30 @@ def _word_columns(out: np.ndarray, req: Request, respelled: Sequence[str], snap:
     out[:, INDEX["query_word_share_min"]] = shares.min(axis=0)
     out[:, INDEX["query_word_share_max"]] = shares.max(axis=0)
     out[:, INDEX["query_words_log"]] = math.log1p(len(req.words))
+
+
+def _context_columns(out: np.ndarray, candidates: Sequence[str], context: QueryContext, snap: Snapshot,
+                     now: float, cfg: FeatureSettings) -> None:
+    """Per context dimension the search names: how much more (lift > 0) or less the candidate is
+    clicked from there than from everywhere located, and how many clicks that rests on."""
+    h, prior = cfg.query_half_life_s, cfg.context_prior_clicks
+    for dim in query_item.CONTEXT_DIMENSIONS:
+        label = getattr(context, dim)
+        if not label or not label.strip():
+            continue
+        every, here = query_item.context_key(dim), query_item.context_key(dim, label)
+        clicks_here = _clicks(snap.query_totals.get(here), now, cfg)
+        out[:, INDEX[f"context_{dim}_clicks_log"]] = math.log1p(clicks_here)
+        clicks_every = _clicks(snap.query_totals.get(every), now, cfg)
+        if clicks_every <= 0 or every not in snap.evidence:
+            continue
+        st, there = snap.evidence[every].take(candidates)
+        share = np.where(there, _decayed(st[:, query_item.CLICKS], st[:, query_item.T], now, h), 0.0)
+        share = share / clicks_every
+        ours = np.zeros(len(candidates))
+        if here in snap.evidence:
+            st, there = snap.evidence[here].take(candidates)
+            ours = np.where(there, _decayed(st[:, query_item.CLICKS], st[:, query_item.T], now, h), 0.0)
+        pulled = (ours + prior * share) / (clicks_here + prior)  # > 0 wherever share is
+        ratio = np.divide(pulled, share, out=np.ones_like(share), where=share > 0)  # no share: 0
+        out[:, INDEX[f"context_{dim}_lift"]] = np.log(ratio)

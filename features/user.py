@@ -45,7 +45,8 @@ class UserState(msgspec.Struct, array_like=True, frozen=True):
     aff_t: float = 0.0
     categories: dict[str, float] = {}
     brands: dict[str, float] = {}
-    # Decayed sum of log(paid / category's typical price) and its decayed weight.
+    # Decayed, kind-weighted sum of log(price / category's typical price) over what the shopper
+    # clicked, carted and bought, and its decayed weight: the price level they shop at.
     price_sum: float = 0.0
     price_weight: float = 0.0
     location: str | None = None
@@ -129,8 +130,9 @@ def on_interaction(
         categories[product.category] = categories.get(product.category, 0.0) + g
     if product.brand is not None:
         brands[product.brand] = brands.get(product.brand, 0.0) + g
-    if kind == PURCHASE and typical_price and event.price and event.price > 0:
-        price_sum = price_sum + g * math.log(event.price / typical_price)
+    price = event.price or product.price  # what the event says it cost, else the catalog's
+    if typical_price and price and price > 0:
+        price_sum = price_sum + g * math.log(price / typical_price)
         price_weight = price_weight + g
 
     return msgspec.structs.replace(
@@ -176,8 +178,9 @@ def affinity_share(weights: dict[str, float], key: str | None, total: float | No
     return weights[key] / total if total > 0 else 0.0
 
 
-def paid_log_ratio(state: UserState) -> float | None:
-    """Mean log(price paid / category typical price): > 0 pays above typical. None: no purchase."""
+def price_level(state: UserState) -> float | None:
+    """Kind-weighted mean log(price / category typical price) of what the shopper clicked, carted
+    and bought: > 0 shops above typical. None: nothing priced yet."""
     if state.price_weight <= 0:
         return None
     return state.price_sum / state.price_weight

@@ -147,7 +147,8 @@ class QueryRanker:
             else:
                 cands.append([model.product_ids[r] for r in retrieved[i]])  # type: ignore[index]
         requests = [Request.for_text(q.user_id, q.text, c,
-                                     positions=list(range(1, len(c) + 1)) if q.candidates else None)
+                                     positions=list(range(1, len(c) + 1)) if q.candidates else None,
+                                     context=q.context)
                     for q, c in zip(queries, cands, strict=True)]
         started = self.time_stage("encode", started)
         feats = read_batch(self.store, requests, now=max(q.timestamp.timestamp() for q in queries))

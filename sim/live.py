@@ -12,7 +12,8 @@ Arms, every one ranking the same simulated searches (whole catalog):
 - ``personal``: the personalized version (shopper features on), served by the engine's scorer;
   its lists are the ones the shoppers answer (and the joiner labels, and the trainer learns from);
 - ``nonpersonal``: by default the same engine's model with the shopper hidden: every search is
-  also sent, as an unknown shopper's (no history, cold-start shopper features), to a second
+  also sent, as an unknown shopper's (no history, cold-start shopper features, no location or
+  device: where and on what a shopper searches is personal context too), to a second
   scorer that reads searches and writes results on topics of its own (the feature workers never
   see them), shares the engine's registry and model updates (it swaps when the engine swaps) and
   reads the same Redis: a shadow nobody clicks on. With ``nonpersonal_version``: that version
@@ -310,13 +311,14 @@ class LiveSim:
                 )
             )
         kafka.send_acked(producer, s.topics.queries, [(q.user_id.encode(), encode(q), None) for q in queries])
-        if self.anonymous:  # the same searches by a shopper nobody knows
+        if self.anonymous:  # the same searches by a shopper nobody knows, from nowhere in particular
             hidden = [
                 msgspec.structs.replace(
                     q,
                     query_id=f"{q.query_id}-anon",
                     user_id=f"anon-{q.query_id}",
                     session_id=f"anon-{q.query_id}",
+                    context=QueryContext(),
                 )
                 for q in queries
             ]

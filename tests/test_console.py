@@ -227,7 +227,7 @@ def test_console_in_a_real_browser(engine: dict, browser) -> None:  # type: igno
     for kind, pid in did.items():
         assert kind in recent[pid] and titles[pid] in recent[pid]
     assert "US-CA" in text_of(browser, "#context") and "mobile" in text_of(browser, "#context")
-    assert "pays" in text_of(browser, "#price")
+    assert "shops" in text_of(browser, "#price")
     assert engine["categories"][did["click"]] in text_of(browser, "#categories")
     shoot(browser, "shopper")
 

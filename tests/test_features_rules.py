@@ -69,10 +69,15 @@ def test_recent_is_bounded_time_ordered_and_affinities_keep_top_k() -> None:
     assert len(s.categories) == 2 and "d" in s.categories
 
 
-def test_price_sensitivity_is_paid_price_against_category_typical() -> None:
+def test_price_level_is_kind_weighted_price_against_category_typical() -> None:
     s = user.on_interaction(None, click(1, kind=Purchase, price=150.0), attrs(), 100.0, CFG)
-    assert user.paid_log_ratio(s) == pytest.approx(math.log(1.5))
-    assert user.paid_log_ratio(user.on_interaction(None, click(2), attrs(), 100.0, CFG)) is None
+    assert user.price_level(s) == pytest.approx(math.log(1.5))
+    # A click counts at the catalog's price when it names none, weighted 1 against a purchase's 5.
+    s = user.on_interaction(s, click(2), attrs(price=50.0), 100.0, CFG)
+    w = CFG.purchase_weight
+    assert user.price_level(s) == pytest.approx((w * math.log(1.5) + math.log(0.5)) / (w + 1), rel=1e-6)
+    assert user.price_level(user.on_interaction(None, click(2), attrs(price=None), 100.0, CFG)) is None
+    assert user.price_level(user.on_interaction(None, click(2), attrs(), None, CFG)) is None
 
 
 def test_idle_shopper_expires_in_event_time() -> None:

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import redis
 
-from core.events import CatalogProduct, Click, Purchase, Query, RankedProduct, RankedResult
+from core.events import CatalogProduct, Click, Purchase, Query, QueryContext, RankedProduct, RankedResult
 from core.settings import FeatureSettings
 from core.text import normalize_query, query_words
 from features import item
@@ -72,7 +72,9 @@ def test_applies_interactions_to_shopper_and_product(store: FeatureStore) -> Non
     s = store.user("u1")
     assert s is not None and (s.n_clicks, s.n_purchases) == (1, 1)
     assert [r.product_id for r in s.recent] == ["p1", "p3"]
-    assert s.price_sum / s.price_weight == pytest.approx(np.log(80.0 / 50.0))
+    # the price level: the click at p1's catalog price (tv typical 200), the purchase as paid (phone 50)
+    w = CFG.purchase_weight
+    assert s.price_sum / s.price_weight == pytest.approx((np.log(0.5) + w * np.log(1.6)) / (1 + w), rel=1e-4)
 
 
 def test_same_event_twice_counts_once(store: FeatureStore) -> None:
@@ -154,6 +156,40 @@ def test_a_new_query_finds_what_its_words_led_to(store: FeatureStore) -> None:
     assert f[:, INDEX["query_word_share_mean"]] == pytest.approx([0.25, 0.25, 0.5], rel=1e-3)
     assert f[:, INDEX["query_word_share_min"]].tolist() == [0.0, 0.0, 0.0]
     assert f[:, INDEX["query_words_log"]] == pytest.approx(np.log1p(2.0))
+
+
+def test_the_location_lift_sets_a_regions_clicks_against_everywheres(store: FeatureStore) -> None:
+    load_catalog(store)
+    # West clicks p1 twice; east clicks p2 twice (one from a phone); an unlocated click counts nowhere.
+    for i, (where, device, pid) in enumerate([("west", None, "p1"), ("east", "mobile", "p2"),
+                                              ("east", None, "p2"), ("US West", None, "p1"),
+                                              (None, None, "p3")]):
+        store.apply(Query(query_id=f"q{i}", user_id=f"u{i}", session_id="s", text="tv",
+                          context=QueryContext(location=where, device=device),
+                          timestamp=T0 + timedelta(minutes=i)))
+        store.apply(click(f"e{i}", pid, user=f"u{i}", minutes=i + 0.5, query_id=f"q{i}"))
+    now = (T0 + timedelta(minutes=6)).timestamp()
+    cands = ["p1", "p2", "p3"]
+
+    def read(context: QueryContext | None) -> np.ndarray:
+        return read_batch(store, [Request.for_text("u9", "tv", cands, context=context)], now)[0].features
+
+    west = read(QueryContext(location="west", device="mobile"))
+    prior = CFG.context_prior_clicks
+    # everywhere located: p1 and p2 half each; west: p1 once (and "US West" is another place)
+    expected = np.log([(1 + prior * 0.5) / (1 + prior) / 0.5, (prior * 0.5) / (1 + prior) / 0.5])
+    assert west[:2, INDEX["context_location_lift"]] == pytest.approx(expected, rel=1e-3)
+    assert west[2, INDEX["context_location_lift"]] == 0.0  # no located click: no lift
+    assert west[:, INDEX["context_location_clicks_log"]] == pytest.approx(np.log1p(1.0), rel=1e-3)
+    # one device-tagged click, on p2: the phone's share is everywhere's, so no lift
+    assert west[:, INDEX["context_device_lift"]] == pytest.approx(0.0, abs=1e-6)
+    assert west[:, INDEX["context_device_clicks_log"]] == pytest.approx(np.log1p(1.0), rel=1e-3)
+    spaced = read(QueryContext(location=" US  West "))  # whitespace folds: the same place
+    assert spaced[0, INDEX["context_location_lift"]] == pytest.approx(expected[0], rel=1e-3)
+    nowhere = read(QueryContext(location="north"))  # no click from there: the prior alone, lift 0
+    assert nowhere[:, INDEX["context_location_lift"]] == pytest.approx(0.0, abs=1e-6)
+    columns = [INDEX[n] for n in FEATURE_NAMES if n.startswith("context_")]
+    assert not read(None)[:, columns].any()
 
 
 def test_a_misspelled_query_reads_the_evidence_of_its_respelling(store: FeatureStore) -> None:
