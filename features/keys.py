@@ -17,8 +17,9 @@ key                    value                                                  ex
 ``qh:{q}``             hash: product id -> 6 doubles (features.query_item),   query_item_ttl_s
                        what followed query q for that product, and field      after the hash's
                        ``""`` -> the query's totals (q = normalized query     last write (per
-                       text, or ``_{word}`` for one of its words): a query's  query, not per
-                       evidence for all candidates in one HMGET               product)
+                       text, ``_{word}`` for one of its words, or a search    query, not per
+                       context ``@location:{where}``, ``@location`` ...):     product)
+                       a query's evidence for all candidates in one HMGET
 ``qv``                 sorted set: query word -> clicks that followed it      none
                        (:mod:`features.speller`'s dictionary)
 ``qt:{bucket}``        hash query_id -> stored text (key and words), for      1-2 x query_text_ttl_s

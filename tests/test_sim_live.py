@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from core.events import QueryContext
 from core.settings import Settings
 from features.read import INDEX, Request, read_batch
 from features.redis_store import RedisStore, connect
@@ -49,7 +50,8 @@ def test_simulated_shoppers_through_the_engine(tmp_path: Path) -> None:
             assert live.served["personal"][q][x.position - 1] == x.product_id  # on the served list
     # The feature worker applied the clicks: a shopper who clicked is known in Redis.
     clicked = next(x for x in searches if x.query_id in acts)
-    user = world.shoppers[clicked.shopper].user_id
+    shopper = world.shoppers[clicked.shopper]
+    user = shopper.user_id
     store = RedisStore(connect(live.settings.redis), live.settings.features)
     feats = read_batch(
         store,
@@ -57,6 +59,14 @@ def test_simulated_shoppers_through_the_engine(tmp_path: Path) -> None:
         searches[-1].time.timestamp() + 3600,
     )[0]
     assert feats.features[0, INDEX["user_has_history"]] == 1.0
+    # Their click counted where they searched from (the search's location), for anyone there.
+    there = read_batch(
+        store,
+        [Request.for_text("someone", "x", world.product_ids[:3],
+                          context=QueryContext(location=shopper.location))],
+        searches[-1].time.timestamp() + 3600,
+    )[0]
+    assert there.features[0, INDEX["context_location_clicks_log"]] > 0
     # The nonpersonal arm's searches (the same, by a hidden shopper) never reached the features.
     hidden = read_batch(
         store,
