@@ -35,6 +35,8 @@ FEATURE_NAMES: Final[tuple[str, ...]] = (
     "user_category_affinity",  # share of the shopper's decayed attention on the candidate's category
     "user_brand_affinity",  # same for its brand
     "price_ratio_log",  # log(price / category typical) - the shopper's price level (user.price_level)
+    "price_level_cross",  # log(price / category typical) x the shopper's price level: > 0 when the
+    # candidate sits on the side of typical the shopper shops on (a product the head need not learn)
     "user_activity_log",  # log1p(clicks + add-to-carts + purchases)
     "user_searches_log",  # log1p(searches)
     "hours_since_seen_log",  # log1p(hours since the shopper's last event)
@@ -209,9 +211,9 @@ def _user_item_columns(out: np.ndarray, candidates: Sequence[str], s: UserState,
                        interest: dict[str, float]) -> None:
     """The shopper-and-candidate columns, built as lists and written a column at a time."""
     n = len(candidates)
-    interests, categories, brands, prices = [0.0] * n, [0.0] * n, [0.0] * n, [0.0] * n
+    interests, categories, brands, prices, crosses = [0.0] * n, [0.0] * n, [0.0] * n, [0.0] * n, [0.0] * n
     category_total, brand_total = sum(s.categories.values()), sum(s.brands.values())
-    paid = user.price_level(s)
+    level = user.price_level(s)
     typical: dict[str, float | None] = {}
     for j, pid in enumerate(candidates):
         interests[j] = interest.get(pid, 0.0)
@@ -220,17 +222,19 @@ def _user_item_columns(out: np.ndarray, candidates: Sequence[str], s: UserState,
             continue
         categories[j] = user.affinity_share(s.categories, attrs.category, category_total)
         brands[j] = user.affinity_share(s.brands, attrs.brand, brand_total)
-        if paid is None or attrs.category is None or not attrs.price or attrs.price <= 0:
+        if level is None or attrs.category is None or not attrs.price or attrs.price <= 0:
             continue
         if attrs.category not in typical:
             prices_of = snap.category_prices.get(attrs.category)
             typical[attrs.category] = catalog.typical_price(*prices_of) if prices_of else None
         if t := typical[attrs.category]:
-            prices[j] = math.log(attrs.price / t) - paid
+            ratio = math.log(attrs.price / t)
+            prices[j], crosses[j] = ratio - level, ratio * level
     out[:, INDEX["user_item_interest"]] = interests
     out[:, INDEX["user_category_affinity"]] = categories
     out[:, INDEX["user_brand_affinity"]] = brands
     out[:, INDEX["price_ratio_log"]] = prices
+    out[:, INDEX["price_level_cross"]] = crosses
 
 
 def _item_columns(products: Sequence[str], snap: Snapshot, now: float, cfg: FeatureSettings) -> np.ndarray:

@@ -457,8 +457,8 @@ class RedisStore:
         owner shards, every shard's share, merged), each query text's evidence hash whole
         (HGETALL: it holds only the products the query led to, most often fewer than the
         candidates; a hash found larger than :data:`WHOLE_HASH_MAX` is read for the candidates
-        only, HMGET, from then on), the category prices unless cached. A catalog changed since
-        it was cached costs one more round trip."""
+        only, HMGET, from then on, as a search context's always is), the category prices unless
+        cached. A catalog changed since it was cached costs one more round trip."""
         tags, of, cfg = self.shards.tags, self.shards.of, self.config
         u_ids, p_ids = list(set(users)), list(dict.fromkeys(products))
         evidence = dict(evidence)  # tests pass [] for none
@@ -482,7 +482,8 @@ class RedisStore:
                                       *[keys.item(p, t) for p in p_ids]])
             for text, pids in evidence.items():
                 for s, t in enumerate(tags):
-                    if text in large:
+                    # A context's evidence (where, on what) spans the catalog: read for the candidates.
+                    if text in large or text.startswith(query_item.CONTEXT):
                         pipes.to(s).hmget(keys.query_evidence(text, t), [keys.QUERY_TOTAL_FIELD, *pids])
                     else:
                         pipes.to(s).hgetall(keys.query_evidence(text, t))

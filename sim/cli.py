@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from core.settings import ROOT, Settings
-from sim import LABEL
+from sim import LABEL, TRAINER_EPOCHS
 from sim.world import SimParams
 
 RESULTS = ROOT / "bench" / "results"
@@ -75,6 +75,7 @@ def cmd_sim(args: argparse.Namespace, settings: Settings) -> int:
             nonpersonal_version=versions[1],
             step_searches=args.step_searches,
             cycle_days=args.cycle_days,
+            trainer_epochs=args.trainer_epochs,
             port=args.port,
             keep_topics=args.keep_topics,
         ),
@@ -171,6 +172,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         type=int,
         default=2,
         help="a continuous-trainer cycle every N simulated days (0: never)",
+    )
+    p.add_argument(
+        "--trainer-epochs",
+        type=int,
+        default=TRAINER_EPOCHS,
+        help="fine-tuning epochs per trainer cycle over the lists so far (see sim.TRAINER_EPOCHS)",
     )
     p.add_argument(
         "--registry",

@@ -56,6 +56,7 @@ from core.registry import load_version, serving_version, set_serving
 from core.settings import ROOT, Settings
 from core.topics import ensure_topics, route, topic_specs
 from features.embeddings import ProductEmbeddings
+from sim import TRAINER_EPOCHS
 from sim.world import Interaction, SimSearch, World
 from streams.progress import Ends, applied_up_to, joiner_reached
 
@@ -130,6 +131,7 @@ class LiveConfig:
     # this many for the gate.
     trainer_min_lists: int = 300
     trainer_holdout: int = 150
+    trainer_epochs: int = TRAINER_EPOCHS
     work: Path = WORK  # registries and logs of the run (replaced)
     redis_db: int = SIM_DB
 
@@ -202,6 +204,7 @@ class LiveSim:
             "SHOPRANK_TRAINER_MAX_CYCLE_S": "3600",
             "SHOPRANK_TRAINER_MIN_NEW_LISTS": str(config.trainer_min_lists),
             "SHOPRANK_TRAINER_HOLDOUT_LISTS": str(config.trainer_holdout),
+            "SHOPRANK_TRAINER_EPOCHS": str(config.trainer_epochs),
         }
         self.env = engine.engine_env(self.settings, self.registries["personal"], config.port, n, **common)
         self.np_env = engine.engine_env(

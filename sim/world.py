@@ -55,7 +55,7 @@ class SimParams:
     """Every knob of the simulation (each a command-line option, ``sim.cli``)."""
 
     shoppers: int = 150
-    days: int = 6
+    days: int = 20  # a loop needs days of a shopper's history (and of lists) to learn from
     seed: int = 0
     visits_per_day: float = 0.5  # mean sessions per shopper per day (times the shopper's activity)
     searches_per_session: float = 1.8  # mean searches per session (>= 1)

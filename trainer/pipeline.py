@@ -39,8 +39,9 @@ from trainer.products import embed_texts
 log = structlog.get_logger(__name__)
 
 USER_FEATURES = (
-    "user_category_affinity", "user_brand_affinity", "price_ratio_log", "user_activity_log",
-    "user_searches_log", "hours_since_seen_log", "user_has_history", "user_item_interest",
+    "user_category_affinity", "user_brand_affinity", "price_ratio_log", "price_level_cross",
+    "user_activity_log", "user_searches_log", "hours_since_seen_log", "user_has_history",
+    "user_item_interest",
     # Where and on what the shopper searches is theirs too: a non-personal ranking ignores it.
     "context_location_lift", "context_location_clicks_log", "context_device_lift",
     "context_device_clicks_log",
