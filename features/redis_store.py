@@ -30,7 +30,7 @@ from redis.exceptions import (
 )
 from redis.retry import Retry
 
-from core.events import CatalogProduct, Purchase
+from core.events import CatalogProduct
 from core.settings import FeatureSettings, RedisSettings, StreamsSettings
 from features import catalog, item, keys, lua, query_item, user
 from features.catalog import ProductAttrs
@@ -40,7 +40,7 @@ from features.plan import FeatureEvent, Plan, Record, View, by_shard, ends, need
 from features.sentinel import sentinel_client
 from features.speller import Speller
 from features.store import OnRejected, Outcome, Rows, Snapshot, outcome
-from features.user import UserState
+from features.user import KIND_OF, UserState
 
 log = structlog.get_logger(__name__)
 
@@ -235,8 +235,10 @@ class RedisStore:
         products_by_shard: dict[int, list[str]] = {}
         for p in products:
             products_by_shard.setdefault(of(p), []).append(p)
-        # Category prices are few: read them all in the same round trip when the batch may need them.
-        prices = any(isinstance(r.event, Purchase | CatalogProduct) for rs in shards.values() for r in rs)
+        # Category prices are few: read them all in the same round trip when the batch may need them
+        # (an interaction's price against its category's typical one: the shopper's price level).
+        prices = any(type(r.event) in KIND_OF or type(r.event) is CatalogProduct
+                     for rs in shards.values() for r in rs)
         plans: dict[int, tuple[list[str], list[str], list[tuple[str, int]]]] = {}
         for s, n in wanted.items():
             plans[s] = (sorted(n.users), sorted(n.markers), sorted(n.partitions | batch_ends.keys()))

@@ -101,6 +101,7 @@ def cmd_sim(args: argparse.Namespace, settings: Settings) -> int:
         "seconds": round(time.monotonic() - started, 1),
         "step_searches": args.step_searches,
         "cycle_days": args.cycle_days,
+        "trainer_epochs": args.trainer_epochs,
         "host": platform.node(),
         "cpus": os.cpu_count(),
         "measured_at": now_utc(),
@@ -139,6 +140,7 @@ def _merge(path: Path, result: dict[str, Any]) -> None:
             "sim_ndcg_population": nd["population"],
             "sim_gain_share": result["gain_share"],
             "sim_params": result["params"],
+            "sim_loop": {k: result[k] for k in ("cycle_days", "trainer_epochs")},
             "sim_ablation": result["ablation"],
             "sim_searches": result["searches"],
         }

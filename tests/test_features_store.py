@@ -83,6 +83,13 @@ def test_applies_interactions_to_shopper_and_product(store: FeatureStore) -> Non
     assert res.features[:, INDEX["price_level_cross"]] == pytest.approx(ratios * level, rel=1e-5, abs=1e-7)
 
 
+def test_a_click_alone_sets_the_price_level(store: FeatureStore) -> None:
+    load_catalog(store)
+    store.apply_batch([Record(click("e1", "p2"))])  # no purchase, no catalog update in the batch
+    s = store.user("u1")
+    assert s is not None and s.price_sum / s.price_weight == pytest.approx(np.log(300.0 / 200.0))
+
+
 def test_same_event_twice_counts_once(store: FeatureStore) -> None:
     load_catalog(store)
     store.apply_batch([Record(click("e1")), Record(click("e1"))])
