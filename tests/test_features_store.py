@@ -173,7 +173,8 @@ def test_a_new_query_finds_what_its_words_led_to(store: FeatureStore) -> None:
 
 def test_the_location_lift_sets_a_regions_clicks_against_everywheres(store: FeatureStore) -> None:
     load_catalog(store)
-    # West clicks p1 twice; east clicks p2 twice (one from a phone); an unlocated click counts nowhere.
+    # West and "US West" click p1 once each, east p2 twice (once from a phone); an unlocated click
+    # counts under no context.
     for i, (where, device, pid) in enumerate([("west", None, "p1"), ("east", "mobile", "p2"),
                                               ("east", None, "p2"), ("US West", None, "p1"),
                                               (None, None, "p3")]):
