@@ -163,18 +163,26 @@ def needs(records: list[Record]) -> Needs:
     return n
 
 
+def reads_prices(event: FeatureEvent) -> bool:
+    """Whether applying ``event`` reads or changes category typical prices: an interaction (the
+    shopper's price level against its category's) or a catalog update."""
+    kind = type(event)
+    return kind in KIND_OF or kind is CatalogProduct
+
+
 def categories_needed(records: list[Record], products: dict[str, ProductAttrs]) -> set[str]:
-    """Categories whose typical price the batch reads (interactions: the shopper's price level) or
-    changes (catalog updates)."""
+    """Categories whose typical price the batch reads or changes (:func:`reads_prices`)."""
     cats: set[str | None] = set()
     for r in records:
         ev = r.event
+        if not reads_prices(ev):
+            continue
         if isinstance(ev, CatalogProduct):
             cats.add(catalog.category_of(ev))
             old = products.get(ev.product_id)
             cats.add(old.category if old else None)
-        elif type(ev) in KIND_OF and ev.product_id in products:  # type: ignore[union-attr]
-            cats.add(products[ev.product_id].category)
+        elif ev.product_id in products:  # type: ignore[union-attr]
+            cats.add(products[ev.product_id].category)  # type: ignore[union-attr]
     cats.discard(None)
     return {c for c in cats if c is not None}
 

@@ -36,11 +36,11 @@ from features import catalog, item, keys, lua, query_item, user
 from features.catalog import ProductAttrs
 from features.catalog_cache import CatalogCache, Lookup
 from features.keys import Shards
-from features.plan import FeatureEvent, Plan, Record, View, by_shard, ends, needs, phases, plan
+from features.plan import FeatureEvent, Plan, Record, View, by_shard, ends, needs, phases, plan, reads_prices
 from features.sentinel import sentinel_client
 from features.speller import Speller
 from features.store import OnRejected, Outcome, Rows, Snapshot, outcome
-from features.user import KIND_OF, UserState
+from features.user import UserState
 
 log = structlog.get_logger(__name__)
 
@@ -235,10 +235,8 @@ class RedisStore:
         products_by_shard: dict[int, list[str]] = {}
         for p in products:
             products_by_shard.setdefault(of(p), []).append(p)
-        # Category prices are few: read them all in the same round trip when the batch may need them
-        # (an interaction's price against its category's typical one: the shopper's price level).
-        prices = any(type(r.event) in KIND_OF or type(r.event) is CatalogProduct
-                     for rs in shards.values() for r in rs)
+        # Category prices are few: read them all in the same round trip when the batch may need them.
+        prices = any(reads_prices(r.event) for rs in shards.values() for r in rs)
         plans: dict[int, tuple[list[str], list[str], list[tuple[str, int]]]] = {}
         for s, n in wanted.items():
             plans[s] = (sorted(n.users), sorted(n.markers), sorted(n.partitions | batch_ends.keys()))
