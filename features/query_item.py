@@ -49,17 +49,18 @@ def context_key(dimension: str, label: str | None = None) -> str:
     return f"{CONTEXT}{dimension}" if label is None else f"{CONTEXT}{dimension}:{'_'.join(label.split())}"
 
 
+def context_labels(context: QueryContext | None) -> list[tuple[str, str]]:
+    """The dimensions a search's context names (a blank label names none), with their labels."""
+    if context is None:
+        return []
+    return [(dim, label) for dim in CONTEXT_DIMENSIONS if (label := getattr(context, dim)) and label.strip()]
+
+
 def context_keys(context: QueryContext | None) -> tuple[str, ...]:
     """The context keys a search's clicks count under: for each dimension it names, the
     dimension's reference key and its value's."""
-    if context is None:
-        return ()
-    out: list[str] = []
-    for dim in CONTEXT_DIMENSIONS:
-        label = getattr(context, dim)
-        if label and label.strip():
-            out += [context_key(dim), context_key(dim, label)]
-    return tuple(out)
+    return tuple(key for dim, label in context_labels(context)
+                 for key in (context_key(dim), context_key(dim, label)))
 
 
 @lru_cache(maxsize=65536)

@@ -315,6 +315,20 @@ def _decayed(values: np.ndarray, t_ref: np.ndarray, now: float, half_life: float
     return values * 2.0 ** (-np.maximum(now - t_ref, 0.0) / half_life)
 
 
+def _evidence_clicks(snap: Snapshot, key: str, candidates: Sequence[str], now: float,
+                     cfg: FeatureSettings) -> np.ndarray | None:
+    """The candidates' decayed clicks after ``key`` (a query word, a search context), 0 for those
+    it never led to; None when it led to none of them."""
+    rows = snap.evidence.get(key)
+    if rows is None:
+        return None
+    st, there = rows.take(candidates)
+    if not there.any():
+        return None
+    clicks = _decayed(st[:, query_item.CLICKS], st[:, query_item.T], now, cfg.query_half_life_s)
+    return np.where(there, clicks, 0.0)
+
+
 def _word_columns(out: np.ndarray, req: Request, respelled: Sequence[str], snap: Snapshot, now: float,
                   cfg: FeatureSettings) -> None:
     shares = np.zeros((len(req.words), len(req.candidates)), dtype=np.float32)
@@ -324,12 +338,8 @@ def _word_columns(out: np.ndarray, req: Request, respelled: Sequence[str], snap:
         if total <= 0 and fixed != word:  # no click followed the word as typed: its respelling's
             key = query_item.word_key(fixed)
             total = _clicks(snap.query_totals.get(key), now, cfg)
-        if total <= 0 or key not in snap.evidence:
-            continue
-        st, there = snap.evidence[key].take(req.candidates)
-        if there.any():
-            clicks = _decayed(st[:, query_item.CLICKS], st[:, query_item.T], now, cfg.query_half_life_s)
-            shares[i] = np.where(there, clicks / total, 0.0)
+        if total > 0 and (clicks := _evidence_clicks(snap, key, req.candidates, now, cfg)) is not None:
+            shares[i] = clicks / total
     out[:, INDEX["query_word_share_mean"]] = shares.mean(axis=0)
     out[:, INDEX["query_word_share_min"]] = shares.min(axis=0)
     out[:, INDEX["query_word_share_max"]] = shares.max(axis=0)
@@ -340,24 +350,19 @@ def _context_columns(out: np.ndarray, candidates: Sequence[str], context: QueryC
                      now: float, cfg: FeatureSettings) -> None:
     """Per context dimension the search names: how much more (lift > 0) or less the candidate is
     clicked from there than from everywhere located, and how many clicks that rests on."""
-    h, prior = cfg.query_half_life_s, cfg.context_prior_clicks
-    for dim in query_item.CONTEXT_DIMENSIONS:
-        label = getattr(context, dim)
-        if not label or not label.strip():
-            continue
+    prior = cfg.context_prior_clicks
+    for dim, label in query_item.context_labels(context):
         every, here = query_item.context_key(dim), query_item.context_key(dim, label)
         clicks_here = _clicks(snap.query_totals.get(here), now, cfg)
         out[:, INDEX[f"context_{dim}_clicks_log"]] = math.log1p(clicks_here)
         clicks_every = _clicks(snap.query_totals.get(every), now, cfg)
-        if clicks_every <= 0 or every not in snap.evidence:
+        everywhere = _evidence_clicks(snap, every, candidates, now, cfg)
+        if clicks_every <= 0 or everywhere is None:  # no candidate clicked from anywhere: no lift
             continue
-        st, there = snap.evidence[every].take(candidates)
-        share = np.where(there, _decayed(st[:, query_item.CLICKS], st[:, query_item.T], now, h), 0.0)
-        share = share / clicks_every
-        ours = np.zeros(len(candidates))
-        if here in snap.evidence:
-            st, there = snap.evidence[here].take(candidates)
-            ours = np.where(there, _decayed(st[:, query_item.CLICKS], st[:, query_item.T], now, h), 0.0)
+        share = everywhere / clicks_every
+        ours = _evidence_clicks(snap, here, candidates, now, cfg)
+        if ours is None:
+            ours = np.zeros(len(candidates))
         pulled = (ours + prior * share) / (clicks_here + prior)  # > 0 wherever share is
         ratio = np.divide(pulled, share, out=np.ones_like(share), where=share > 0)  # no share: 0
         out[:, INDEX[f"context_{dim}_lift"]] = np.log(ratio)
