@@ -374,12 +374,12 @@ class ServedModel:
     def score(self, batch: Batch) -> list[np.ndarray]:
         """Scores per query, each the length of that query's candidates."""
         buf = self._table.buf  # row r is buf[r + 1]; unknown_row (-1) is buf[0], the zero vector
-        feeds = {
-            "query_emb": batch.query_emb.astype(np.float32),
+        feeds = {  # asarray: no copy of what is float32 already
+            "query_emb": np.asarray(batch.query_emb, np.float32),
             "cand_emb": buf[batch.cand_idx + 1],
             "hist_emb": buf[batch.hist_idx + 1],
-            "hist_w": batch.hist_w.astype(np.float32),
-            "dense": batch.dense.astype(np.float32),
+            "hist_w": np.asarray(batch.hist_w, np.float32),
+            "dense": np.asarray(batch.dense, np.float32),
         }
         scores = self.head.run(None, feeds)[0]
         return [scores[i, :n] for i, n in enumerate(batch.n_candidates)]

@@ -119,9 +119,10 @@ class PersonalRanker(nn.Module):
     def rank(self, q: Tensor, cand_emb: Tensor, hist_emb: Tensor, hist_w: Tensor, dense: Tensor) -> Tensor:
         """Scores from an already encoded query (training encodes each distinct query once)."""
         interest = l2_normalize((hist_emb * hist_w.unsqueeze(-1)).sum(1))
-        text_sim = torch.einsum("bd,bnd->bn", q, cand_emb)
-        interest_sim = torch.einsum("bd,bnd->bn", interest, cand_emb)
-        return self.head(text_sim, interest_sim, dense)
+        # Both similarities as one batched product, [B, 2, D] x [B, D, N]: it exports as one MatMul
+        # (two Einsums cost the scorer ~70 us a query in onnxruntime, a tenth of the whole head).
+        sims = torch.stack([q, interest], dim=1) @ cand_emb.transpose(1, 2)
+        return self.head(sims[:, 0], sims[:, 1], dense)
 
     def freeze_lower_layers(self) -> None:
         """Fine-tune only the top ``train_layers`` layers: a CPU budget, and less forgetting."""
