@@ -83,6 +83,7 @@ def cmd_sim(args: argparse.Namespace, settings: Settings) -> int:
     started = time.monotonic()
     live.run(data.history, data.catalog)
     fig = figures(world, searches, live.served)
+    fig["engine_ablation"] = _engine_ablation(world, searches, live, fig["ndcg@10"]["nonpersonal"])
     acts = [a for x in searches for a in live.actions.get(x.query_id, [])]
     result: dict[str, Any] = {
         "label": LABEL,
@@ -119,6 +120,22 @@ def cmd_sim(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _engine_ablation(world: Any, searches: list[Any], live: Any, nonpersonal: float) -> dict[str, Any] | None:
+    """sim.ablation over the searches the personal arm answered with its features (all of them,
+    unless a result came without)."""
+    from sim.ablation import engine_ablation
+    from trainer.pipeline import USER_FEATURES
+
+    replayed = [x for x in searches if x.query_id in live.replays]
+    if not replayed:
+        return None
+    print(f"{LABEL}: replaying {len(replayed):,} personal searches for the engine's ablation", flush=True)
+    out = engine_ablation(
+        world, replayed, live.replays, live.registries["personal"], USER_FEATURES, nonpersonal
+    )
+    return {"searches": len(replayed), **out}
+
+
 def _versions(args: argparse.Namespace, settings: Settings) -> tuple[str, str | None]:
     from core.registry import serving_version
 
@@ -142,6 +159,7 @@ def _merge(path: Path, result: dict[str, Any]) -> None:
             "sim_params": result["params"],
             "sim_loop": {k: result[k] for k in ("cycle_days", "trainer_epochs")},
             "sim_ablation": result["ablation"],
+            "sim_engine_ablation": result["engine_ablation"],
             "sim_searches": result["searches"],
         }
     )

@@ -49,7 +49,17 @@ from confluent_kafka import TopicPartition
 from bench import engine
 from bench.isolation import isolated_settings
 from core import kafka
-from core.events import RESULTS, AddToCart, Click, InvalidEvent, Purchase, Query, QueryContext, encode
+from core.events import (
+    RESULTS,
+    AddToCart,
+    Click,
+    InvalidEvent,
+    Purchase,
+    Query,
+    QueryContext,
+    ServedFeatures,
+    encode,
+)
 from core.layout import product_tower
 from core.processes import wait_until
 from core.registry import load_version, serving_version, set_serving
@@ -57,6 +67,7 @@ from core.settings import ROOT, Settings
 from core.topics import ensure_topics, route, topic_specs
 from features.embeddings import ProductEmbeddings
 from sim import TRAINER_EPOCHS
+from sim.ablation import Served
 from sim.world import Interaction, SimSearch, World
 from streams.progress import Ends, applied_up_to, joiner_reached
 
@@ -67,9 +78,10 @@ SIM_DB = 3
 
 
 class Lists(threading.Thread):
-    """Follows a results topic from its end; keeps each awaited search's served product ids."""
+    """Follows a results topic from its end; keeps each awaited search's served product ids (and,
+    ``keep_features``, the features they were served on: sim.ablation replays them)."""
 
-    def __init__(self, settings: Settings, topic: str) -> None:
+    def __init__(self, settings: Settings, topic: str, keep_features: bool = False) -> None:
         super().__init__(name=f"sim-lists-{topic}", daemon=True)
         self._consumer = kafka.consumer(
             settings, group_id=f"sim-{uuid.uuid4().hex[:8]}", **{"fetch.wait.max.ms": 5}
@@ -86,6 +98,8 @@ class Lists(threading.Thread):
         self._stop = threading.Event()
         self._cond = threading.Condition()
         self.got: dict[str, tuple[list[str], str]] = {}  # query id -> (products, model version)
+        self.keep_features = keep_features
+        self.features: dict[str, ServedFeatures] = {}  # query id -> rows in ranked order
 
     def wait(self, query_ids: Sequence[str], timeout_s: float) -> list[str]:
         deadline = time.monotonic() + timeout_s
@@ -108,6 +122,8 @@ class Lists(threading.Thread):
                         continue
                     ranked = [p.product_id for p in sorted(r.products, key=lambda p: p.position)]
                     with self._cond:
+                        if self.keep_features and r.features is not None:
+                            self.features[r.query_id] = r.features
                         self.got[r.query_id] = (ranked, r.model_version)
                         self._cond.notify_all()
         finally:
@@ -214,6 +230,7 @@ class LiveSim:
         self.served: dict[str, dict[str, list[str]]] = {"personal": {}, "nonpersonal": {}}
         self.actions: dict[str, list[Interaction]] = {}
         self.versions: dict[str, str] = {}
+        self.replays: dict[str, Served] = {}  # the personal arm's answers as served (sim.ablation)
         self.cycles: list[dict[str, Any]] = []
         self.phase_s: dict[str, float] = {}
 
@@ -262,7 +279,7 @@ class LiveSim:
             engine.ask(st, "warm up", self.world.product_ids[:1], first, timeout_s=180, retries=18)
         mark = time.monotonic()
         lists = {
-            "personal": Lists(s, s.topics.results),
+            "personal": Lists(s, s.topics.results, keep_features=True),
             "nonpersonal": Lists(s, self.np_settings.topics.results),
         }
         for t in lists.values():
@@ -339,6 +356,8 @@ class LiveSim:
         for x in batch:
             ranked, version = lists["personal"].got[x.query_id]
             self.served["personal"][x.query_id] = ranked
+            if (served := lists["personal"].features.get(x.query_id)) is not None:
+                self.replays[x.query_id] = Served(ranked, version, served)
             hidden_id = f"{x.query_id}-anon" if self.anonymous else x.query_id
             self.served["nonpersonal"][x.query_id] = lists["nonpersonal"].got[hidden_id][0]
             self.versions[x.query_id] = version

@@ -159,3 +159,39 @@ def test_figures_oracle_population_and_share(world: World, split) -> None:  # ty
     assert nd["personal"] == nd["oracle"] and nd["nonpersonal"] == nd["population"]
     assert f["gain_share"] == 1.0
     assert set(f["ablation"]) == set(DIMENSIONS)
+
+
+def test_the_engine_ablation_replays_what_was_served(world: World, split, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Replayed unablated, every search comes back in its served order with its served NDCG; a group
+    whose columns were served at their training means (and no history) takes nothing away."""
+    from core.events import ServedFeatures
+    from features.read import FEATURE_NAMES, FEATURE_SCHEMA
+    from scorer.runtime import load_served_model
+    from sim.ablation import GROUPS, HISTORY, Served, _batch, engine_ablation
+    from tests.model_factory import tiny_version
+    from trainer.pipeline import USER_FEATURES
+
+    version = tiny_version(tmp_path, "tiny").version
+    model = load_served_model(tmp_path, version, device="cpu", threads=1)
+    means = np.asarray(model.manifest["feature_mean"], np.float32)
+    rng = np.random.default_rng(3)
+    searches = world.schedule(split.cutoff)[:12]
+    products = world.product_ids[:40]
+    served, expected = {}, []
+    for x in searches:
+        dense = rng.normal(size=(len(products), len(FEATURE_NAMES))).astype(np.float32)
+        for name in GROUPS["region"]:  # served at their means: nothing for the ablation to take
+            dense[:, FEATURE_NAMES.index(name)] = means[FEATURE_NAMES.index(name)]
+        unranked = Served(products, version, ServedFeatures.pack(FEATURE_SCHEMA, dense))
+        order = np.argsort(-model.score(_batch(model, x.text, unranked))[0], kind="stable")
+        ranked = [products[j] for j in order]
+        served[x.query_id] = Served(ranked, version, ServedFeatures.pack(FEATURE_SCHEMA, dense[order]))
+        expected.append(ndcg_at([world.column[p] for p in ranked], world.attractiveness(x.shopper, x.key)))
+    model.close()
+    out = engine_ablation(world, searches, served, tmp_path, USER_FEATURES, nonpersonal=0.0)
+    assert out["replayed_in_served_order"] == 1.0
+    assert out["replayed"] == round(float(np.mean(expected)), 4)
+    assert out["without"]["region"] == out["replayed"]
+    every = set(out["groups"]["all_personal"])
+    assert HISTORY in every and set(USER_FEATURES) <= every
+    assert set(out["share_of_engine_gain_lost_without"]) == {*GROUPS, "all_personal"}
