@@ -85,7 +85,7 @@ def feature_contributions(model: ServedModel, batch: Batch) -> tuple[np.ndarray,
     contributions [N, F]; a feature's share of a score is its contribution over the sum of their
     absolute values. One model call: the ranking head scores each candidate on its own."""
     n, f = batch.n_candidates[0], len(model.feature_names)
-    means = np.asarray(model.manifest.get("feature_mean", np.zeros(f)), np.float32)
+    means = model.feature_means
     dense = np.repeat(batch.dense[:1, :n], f + 1, axis=0)  # one variant per feature, served input last
     dense[np.arange(f), :, np.arange(f)] = means[:, None]
     variants = replace(batch, query_emb=np.repeat(batch.query_emb[:1], f + 1, axis=0),

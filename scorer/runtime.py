@@ -314,6 +314,12 @@ class ServedModel:
     # --- scoring -----------------------------------------------------------------------------
 
     @property
+    def feature_means(self) -> np.ndarray:
+        """Each feature's training mean (the manifest's ``feature_mean``; zeros when it has none):
+        what the head reads as "nothing known" (the explain API's and sim.ablation's reference)."""
+        return np.asarray(self.manifest.get("feature_mean", np.zeros(len(self.feature_names))), np.float32)
+
+    @property
     def device(self) -> str:
         return "cuda" if self.head.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
 

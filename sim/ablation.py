@@ -118,7 +118,7 @@ def _batch(model: ServedModel, text: str, s: Served) -> Batch:
 
 def _without(model: ServedModel, batch: Batch, members: Sequence[str]) -> Batch:
     """``batch`` with the named columns at their training means and, for :data:`HISTORY`, no history."""
-    means = np.asarray(model.manifest.get("feature_mean", np.zeros(len(model.feature_names))), np.float32)
+    means = model.feature_means
     dense = batch.dense.copy()
     for name in members:
         if name in model.feature_names:

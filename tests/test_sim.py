@@ -173,7 +173,7 @@ def test_the_engine_ablation_replays_what_was_served(world: World, split, tmp_pa
 
     version = tiny_version(tmp_path, "tiny").version
     model = load_served_model(tmp_path, version, device="cpu", threads=1)
-    means = np.asarray(model.manifest["feature_mean"], np.float32)
+    means = model.feature_means
     rng = np.random.default_rng(3)
     searches = world.schedule(split.cutoff)[:12]
     products = world.product_ids[:40]
