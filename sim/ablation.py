@@ -11,6 +11,8 @@ the replay itself.
 Groups, by the simulated preference they answer to (sim.world.DIMENSIONS):
 - ``taste`` (franchise and genre): the shopper's category and brand affinities, their own
   interactions with the candidate, and the similarity to what they recently looked at (history);
+  and each of those three alone (``taste.affinities``, ``taste.own_interactions``,
+  ``taste.history``);
 - ``edition`` and ``price`` both act through price, so one group: the price level and its cross;
 - ``region``: the search location's lift and clicks;
 - ``device``: its lift and clicks (the simulator's device changes how deep a shopper looks, not
@@ -34,6 +36,10 @@ from sim.world import SimSearch, World, ndcg_at
 HISTORY = "history"  # not a column: the recent products the interest similarity reads
 GROUPS: dict[str, tuple[str, ...]] = {
     "taste": ("user_category_affinity", "user_brand_affinity", "user_item_interest", HISTORY),
+    # ... and its parts, each alone:
+    "taste.affinities": ("user_category_affinity", "user_brand_affinity"),
+    "taste.own_interactions": ("user_item_interest",),
+    "taste.history": (HISTORY,),
     "price_level": ("price_ratio_log", "price_level_cross"),
     "region": ("context_location_lift", "context_location_clicks_log"),
     "device": ("context_device_lift", "context_device_clicks_log"),
