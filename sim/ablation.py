@@ -98,6 +98,8 @@ def engine_ablation(
         "replayed": mean["replayed"],
         "replayed_in_served_order": round(same_order / max(1, len(searches)), 4),
         "without": {k: mean[k] for k in groups},
+        # > 0: the group helped the ranking (replayed - without); < 0: it hurt
+        "adds": {k: round(mean["replayed"] - mean[k], 4) for k in groups},
         "share_of_engine_gain_lost_without": {
             k: round((mean["replayed"] - mean[k]) / gain, 4) if gain > 0 else None for k in groups
         },

@@ -195,3 +195,4 @@ def test_the_engine_ablation_replays_what_was_served(world: World, split, tmp_pa
     every = set(out["groups"]["all_personal"])
     assert HISTORY in every and set(USER_FEATURES) <= every
     assert set(out["share_of_engine_gain_lost_without"]) == {*GROUPS, "all_personal"}
+    assert out["adds"]["region"] == 0.0
