@@ -71,10 +71,8 @@ def connect(settings: RedisSettings, replica: bool = False) -> Client:
     ``settings.sentinels``, of the primary the Sentinels name (``replica``: of a replica)."""
     retry = Retry(ExponentialWithJitterBackoff(cap=settings.retry_cap_s, base=settings.retry_base_s),
                   settings.retries)
-    # RESP3 (redis-py 8's default, said here so that replies keep their shape): a hash reads as a
-    # map, which ShardReads takes as it comes.
     options: dict[str, Any] = {"socket_timeout": settings.socket_timeout_s, "health_check_interval": 30,
-                               "retry": retry, "command_packer": resp.PACKER, "protocol": 3}
+                               "retry": retry, "command_packer": resp.PACKER}
     if settings.password is not None:
         options["password"] = settings.password.get_secret_value()
     if settings.url.startswith("rediss://") and settings.tls_ca_certs:
@@ -154,14 +152,14 @@ class _ReadCommands:
         self.commands.append(("HMGET", name, *fields))
 
     def hgetall(self, name: str) -> None:
-        """Its reply is a dict: the connections speak RESP3 (:func:`connect`)."""
+        """Its reply is a dict (a RESP3 map as it comes; RESP2's flat list made one)."""
         self.commands.append(("HGETALL", name))
 
 
 class ShardReads:
     """Read commands (MGET, HMGET, HGETALL) addressed to owner shards as :class:`ShardPipes`
     addresses them, sent on a pooled connection itself: one write per node, the replies read as
-    they come, with no response callbacks (RESP3: HGETALL's reply is a dict). redis-py's pipeline
+    they come, with no response callbacks (HGETALL's reply made a dict). redis-py's pipeline
     spent ~0.1 ms of CPU a feature read on its own bookkeeping around the same round trip
     (docs/scorer-cost.md). Connection errors and timeouts are retried on a new connection as the
     client's own commands are (its Retry); an error reply is raised once every reply is read, so
@@ -198,11 +196,16 @@ def _round_trip(pool: redis.ConnectionPool, commands: list[tuple[Any, ...]]) -> 
         def send() -> list[Any]:
             conn.send_packed_command(conn.pack_commands(commands))
             replies, error = [], None
-            for _ in commands:
+            for command in commands:
                 try:
-                    replies.append(conn.read_response())
+                    reply = conn.read_response()
                 except redis.ResponseError as exc:  # in-band: the other replies are still to read
                     error = error or exc
+                    continue
+                if command[0] == "HGETALL" and isinstance(reply, list):  # RESP2: [field, value, ...]
+                    fields = iter(reply)
+                    reply = dict(zip(fields, fields, strict=True))
+                replies.append(reply)
             if error is not None:
                 raise error
             return replies

@@ -8,6 +8,7 @@ import pytest
 import redis
 from redis.connection import PythonRespSerializer
 
+from core.settings import Settings
 from features.redis_store import ShardReads
 from features.resp import PACKER
 
@@ -53,3 +54,18 @@ def test_shard_reads_raise_an_error_reply_once_every_reply_is_read(redis_client:
     again.to(0).hgetall("h")
     again.to(0).mget(["b", "a"])
     assert again.execute() == [{b"x": b"9"}, [b"2", b"1"]]
+
+
+@pytest.mark.parametrize("protocol", [2, 3])
+def test_shard_reads_read_a_hash_as_a_dict_in_either_protocol(settings: Settings, redis_client: redis.Redis,
+                                                              protocol: int) -> None:
+    redis_client.hset("h", mapping={"x": b"9", "y": b"8"})
+    client = redis.Redis.from_url(settings.redis.url, protocol=protocol)
+    try:
+        reads = _reads(client)
+        reads.to(0).hgetall("h")
+        reads.to(0).hgetall("missing")
+        reads.to(0).hmget("h", ["y", "z"])
+        assert reads.execute() == [{b"x": b"9", b"y": b"8"}, {}, [b"8", None]]
+    finally:
+        client.close()
