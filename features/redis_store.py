@@ -119,12 +119,7 @@ class ShardPipes:
         self._order: list[str] = []
 
     def to(self, shard: int) -> redis.client.Pipeline:
-        if isinstance(self.client, RedisCluster):
-            node = self.client.nodes_manager.get_node_from_slot(
-                self.slots[shard], load_balancing_strategy=self.client.load_balancing_strategy)
-            name, conn = node.name, node.redis_connection
-        else:
-            name, conn = "", self.client
+        name, conn = _node(self.client, self.slots[shard])
         pipe = self._pipes.get(name)
         if pipe is None:
             pipe = self._pipes[name] = conn.pipeline(transaction=False)
@@ -136,6 +131,15 @@ class ShardPipes:
         replies = {name: iter(pipe.execute(raise_on_error=raise_on_error))
                    for name, pipe in self._pipes.items()}
         return [next(replies[name]) for name in self._order]
+
+
+def _node(client: Client, slot: int) -> tuple[str, redis.Redis]:
+    """The node serving ``slot`` (its name, its client) in the client's slot map; one Redis: itself."""
+    if isinstance(client, RedisCluster):
+        node = client.nodes_manager.get_node_from_slot(
+            slot, load_balancing_strategy=client.load_balancing_strategy)
+        return node.name, node.redis_connection
+    return "", client
 
 
 class _ReadCommands:
@@ -171,15 +175,10 @@ class ShardReads:
         self._order: list[str] = []
 
     def to(self, shard: int) -> _ReadCommands:
-        if isinstance(self.client, RedisCluster):
-            node = self.client.nodes_manager.get_node_from_slot(
-                self.slots[shard], load_balancing_strategy=self.client.load_balancing_strategy)
-            name, pool = node.name, node.redis_connection.connection_pool
-        else:
-            name, pool = "", self.client.connection_pool
+        name, conn = _node(self.client, self.slots[shard])
         queued = self._nodes.get(name)
         if queued is None:
-            queued = self._nodes[name] = _ReadCommands(pool)
+            queued = self._nodes[name] = _ReadCommands(conn.connection_pool)
         self._order.append(name)
         return queued
 

@@ -13,11 +13,14 @@ import platform
 import time
 from dataclasses import fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from core.settings import ROOT, Settings
 from sim import LABEL, TRAINER_EPOCHS
-from sim.world import SimParams
+from sim.world import SimParams, SimSearch, World
+
+if TYPE_CHECKING:  # imported where used: sim.live pulls the engine in
+    from sim.live import LiveSim
 
 RESULTS = ROOT / "bench" / "results"
 HELP = {
@@ -49,7 +52,6 @@ HELP = {
 def cmd_sim(args: argparse.Namespace, settings: Settings) -> int:
     from evaluation.splits import bestbuy_split
     from sim.live import LiveConfig, LiveSim, figures, now_utc
-    from sim.world import World
 
     params = SimParams(**{f.name: getattr(args, f.name) for f in fields(SimParams)})
     split = bestbuy_split(settings.data_dir)
@@ -120,7 +122,9 @@ def cmd_sim(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def _engine_ablation(world: Any, searches: list[Any], live: Any, nonpersonal: float) -> dict[str, Any] | None:
+def _engine_ablation(
+    world: World, searches: list[SimSearch], live: LiveSim, nonpersonal: float
+) -> dict[str, Any] | None:
     """sim.ablation over the searches the personal arm answered with its features (all of them,
     unless a result came without)."""
     from sim.ablation import engine_ablation
