@@ -356,9 +356,8 @@ def _context_columns(out: np.ndarray, candidates: Sequence[str], context: QueryC
         clicks_here = _clicks(snap.query_totals.get(here), now, cfg)
         out[:, INDEX[f"context_{dim}_clicks_log"]] = math.log1p(clicks_here)
         clicks_every = _clicks(snap.query_totals.get(every), now, cfg)
-        everywhere = _evidence_clicks(snap, every, candidates, now, cfg)
-        if clicks_every <= 0 or everywhere is None:  # no candidate clicked from anywhere: no lift
-            continue
+        if clicks_every <= 0 or (everywhere := _evidence_clicks(snap, every, candidates, now, cfg)) is None:
+            continue  # no candidate clicked from anywhere: no lift
         share = everywhere / clicks_every
         ours = _evidence_clicks(snap, here, candidates, now, cfg)
         if ours is None:

@@ -13,8 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 import hiredis
-from redis._parsers.encoders import Encoder
-from redis.connection import PythonRespSerializer
+from redis.connection import Encoder, PythonRespSerializer
 
 # redis-py's defaults (Connection: utf-8, strict; buffer cutoff 6000).
 _FALLBACK = PythonRespSerializer(6000, Encoder("utf-8", "strict", False).encode)
