@@ -84,7 +84,7 @@ def cmd_sim(args: argparse.Namespace, settings: Settings) -> int:
     )
     started = time.monotonic()
     live.run(data.history, data.catalog)
-    fig = figures(world, searches, live.served)
+    fig = figures(world, searches, live.served, actions=live.actions)
     fig["engine_ablation"] = _engine_ablation(world, searches, live, fig["ndcg@10"]["nonpersonal"])
     acts = [a for x in searches for a in live.actions.get(x.query_id, [])]
     result: dict[str, Any] = {
@@ -160,6 +160,8 @@ def _merge(path: Path, result: dict[str, Any]) -> None:
             "sim_ndcg_oracle": nd["oracle"],
             "sim_ndcg_population": nd["population"],
             "sim_gain_share": result["gain_share"],
+            "sim_ndcg_learner": nd.get("learner"),
+            "sim_learner_gain_share": result.get("learner_gain_share"),
             "sim_params": result["params"],
             "sim_loop": {k: result[k] for k in ("cycle_days", "trainer_epochs")},
             "sim_ablation": result["ablation"],

@@ -34,7 +34,7 @@ import threading
 import time
 import uuid
 import zlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -417,11 +417,19 @@ class LiveSim:
 
 
 def figures(
-    world: World, searches: Sequence[SimSearch], served: dict[str, dict[str, list[str]]], seed: int = 0
+    world: World,
+    searches: Sequence[SimSearch],
+    served: dict[str, dict[str, list[str]]],
+    seed: int = 0,
+    actions: Mapping[str, Sequence[Interaction]] | None = None,
 ) -> dict[str, Any]:
     """NDCG@10 against true attractiveness per arm (served and computed), overall and per day,
     the gain share, a paired bootstrap of personal - nonpersonal, and the oracle's ablation per
-    preference dimension (the oracle knowing only that dimension / all but it)."""
+    preference dimension (the oracle knowing only that dimension / all but it). With the
+    ``actions`` the personal arm's lists drew, also the learner of :mod:`sim.bound` on the same
+    data, and its gain share: how much of the oracle's gain that data gives a ranker that knows
+    the simulator's form."""
+    from sim.bound import learner_ndcg
     from sim.world import DIMENSIONS, ndcg_at, ranking
 
     names = [
@@ -448,6 +456,8 @@ def figures(
             values[f"oracle_without_{d}"][i] = ndcg_at(
                 ranking(world.oracle(x.shopper, x.key, only=rest), seed=i), gains
             )
+    if actions is not None:
+        values["learner"] = learner_ndcg(world, searches, served["personal"], actions)
     mean = {n: round(float(v.mean()), 4) for n, v in values.items()}
     days = sorted({x.day for x in searches})
     per_day = {
@@ -463,6 +473,7 @@ def figures(
     lo, hi = np.percentile(diff[picks].mean(axis=1), [2.5, 97.5])
     denom = mean["oracle"] - mean["nonpersonal"]
     denom_pop = mean["oracle"] - mean["population"]
+    learns = "learner" in mean and denom > 0
     return {
         "ndcg@10": mean,
         "per_day": per_day,
@@ -472,6 +483,8 @@ def figures(
             "searches": len(diff),
         },
         "gain_share": round((mean["personal"] - mean["nonpersonal"]) / denom, 4) if denom > 0 else None,
+        **({"learner_gain_share": round((mean["learner"] - mean["nonpersonal"]) / denom, 4)}
+           if learns else {}),
         "gain_share_vs_population": round((mean["personal"] - mean["population"]) / denom_pop, 4)
         if denom_pop > 0
         else None,

@@ -161,6 +161,36 @@ def test_figures_oracle_population_and_share(world: World, split) -> None:  # ty
     assert set(f["ablation"]) == set(DIMENSIONS)
 
 
+def test_the_learner_knows_nothing_before_the_data_and_learns_from_it(split) -> None:  # type: ignore[no-untyped-def]
+    """sim.bound: with nothing served yet the learner ranks as the population ranking does; fed the
+    lists a population ranking served and the clicks they drew, it beats that ranking on the later
+    searches (each shopper's clicks, and each region's, say something), and stays below the oracle."""
+    import zlib
+
+    from sim.bound import learner_ndcg
+
+    world = World(SimParams(shoppers=60, days=10, seed=7), split.catalog, split.train)
+    searches = world.schedule(split.cutoff)
+    served: dict[str, list[str]] = {}
+    actions = {}
+    population, oracle = np.zeros(len(searches)), np.zeros(len(searches))
+    for i, x in enumerate(searches):
+        gains = world.attractiveness(x.shopper, x.key)
+        order = ranking(world.population(x.key), i)
+        population[i] = ndcg_at(order, gains)
+        oracle[i] = ndcg_at(ranking(world.oracle(x.shopper, x.key), i), gains)
+        served[x.query_id] = [world.product_ids[c] for c in order[:100]]
+        actions[x.query_id] = world.respond(x, served[x.query_id], seed=zlib.crc32(x.query_id.encode()))
+    blind = learner_ndcg(world, searches, {}, {})
+    assert np.array_equal(blind, population)
+    learned = learner_ndcg(world, searches, served, actions)
+    later = slice(len(searches) // 2, None)
+    assert population[later].mean() < learned[later].mean() < oracle[later].mean()
+    f = figures(world, searches, {"personal": served, "nonpersonal": served}, actions=actions)
+    assert f["ndcg@10"]["learner"] == round(float(learned.mean()), 4)
+    assert 0.0 < f["learner_gain_share"] < 1.0
+
+
 def test_the_engine_ablation_replays_what_was_served(world: World, split, tmp_path) -> None:  # type: ignore[no-untyped-def]
     """Replayed unablated, every search comes back in its served order with its served NDCG; a group
     whose columns were served at their training means (and no history) takes nothing away."""
