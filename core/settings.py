@@ -188,6 +188,11 @@ class FeatureSettings(BaseSettings):
     # A product's share of one location's (or device's) clicks is pulled toward its share of all
     # located clicks by this many pseudo-clicks: a region with few clicks says little.
     context_prior_clicks: float = Field(default=20.0, gt=0)
+    # The shopper's affinities and price level count this much weight (a click weighs click_weight)
+    # of attention spread elsewhere and of typical-priced interactions: estimated from a few
+    # clicks they say little, and read so (docs/personalization.md: the learner's estimates from
+    # a simulated shopper's clicks were best shrunk by ~10 clicks).
+    preference_prior_weight: float = Field(default=10.0, ge=0.0)
     user_ttl_s: int = Field(default=90 * 86400, ge=60)
     query_item_ttl_s: int = Field(default=180 * 86400, ge=60)
     # A query word that has led to fewer clicks borrows the evidence of the closest word that has

@@ -33,6 +33,7 @@ from features.user import UserState
 
 FEATURE_NAMES: Final[tuple[str, ...]] = (
     "user_category_affinity",  # share of the shopper's decayed attention on the candidate's category
+    # (attention and price level shrunk by FeatureSettings.preference_prior_weight)
     "user_brand_affinity",  # same for its brand
     "price_ratio_log",  # log(price / category typical) - the shopper's price level (user.price_level)
     "price_level_cross",  # log(price / category typical) x the shopper's price level: > 0 when the
@@ -181,7 +182,7 @@ def _featurize(req: Request, respelled: Sequence[str], snap: Snapshot, now: floa
     if key:
         out[:, INDEX["query_clicks_log"]] = math.log1p(q_clicks)
     if state is not None:
-        _user_item_columns(out, req.candidates, state, snap, interest)
+        _user_item_columns(out, req.candidates, state, snap, interest, cfg.preference_prior_weight)
     if key and key in snap.evidence:
         st, there = snap.evidence[key].take(req.candidates)
         if there.any():
@@ -208,20 +209,21 @@ def _user_columns(out: np.ndarray, s: UserState, now: float) -> None:
 
 
 def _user_item_columns(out: np.ndarray, candidates: Sequence[str], s: UserState, snap: Snapshot,
-                       interest: dict[str, float]) -> None:
-    """The shopper-and-candidate columns, built as lists and written a column at a time."""
+                       interest: dict[str, float], prior: float) -> None:
+    """The shopper-and-candidate columns, built as lists and written a column at a time; the
+    affinities and the price level shrunk by the ``prior`` weight (user.price_level)."""
     n = len(candidates)
     interests, categories, brands, prices, crosses = [0.0] * n, [0.0] * n, [0.0] * n, [0.0] * n, [0.0] * n
     category_total, brand_total = sum(s.categories.values()), sum(s.brands.values())
-    level = user.price_level(s)
+    level = user.price_level(s, prior)
     typical: dict[str, float | None] = {}
     for j, pid in enumerate(candidates):
         interests[j] = interest.get(pid, 0.0)
         attrs = snap.products.get(pid)
         if attrs is None:
             continue
-        categories[j] = user.affinity_share(s.categories, attrs.category, category_total)
-        brands[j] = user.affinity_share(s.brands, attrs.brand, brand_total)
+        categories[j] = user.affinity_share(s.categories, attrs.category, category_total, prior)
+        brands[j] = user.affinity_share(s.brands, attrs.brand, brand_total, prior)
         if level is None or attrs.category is None or not attrs.price or attrs.price <= 0:
             continue
         if attrs.category not in typical:

@@ -168,22 +168,27 @@ def _top(weights: dict[str, float], k: int) -> dict[str, float]:
 # --- reading --------------------------------------------------------------------------------
 
 
-def affinity_share(weights: dict[str, float], key: str | None, total: float | None = None) -> float:
+def affinity_share(weights: dict[str, float], key: str | None, total: float | None = None,
+                   prior_weight: float = 0.0) -> float:
     """Share of the shopper's (decayed) attention that went to ``key``; decay cancels out.
-    ``total``: ``sum(weights.values())`` when the caller has it (one sum for many candidates)."""
+    ``total``: ``sum(weights.values())`` when the caller has it (one sum for many candidates).
+    ``prior_weight``: that much attention counted as spread elsewhere (``FeatureSettings.
+    preference_prior_weight``), so a shopper with little history reads as little preference."""
     if key is None or key not in weights:
         return 0.0
     if total is None:
         total = sum(weights.values())
-    return weights[key] / total if total > 0 else 0.0
+    return weights[key] / (total + prior_weight) if total + prior_weight > 0 else 0.0
 
 
-def price_level(state: UserState) -> float | None:
+def price_level(state: UserState, prior_weight: float = 0.0) -> float | None:
     """Kind-weighted mean log(price / category typical price) of what the shopper clicked, carted
-    and bought: > 0 shops above typical. None: nothing priced yet."""
+    and bought: > 0 shops above typical. None: nothing priced yet. ``prior_weight``: that much
+    weight of typical-priced interactions added (``FeatureSettings.preference_prior_weight``), so
+    one click on an expensive product reads as a lean, not as the shopper's whole level."""
     if state.price_weight <= 0:
         return None
-    return state.price_sum / state.price_weight
+    return state.price_sum / (state.price_weight + prior_weight)
 
 
 def interest(state: UserState, now: float, cfg: FeatureSettings) -> dict[str, float]:

@@ -80,6 +80,22 @@ def test_price_level_is_kind_weighted_price_against_category_typical() -> None:
     assert user.price_level(user.on_interaction(None, click(2), attrs(), None, CFG)) is None
 
 
+def test_the_prior_weight_shrinks_a_thin_history_toward_no_preference() -> None:
+    """With ``prior_weight`` the level and the shares read as if that much weight of typical-priced
+    attention spread elsewhere came with the shopper's own: one purchase is a lean, many approach
+    the raw figures."""
+    one = user.on_interaction(None, click(1, kind=Purchase, price=150.0), attrs(), 100.0, CFG)
+    w = CFG.purchase_weight
+    assert user.price_level(one, 10.0) == pytest.approx(w * math.log(1.5) / (w + 10.0))
+    assert user.affinity_share(one.categories, "tv", prior_weight=10.0) == pytest.approx(w / (w + 10.0))
+    many = one
+    for i in range(2, 60):
+        many = user.on_interaction(many, click(i, kind=Purchase, price=150.0), attrs(), 100.0, CFG)
+    assert user.price_level(one, 10.0) < user.price_level(many, 10.0) < user.price_level(many)
+    assert user.price_level(many, 10.0) == pytest.approx(math.log(1.5), rel=0.05)
+    assert user.affinity_share(many.categories, "tv", prior_weight=10.0) == pytest.approx(1.0, rel=0.05)
+
+
 def test_idle_shopper_expires_in_event_time() -> None:
     s = user.on_interaction(None, click(1), attrs(), None, CFG)
     later = T0 + timedelta(seconds=CFG.user_ttl_s + 1)

@@ -75,8 +75,9 @@ def test_applies_interactions_to_shopper_and_product(store: FeatureStore) -> Non
     # the price level: the click at p1's catalog price (tv typical 200), the purchase as paid (phone 50)
     w = CFG.purchase_weight
     assert s.price_sum / s.price_weight == pytest.approx((np.log(0.5) + w * np.log(1.6)) / (1 + w), rel=1e-4)
-    # the candidates' prices against it: p2 (300 against tv's 200) and p3 (50, phone's typical)
-    level = s.price_sum / s.price_weight
+    # the candidates' prices against it (shrunk toward typical by the prior weight): p2 (300
+    # against tv's 200) and p3 (50, phone's typical)
+    level = s.price_sum / (s.price_weight + CFG.preference_prior_weight)
     [res] = read_batch(store, [Request("u1", "", ["p2", "p3"])], (T0 + timedelta(minutes=2)).timestamp())
     ratios = np.log([1.5, 1.0])
     assert res.features[:, INDEX["price_ratio_log"]] == pytest.approx(ratios - level, rel=1e-5)
