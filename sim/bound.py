@@ -6,8 +6,8 @@ did. This is the reference between them: a learner that knows the simulator's *f
 patience per device) but, of each shopper, only what the served lists and their clicks showed
 before each search. It ranks the catalog by ``rel(q, p) * exp(estimated pref(u, p))``, with:
 
-- taste: each taste group's share of belief ``c / (c + TASTE_PRIOR)``, ``c`` the shopper's clicks
-  in the group;
+- taste: the belief that the shopper likes a taste group, ``c / (c + TASTE_PRIOR)``, ``c`` their
+  clicks in the group;
 - price sensitivity: minus the mean standardized log price of the shopper's clicks, shrunk by
   ``n / (n + PRICE_PRIOR)`` (``n`` clicks);
 - region: per region and product, log((clicks + REGION_PRIOR) / (expected + REGION_PRIOR)), the
@@ -53,8 +53,8 @@ def learner_ndcg(
         n = own.sum()
         in_group = np.bincount(world.group, weights=own, minlength=n_groups)
         pref = strengths["taste"] * (in_group / (in_group + TASTE_PRIOR))[world.group]
-        if n > 0:
-            sensitivity = -float(own @ world.zprice) / n * n / (n + PRICE_PRIOR)
+        if n > 0:  # the clicks' mean standardized log price, negated, times n / (n + PRICE_PRIOR)
+            sensitivity = -float(own @ world.zprice) / (n + PRICE_PRIOR)
             pref -= strengths["price"] * sensitivity * world.zprice
         pref += strengths["region"] * np.log(
             (region_clicks[u.region] + REGION_PRIOR) / (region_expected[u.region] + REGION_PRIOR)
