@@ -161,6 +161,19 @@ class Walk:
                        meta.get("version"))
 
 
+def cached_walk(path: Path, version: str | None) -> Walk | None:
+    """The walk saved at ``path``, if any and, for a published ``version``, of that version: after
+    `shoprank train` the cache holds the previous version's scores under the same name."""
+    if not path.exists():
+        return None
+    w = Walk.load(path)
+    if version is not None and w.version != version:
+        log.info("personal_walk_stale", path=str(path), cached=w.version, wanted=version)
+        return None
+    log.info("personal_walk_cached", path=str(path), model_version=w.version)
+    return w
+
+
 def walk(settings: Settings, split: BestBuySplit, context: Context, personalized: bool,
          registry: Path | None = None, tiny: bool = False, loaded: tuple[Path, str] | None = None,
          hide_shopper: bool = False) -> Walk:
@@ -364,9 +377,8 @@ def run(settings: Settings, out: Path, work: Path, retrain: bool = False,
     def cached(name: str, s: BestBuySplit, personalized: bool, reg: Path | None,
                loaded: tuple[Path, str] | None = None, hide: bool = False, train: bool = True) -> Walk | None:
         path = work / f"{name}.npz"
-        if path.exists() and not retrain:
-            log.info("personal_walk_cached", path=str(path))
-            return Walk.load(path)
+        if not retrain and (kept := cached_walk(path, loaded[1] if loaded else None)) is not None:
+            return kept
         if not train and loaded is None:
             log.warning("personal_walk_missing", name=name, reason="not trained (--no-train)")
             return None

@@ -74,6 +74,10 @@ def test_walk_on_real_data_tiny_model(tmp_path) -> None:
     w.save(path)
     back = personal.Walk.load(path)
     assert np.array_equal(back.scores, w.scores) and back.version == w.version
+    # A cached walk stands for its own version only (after a retrain it is walked again).
+    assert personal.cached_walk(path, w.version) is not None and personal.cached_walk(path, None) is not None
+    assert personal.cached_walk(path, "another-version") is None
+    assert personal.cached_walk(tmp_path / "none.npz", w.version) is None
     assert (tmp_path / "reg" / "SERVING").exists()
     # The published version walked again, its store rebuilt from the training rows (no training):
     # the same scores as the walk of the model as it was trained.
