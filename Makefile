@@ -144,9 +144,9 @@ loop-eval: up
 	$(BIN)/python -m bench.loop $(BENCH_ARGS)
 
 # Personalization (issue 18): Best Buy's returning-shopper and in-session slices with vs without
-# shopper features (a version without them, and one without the validation period's clicks that
-# chooses the session weights, each trained once per served version into var/personal, ~8 min
-# each on a 2-core host; cached walks), then the
+# shopper features (a version without them, trained once; one without the validation period's
+# clicks, which chooses the session weights, trained once per served version; ~8 min each on a
+# 2-core host; walks cached in var/personal), then the
 # SIMULATION of shoppers through an engine of its own -> bench/results/personalization.json and
 # simulation.json. Both hold the benchmarks' lock. Quick sim: SIM_ARGS="--shoppers 40 --days 2".
 bench-personal: up
