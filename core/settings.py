@@ -244,6 +244,11 @@ class TrainerSettings(BaseSettings):
     older_sample: int = Field(default=5000, ge=0)  # plus this many sampled from before them
     holdout_lists: int = Field(default=1000, ge=10)  # the freshest, never trained on: the gate's data
     epochs: int = Field(default=1, ge=1)
+    # The ranking head's learning rate when fine-tuning (None: SHOPRANK_MODEL_LEARNING_RATE, the
+    # offline run's). AdamW moves a weight by about this much per step whatever its gradient, and
+    # a cycle over a few thousand lists is tens of steps, so it bounds how far a cycle can move
+    # the head, e.g. the weight of a feature switched on at zero (docs/personalization.md).
+    learning_rate: float | None = Field(default=None, gt=0)
     # A cycle (reading, fine-tuning, export, gate) aims to end within this: fine-tuning stops,
     # whatever the epoch, early enough for the export and the gate (as long as they last took).
     max_cycle_s: float = Field(default=110.0, gt=0)

@@ -194,6 +194,7 @@ def test_a_cycle_over_labeled_lists_publishes_a_gated_version(settings: Settings
     assert m["stream"]["invalid"] == 1 and m["stream"]["corrections"] == 1
     assert m["stream"]["skipped"]["other_schema"] == 1
     assert m["gate"]["decision"] == "promote" and m["gate"]["lists"] == 60
+    assert m["training"]["learning_rate"] == s.model.learning_rate  # the offline run's unless set
     lo, hi = m["gate"]["ci95"]
     assert lo <= m["gate"]["diff"] <= hi
     assert m["metrics"]["holdout_map@5"] == m["gate"]["candidate"]["map@5"]
@@ -230,7 +231,7 @@ def test_a_cycle_over_labeled_lists_publishes_a_gated_version(settings: Settings
 def test_the_service_runs_a_cycle_once_enough_new_lists_arrived(settings: Settings, registry: Path,
                                                                  redis_client) -> None:
     lists = served_lists()
-    s = trainer_settings(settings, registry, min_new_lists=len(lists))
+    s = trainer_settings(settings, registry, min_new_lists=len(lists), learning_rate=3e-3)
     trainer = ContinuousTrainer(s)
     stop = threading.Event()
     thread = threading.Thread(target=trainer.run_forever, args=(stop,), daemon=True)
@@ -246,7 +247,8 @@ def test_the_service_runs_a_cycle_once_enough_new_lists_arrived(settings: Settin
         thread.join(60)
         trainer.close()
     new = reg.serving_version(registry)
-    assert reg.load_version(registry, new).manifest["parent_version"] == "v1"
+    manifest = reg.load_version(registry, new).manifest
+    assert manifest["parent_version"] == "v1" and manifest["training"]["learning_rate"] == 3e-3
     cycles = trainer.metrics.registry.get_sample_value
     assert cycles("shoprank_trainer_cycles_total", {"outcome": "promoted"}) == 1
     assert trainer.lease.holder() is None  # released after the cycle

@@ -430,6 +430,7 @@ class ContinuousTrainer:
         model, tokenizer = load_parent(parent)
         switched = switch_on_varying(model, plain.dense, plain.valid)
         mode = t.position_debias if bias.propensity else "off"
+        head_lr = t.learning_rate or s.model.learning_rate
         variants = ["plain", "ipw"] if mode == "auto" else ["ipw" if mode == "on" else "plain"]
         # Fine-tuning ends early enough for the export and the gate to finish within max_cycle_s
         # (their time as the last cycle measured it, a quarter of the budget before any did).
@@ -447,7 +448,7 @@ class ContinuousTrainer:
                 data = plain
             share = (fit_until - time.monotonic()) / (len(variants) - n)  # split among those left to fit
             config = FitConfig(epochs=t.epochs, batch_size=s.model.batch_size,
-                               learning_rate=s.model.learning_rate,
+                               learning_rate=head_lr,
                                encoder_learning_rate=s.model.encoder_learning_rate, patience=t.epochs,
                                max_minutes=t.max_cycle_s / 60, seed=s.model.seed, progress=False, decay=True,
                                keep_scaling=True, deadline_s=max(0.0, share))
@@ -516,7 +517,8 @@ class ContinuousTrainer:
                 "position_bias": {**bias.to_dict(), "inverse_propensity": ipw},
                 "features_switched_on": switched,
                 "product_table": {"products": len(catalog.product_ids), "from_redis": live_added},
-                "training": {"epochs": t.epochs, "variant": chosen, "seconds": round(result.seconds, 1),
+                "training": {"epochs": t.epochs, "learning_rate": head_lr,
+                             "variant": chosen, "seconds": round(result.seconds, 1),
                              "stopped": result.stopped, "history": result.history},
                 "cycle": {"phases_s": phases, "max_cycle_s": t.max_cycle_s,
                           "fit_budget_s": round(budget, 1), "reserved_for_export_and_gate_s": round(tail, 1)},
